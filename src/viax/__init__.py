@@ -1,0 +1,35 @@
+"""viax: variational inference on JAX.
+
+Importing viax turns on JAX's float64 mode: ill-conditioned posteriors (unscaled
+regressions) need it, and Stan and PyMC work in float64 too.
+"""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+from viax.families import FAMILIES, FullRank, LowRank, MeanField, make_family  # noqa: E402
+from viax.fit import METHODS, OPTIMIZERS, fit  # noqa: E402
+from viax.infer.advi import scale_by_stan_advi, stan_advi  # noqa: E402
+from viax.infer.driver import DivergenceError  # noqa: E402
+from viax.model import Model, ModelError  # noqa: E402
+from viax.result import Result  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FAMILIES",
+    "METHODS",
+    "OPTIMIZERS",
+    "DivergenceError",
+    "FullRank",
+    "LowRank",
+    "MeanField",
+    "Model",
+    "ModelError",
+    "Result",
+    "fit",
+    "make_family",
+    "scale_by_stan_advi",
+    "stan_advi",
+]

@@ -1,0 +1,116 @@
+"""The ``viax`` command: a thin shell over :func:`viax.fit`.
+
+    viax fit MODEL.py --data DATA.json --family fullrank --out runs/NAME
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+
+
+def load_model(path: str | Path, name: str = "model"):
+    """The function ``name`` from the Python file ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise click.BadParameter(f"no such model file: {path}", param_hint="MODEL_FILE")
+    spec = importlib.util.spec_from_file_location(f"viax_user_model_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise click.BadParameter(
+            f"{path} defines no function {name!r} (use --model NAME)", param_hint="--model"
+        )
+    return getattr(module, name)
+
+
+def load_data(path: str | Path | None) -> dict:
+    """Stan-style JSON (posteriordb) or ``.npz``; lists become arrays in :func:`viax.fit`."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise click.BadParameter(f"no such data file: {path}", param_hint="--data")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise click.BadParameter(f"{path}: expected a JSON object", param_hint="--data")
+        return data
+    raise click.BadParameter(f"{path}: data must be .json or .npz", param_hint="--data")
+
+
+@click.group()
+@click.version_option(package_name="viax")
+def main():
+    """viax: variational inference on JAX."""
+
+
+@main.command("fit")
+@click.argument("model_file", type=click.Path(dir_okay=False))
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="JSON or .npz data.")
+@click.option("--model", "model_name", default="model", show_default=True,
+              help="Name of the model function in MODEL_FILE.")
+@click.option("--method", default="advi", show_default=True)
+@click.option("--family", default="meanfield", show_default=True,
+              help="meanfield, fullrank or lowrank.")
+@click.option("--rank", type=int, default=None, help="Rank of the lowrank family.")
+@click.option("--optimizer", default="dadvi", show_default=True,
+              help="dadvi (robust default) or stan (Stan's stochastic ADVI).")
+@click.option("--num-steps", type=int, default=None, help="Maximum number of steps.")
+@click.option("--num-samples", type=int, default=1000, show_default=True,
+              help="Draws for the summary and posterior.nc.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write summary.csv, elbo.png and posterior.nc here.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def fit_command(model_file, data_file, model_name, method, family, rank, optimizer, num_steps,
+                num_samples, seed, out_dir, no_progress):
+    """Fit MODEL_FILE's model to the data and report the posterior approximation."""
+    import pandas as pd
+
+    import viax
+
+    model = load_model(model_file, model_name)
+    data = load_data(data_file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            result = viax.fit(
+                model, data, method=method, family=family, rank=rank, optimizer=optimizer,
+                num_steps=num_steps, seed=seed, progress=not no_progress,
+            )
+        except (ValueError, TypeError, viax.DivergenceError, FloatingPointError) as err:
+            raise click.ClickException(str(err)) from err
+    for w in caught:
+        click.secho(f"warning: {w.message}", fg="yellow", err=True)
+    summary = result.summary(num_samples=num_samples, seed=seed)
+    with pd.option_context("display.max_rows", 200, "display.width", 120):
+        click.echo(summary.round(3).to_string())
+    verdict = "converged" if result.converged else "NOT CONVERGED"
+    click.echo(
+        f"\n{verdict}: {result.message}\n"
+        f"ELBO {result.elbo:.4f} ± {result.elbo_se:.2g} after {result.num_steps} steps "
+        f"({result.algorithm}, {result.family.name}) in {result.wall_time:.2f}s "
+        f"(compile {result.compile_time:.2f}s)"
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        summary.to_csv(out / "summary.csv")
+        result.plot_elbo(path=str(out / "elbo.png"))
+        result.to_arviz(num_samples=num_samples, seed=seed).to_netcdf(str(out / "posterior.nc"))
+        click.echo(f"wrote {out / 'summary.csv'}, {out / 'elbo.png'}, {out / 'posterior.nc'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

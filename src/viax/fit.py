@@ -1,0 +1,257 @@
+"""``viax.fit``: one call from a model and data to a :class:`~viax.result.Result`."""
+
+from __future__ import annotations
+
+import numbers
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from viax.families.gaussian import FAMILIES, Family, make_family
+from viax.infer import advi, dadvi
+from viax.infer.driver import run
+from viax.model import Model, ModelError, Target, build_target
+from viax.result import Result, elbo_estimate, mean_and_se
+
+__all__ = ["METHODS", "OPTIMIZERS", "fit"]
+
+METHODS = ("advi",)
+OPTIMIZERS = ("dadvi", "stan")
+_NUM_ELBO_DRAWS = 1000
+
+
+def _check_positive_int(name, value, minimum=1):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive_float(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def fit(
+    model: Callable | Model,
+    data: Mapping[str, Any] | None = None,
+    *,
+    method: str = "advi",
+    family: str = "meanfield",
+    rank: int | None = None,
+    optimizer: str | optax.GradientTransformation | None = None,
+    num_steps: int | None = None,
+    num_particles: int | None = None,
+    num_draws: int | None = None,
+    tol_rel_obj: float = 0.01,
+    eval_elbo: int = 100,
+    eta: float | None = None,
+    stick_the_landing: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Result:
+    """Fit a Gaussian variational approximation to the posterior of ``model``.
+
+    Args:
+        model: a NumPyro model function, called as ``model(**data)``, or a
+            :class:`viax.Model` wrapping a plain log joint.
+        data: keyword arguments of the model (arrays, lists or scalars).
+        method: ``"advi"``.
+        family: ``"meanfield"``, ``"fullrank"`` or ``"lowrank"`` (with ``rank``).
+        optimizer: ``None``/``"dadvi"`` (default, robust): MAP + Laplace
+            preconditioning + deterministic ADVI by L-BFGS on ``num_draws`` fixed,
+            moment-matched base draws.  ``"stan"``: Stan's stochastic ADVI (adaptive
+            step-size sequence, η search, relative-ELBO convergence).  An optax
+            ``GradientTransformation``: stochastic ADVI with it, ``num_steps`` steps.
+        num_steps: maximum steps (L-BFGS iterations for dadvi; default 1000 for
+            dadvi, 10000 for the stochastic optimisers).
+        num_particles: draws per stochastic gradient (default 1, as Stan).
+        num_draws: fixed base draws for dadvi (default max(64, D + 2), at most 512).
+        tol_rel_obj, eval_elbo: Stan's convergence rule (stochastic optimisers).
+        eta: Stan step size; ``None`` searches {100, 10, 1, 0.1, 0.01}.
+        stick_the_landing: drop the score term of log q (stochastic optimisers).
+        seed: integer seed; the same seed gives the same numbers.
+        progress: show a progress bar with the running ELBO.
+
+    Returns:
+        A :class:`~viax.result.Result`.
+
+    Example:
+        >>> import numpyro, numpyro.distributions as dist
+        >>> def model(y):
+        ...     mu = numpyro.sample("mu", dist.Normal(0, 10))
+        ...     numpyro.sample("y", dist.Normal(mu, 1), obs=y)
+        >>> result = fit(model, {"y": [0.1, -0.3, 0.5]}, progress=False)
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
+    if optimizer is None:
+        optimizer = "dadvi"
+    if isinstance(optimizer, str) and optimizer not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)} "
+            "or an optax.GradientTransformation"
+        )
+    if not isinstance(optimizer, str | optax.GradientTransformation):
+        raise TypeError(f"optimizer must be a name or an optax GradientTransformation, got {optimizer!r}")
+    num_steps = _check_positive_int("num_steps", num_steps)
+    num_particles = _check_positive_int("num_particles", num_particles)
+    num_draws = _check_positive_int("num_draws", num_draws, minimum=2)
+    rank = _check_positive_int("rank", rank)
+    eval_elbo = _check_positive_int("eval_elbo", eval_elbo)
+    tol_rel_obj = _check_positive_float("tol_rel_obj", tol_rel_obj)
+    if eta is not None:
+        eta = _check_positive_float("eta", eta)
+    seed = _check_positive_int("seed", seed, minimum=0)
+
+    target, arrays, init_position = build_target(model, data, seed=seed)
+    if target.discrete_sites:
+        raise ModelError(
+            f"site(s) {', '.join(target.discrete_sites)} are discrete; ADVI needs continuous "
+            "latents (marginalise them out, e.g. with numpyro's enumeration)"
+        )
+    fam = make_family(family, target.dim, rank)
+    rng_key = jax.random.PRNGKey(seed)
+    if optimizer == "dadvi":
+        output = _fit_dadvi(
+            target, fam, arrays, init_position, rng_key, num_steps or 1000, num_draws, progress
+        )
+    else:
+        output = _fit_stochastic(
+            target, fam, arrays, init_position, rng_key, optimizer, num_steps, num_particles or 1,
+            tol_rel_obj, eval_elbo, eta, stick_the_landing, progress,
+        )
+    params, run_output, algorithm, info = output
+    if "elbo_terms" in info:
+        elbo, elbo_se = mean_and_se(info.pop("elbo_terms"))
+    else:
+        elbo, elbo_se = elbo_estimate(target, fam, params, arrays, seed + 1, _NUM_ELBO_DRAWS)
+    if not np.isfinite(elbo):
+        info["nonfinite_elbo"] = True
+    result = Result(
+        method=method,
+        algorithm=algorithm,
+        family=fam,
+        params=params,
+        elbo_trace=run_output.trace,
+        elbo=elbo,
+        elbo_se=elbo_se,
+        converged=run_output.converged,
+        message=run_output.message,
+        num_steps=run_output.num_steps,
+        wall_time=run_output.wall_time + info.pop("setup_time", 0.0),
+        compile_time=run_output.compile_time,
+        target=target,
+        data=arrays,
+        info=info,
+    )
+    if not result.converged:
+        warnings.warn(f"viax.fit did not converge: {result.message}", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _fit_dadvi(target: Target, family: Family, data, init_position, rng_key, max_steps, num_draws,
+               progress):
+    start = time.perf_counter()
+    num_draws = num_draws or int(min(max(64, family.noise_dim + 2), 512))
+    key_draws, key_final = jax.random.split(rng_key)
+    algo = dadvi.build_dadvi(target, family, num_draws)
+    setup, state = algo.setup(init_position, data, key_draws)
+    inputs = (data, setup)
+    if not np.isfinite(float(state.optimizer.value)):
+        raise FloatingPointError(
+            "the fixed-draw ELBO is not finite at the Laplace starting point; "
+            "try optimizer='stan' or a different seed"
+        )
+    info: dict[str, Any] = {
+        "num_draws": num_draws,
+        "map_ok": bool(setup.map_ok),
+        "map_steps": int(setup.map_steps),
+        "preconditioner": ("laplace" if bool(setup.map_ok) else "identity"),
+        "setup_time": time.perf_counter() - start,
+    }
+    history: list[float] = []
+
+    def check(state, chunk_info, steps_done):
+        grad_norm = float(np.asarray(chunk_info.grad_norm)[-1])
+        last = float(np.asarray(chunk_info.objective)[-1])
+        previous = history[-1] if history else -np.inf
+        history.append(last)
+        if grad_norm < 1e-7:
+            return True, f"L-BFGS: gradient max-norm {grad_norm:.2g} < 1e-7"
+        if float(state.optimizer.step_size) < 1e-10:
+            if grad_norm < 1e-3:
+                return True, f"L-BFGS: no further decrease, gradient max-norm {grad_norm:.2g}"
+            return False, f"L-BFGS stalled with gradient max-norm {grad_norm:.2g}"
+        if abs(last - previous) <= 1e-12 * (1.0 + abs(last)):
+            return True, "L-BFGS: fixed-draw ELBO unchanged (relative 1e-12) over 10 steps"
+        return False, ""
+
+    output = run(
+        algo.step, state, inputs, rng_key, max_steps, 10, check_fn=check,
+        site_of_index=target.site_of_index, progress=progress, description="viax dadvi",
+    )
+    params_w = output.state.optimizer.position
+    params, terms = algo.finalize(params_w, inputs, key_final)
+    info["elbo_terms"] = np.asarray(terms)
+    info["fixed_draw_elbo"] = float(output.trace[-1]) if len(output.trace) else float("nan")
+    info["params_whitened"] = params_w
+    info["setup"] = setup
+    return params, output, "dadvi", info
+
+
+def _fit_stochastic(
+    target, family, data, init_position, rng_key, optimizer, num_steps, num_particles, tol_rel_obj,
+    eval_elbo, eta, stick_the_landing, progress,
+):
+    stan = optimizer == "stan"
+    transform = advi.stan_advi(1.0) if stan else optimizer
+    algo = advi.build_stochastic(target, family, transform, num_particles, stick_the_landing)
+    params = family.init(loc=init_position)
+    info: dict[str, Any] = {}
+    key_eta, key_eval, key_run = jax.random.split(rng_key, 3)
+    if stan:
+        if eta is None:
+            eta, scores = advi.adapt_eta(algo, params, key_eta, data)
+            info["eta_trials"] = scores
+        info["eta"] = eta
+    max_steps = num_steps or 10_000
+    rule = advi.StanConvergence(
+        tol_rel_obj, max_steps, eval_elbo, float(algo.elbo(params, key_eval, data))
+    )
+    state = algo.init(params, eta if stan else 1.0)
+    eval_keys = iter(jax.random.split(key_eval, max_steps // eval_elbo + 2))
+
+    def check(state, chunk_info, steps_done):
+        stop, message = rule.update(float(algo.elbo(state.params, next(eval_keys), data)), steps_done)
+        # A fixed-budget optax run records the verdict but never stops early.
+        return (stop, message) if stan else (False, "")
+
+    output = run(
+        algo.step, state, data, key_run, max_steps, eval_elbo, check_fn=check,
+        site_of_index=target.site_of_index, progress=progress,
+        description="viax advi" if stan else "viax optax",
+    )
+    if not stan:
+        window = np.asarray(rule.window)
+        ok = window.size > 0 and (window.mean() < tol_rel_obj or np.median(window) < tol_rel_obj)
+        output = output._replace(
+            converged=bool(ok),
+            message=(
+                f"fixed budget of {output.num_steps} steps; relative ELBO change "
+                f"{np.median(window):.2g} (median over the window)"
+                if window.size else "no ELBO evaluation"
+            ),
+        )
+    info["elbo_evaluations"] = rule.history
+    info["num_backoffs"] = output.num_backoffs
+    return output.state.params, output, "stan" if stan else "optax", info

@@ -1,0 +1,1 @@
+"""Algorithms as init/step pairs, and the driver that runs them."""

@@ -1,0 +1,225 @@
+"""The robust default: Laplace-preconditioned, deterministic ADVI.
+
+Stochastic first-order steps crawl along the narrow ridges of ill-conditioned
+posteriors (a regression on unscaled predictors has a posterior covariance with a
+condition number of 10⁶ or more), so a fixed budget of Adam or Stan-ADVI steps ends
+many posterior sds away.  Here instead:
+
+1. **MAP** of log p̃(u) by L-BFGS in the unconstrained space, float64.
+2. **Laplace preconditioner** from the Hessian H at the MAP: the fit runs in
+   whitened coordinates ``u = c + A w`` with A = chol(H⁻¹) (full rank) or
+   A = diag(H)^(−1/2) (mean-field, low rank), where the posterior is close to
+   N(0, I) and every direction has the same curvature.  A model whose MAP does
+   not exist (a funnel) or whose Hessian is not positive definite falls back to
+   A = I at the initial point.
+3. **DADVI** (Giordano, Ingram & Broderick 2023): the ELBO with a *fixed* set of
+   base draws ε₁…ε_M is a deterministic function of λ, maximised by L-BFGS to a
+   tight tolerance, so "converged" means the optimum was found, not that a noisy
+   trace flattened.  The draws are moment-matched (sample mean 0, sample covariance
+   I), so for a Gaussian posterior the fixed-draw objective equals the exact ELBO up
+   to a constant and the answer is exact for any M > D.
+4. The Monte Carlo error of the fixed draws is reported by linear response
+   (DADVI §4): Cov(λ*) ≈ H_F⁻¹ Cov(∇f_m) H_F⁻¹ / M for the per-draw objectives f_m.
+
+Everything is pure and compiled; L-BFGS iterations are the steps of the driver.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from viax.estimators.reparam import elbo_from_noise, elbo_terms
+from viax.families.gaussian import Family, FullRank
+from viax.infer.driver import Guard, guard_init, jit_once
+from viax.infer.optimize import LBFGSState, lbfgs, minimize
+from viax.model import Target
+
+__all__ = [
+    "DADVIInfo",
+    "DADVIState",
+    "Preconditioner",
+    "Setup",
+    "base_draws",
+    "build_dadvi",
+    "build_setup",
+    "mc_standard_error",
+]
+
+_MAX_DENSE_DIM = 2000  # above this the Hessian is not formed: diagonal/identity preconditioning
+
+
+class Preconditioner(NamedTuple):
+    center: jax.Array  # (D,)
+    tril: jax.Array | None  # (D, D) lower triangular, or None
+    scale: jax.Array  # (D,), used when tril is None
+    log_det: jax.Array  # log |det A|
+
+    def to_position(self, w):
+        return self.center + (self.tril @ w if self.tril is not None else self.scale * w)
+
+    def push(self, family: Family, params_w: dict) -> dict:
+        """Family params in the original coordinates from those in whitened ones."""
+        if self.tril is not None and isinstance(family, FullRank):
+            return family.affine_tril(params_w, self.center, self.tril)
+        return family.affine(params_w, self.center, self.scale)
+
+
+class Setup(NamedTuple):
+    preconditioner: Preconditioner
+    draws: jax.Array  # (num_draws, noise_dim) moment-matched base draws
+    map_position: jax.Array
+    map_steps: jax.Array
+    map_ok: jax.Array  # MAP converged and its Hessian is positive definite
+    hessian_min_eig: jax.Array
+
+
+def build_setup(target: Target, family: Family, num_draws: int, max_steps: int = 1000):
+    """MAP by L-BFGS, Hessian, preconditioner, base draws (traceable)."""
+
+    def setup(init_position, data, rng_key) -> Setup:
+        dim = init_position.shape[0]
+        state, num_steps = minimize(
+            lambda u: -target.log_density(u, data), init_position, max_steps=max_steps, tol=1e-6
+        )
+        center = state.position
+        hess = jax.hessian(lambda u: -target.log_density(u, data))(center)
+        hess = 0.5 * (hess + hess.T)
+        eigval, eigvec = jnp.linalg.eigh(hess)
+        ok = (
+            jnp.all(jnp.isfinite(center))
+            & jnp.all(jnp.isfinite(hess))
+            & (eigval[0] > 1e-10 * jnp.abs(eigval[-1]))
+            & (jnp.max(jnp.abs(state.grad)) < 1e-3)
+        )
+        center = jnp.where(ok, center, init_position)
+        if isinstance(family, FullRank):
+            cov = (eigvec / eigval) @ eigvec.T
+            tril = jnp.where(ok, jnp.linalg.cholesky(0.5 * (cov + cov.T)), jnp.eye(dim))
+            precond = Preconditioner(
+                center, tril, jnp.ones(dim), jnp.sum(jnp.log(jnp.diagonal(tril)))
+            )
+        else:
+            # Mean-field optimum for a Gaussian posterior: precisions diag(H).
+            scale = jnp.where(ok, 1.0 / jnp.sqrt(jnp.abs(jnp.diagonal(hess))), 1.0)
+            precond = Preconditioner(center, None, scale, jnp.sum(jnp.log(scale)))
+        draws = base_draws(rng_key, num_draws, family.noise_dim)
+        return Setup(precond, draws, state.position, num_steps, ok, eigval[0])
+
+    return setup
+
+
+def base_draws(rng_key, num_draws: int, noise_dim: int) -> jax.Array:
+    """N(0, I) draws (M, d) moment-matched to sample mean 0 and covariance I."""
+    eps = jax.random.normal(rng_key, (num_draws, noise_dim))
+    eps = eps - jnp.mean(eps, axis=0)
+    if num_draws > noise_dim + 1 and noise_dim <= _MAX_DENSE_DIM:
+        cov = eps.T @ eps / num_draws
+        chol = jnp.linalg.cholesky(cov)
+        return jax.scipy.linalg.solve_triangular(chol, eps.T, lower=True).T
+    return eps / jnp.sqrt(jnp.mean(eps**2, axis=0))
+
+
+class DADVIState(NamedTuple):
+    optimizer: LBFGSState  # over family params in whitened coordinates
+    guard: Guard
+
+
+class DADVIInfo(NamedTuple):
+    objective: jax.Array  # fixed-draw ELBO (in the original coordinates)
+    grad_norm: jax.Array
+    accepted: jax.Array
+
+
+class DADVI(NamedTuple):
+    setup: Callable  # (init_position, data, rng_key) -> (Setup, DADVIState), one compile
+    step: Callable  # (state, rng_key, inputs) -> (state, info); inputs = (data, setup)
+    finalize: Callable  # (params_w, inputs, rng_key) -> (params, elbo terms)
+
+
+def _fixed_draw_elbo(target, family, params, data, draws, precond: Preconditioner):
+    def log_density_fn(w):
+        return target.log_density(precond.to_position(w), data)
+
+    return elbo_from_noise(family, log_density_fn, params, draws) + precond.log_det
+
+
+@functools.lru_cache(maxsize=128)
+def build_dadvi(
+    target: Target, family: Family, num_draws: int, num_final_draws: int = 1000
+) -> DADVI:
+    """L-BFGS on the fixed-draw ELBO; ``inputs = (data, setup)`` is an argument of the
+    compiled step, so nothing data-dependent is baked into the code."""
+
+    def loss_fn(params, inputs):
+        data, setup = inputs
+        return -_fixed_draw_elbo(
+            target, family, params, data, setup.draws, setup.preconditioner
+        )
+
+    lbfgs_init, lbfgs_step = lbfgs(loss_fn)
+    prepare = build_setup(target, family, num_draws)
+
+    def setup(init_position, data, rng_key):
+        # MAP, preconditioner and the first L-BFGS state in one compiled program.
+        setup = prepare(init_position, data, rng_key)
+        state = DADVIState(lbfgs_init(family.init(), (data, setup)), guard_init(target.dim))
+        return setup, state
+
+    def step(state: DADVIState, rng_key, inputs):
+        del rng_key  # deterministic
+        opt, info = lbfgs_step(state.optimizer, inputs)
+        return DADVIState(opt, state.guard), DADVIInfo(-info.value, info.grad_norm, info.accepted)
+
+    def finalize(params_w, inputs, rng_key):
+        data, setup = inputs
+        params = setup.preconditioner.push(family, params_w)
+        terms = elbo_terms(
+            family, lambda z: target.log_density(z, data), params, rng_key, num_final_draws
+        )
+        return params, terms
+
+    return DADVI(jit_once(setup), step, jit_once(finalize))
+
+
+@functools.lru_cache(maxsize=128)
+def _mc_se_fn(target: Target, family: Family):
+    def per_draw(flat, unravel, data, draw, precond):
+        return _fixed_draw_elbo(target, family, unravel(flat), data, draw[None], precond)
+
+    def run(params, data, draws, precond):
+        flat, unravel = ravel_pytree(params)
+        total = lambda x: jnp.mean(  # noqa: E731
+            jax.vmap(lambda d: per_draw(x, unravel, data, d, precond))(draws)
+        )
+        hess = jax.hessian(total)(flat)
+        grads = jax.vmap(lambda d: jax.grad(per_draw)(flat, unravel, data, d, precond))(draws)
+        grad_cov = jnp.cov(grads, rowvar=False) / draws.shape[0]
+        hinv = jnp.linalg.pinv(hess, hermitian=True)
+        cov = hinv @ grad_cov @ hinv
+        return unravel(jnp.sqrt(jnp.clip(jnp.diagonal(cov), 0.0)))["loc"], cov
+
+    return jit_once(run)
+
+
+def mc_standard_error(target, family, params_w, data, draws, precond: Preconditioner):
+    """Linear-response standard error of the fitted mean, in original coordinates (D,).
+
+    Conservative for moment-matched draws, which vary less than i.i.d. ones.
+    """
+    num_params = ravel_pytree(params_w)[0].shape[0]
+    if num_params > _MAX_DENSE_DIM:
+        return None
+    _, cov = _mc_se_fn(target, family)(params_w, data, draws, precond)
+    flat, unravel = ravel_pytree(params_w)
+    # Map the covariance of the whitened mean through u = c + A w.
+    loc_index = np.asarray(unravel(jnp.arange(flat.shape[0], dtype=float))["loc"]).astype(int)
+    loc_cov = cov[np.ix_(loc_index, loc_index)]
+    a = precond.tril if precond.tril is not None else jnp.diag(precond.scale)
+    return jnp.sqrt(jnp.clip(jnp.diagonal(a @ loc_cov @ a.T), 0.0))

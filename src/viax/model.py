@@ -1,0 +1,386 @@
+"""Models: a NumPyro model function or a plain log joint, seen as a density on R^D.
+
+Every latent site is mapped to the real line by NumPyro's ``biject_to(support)``
+and the log-Jacobian is added, so the algorithms only ever see
+
+    log p̃(u) = log p(x, T(u)) + log |det J_T(u)|,   u ∈ R^D,
+
+as a function of one flat vector ``u`` and the data.  The support is looked up
+afresh at every evaluation (NumPyro's ``_unconstrain_reparam``), so a support
+that depends on another latent, ``Uniform(0, 1 - a)``, follows ``a``.
+
+Data is split once: Python scalars are *static* (they may set shapes, e.g. a plate
+size ``J``) and arrays are *dynamic* arguments of the compiled functions, so a
+second fit with new data of the same shapes reuses the compiled code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax.flatten_util import ravel_pytree
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer.initialization import init_to_uniform
+from numpyro.infer.util import _unconstrain_reparam, constrain_fn, log_density
+
+from viax.infer.driver import jit_once
+
+__all__ = ["Model", "ModelError", "Site", "Target", "build_target", "prepare_data"]
+
+
+class ModelError(ValueError):
+    """The model or its data cannot be used: raised before anything is compiled."""
+
+
+@dataclass(frozen=True)
+class Model:
+    """A plain log joint over a dict of named, constrained latents.
+
+    Args:
+        log_joint_fn: ``log_joint_fn(values, **data) -> scalar``, ``values`` maps each
+            latent name to its constrained value.
+        latents: ``{"name": constraint}`` for a scalar or ``{"name": (constraint, shape)}``,
+            with constraints from ``numpyro.distributions.constraints``.
+
+    Example:
+        >>> from numpyro.distributions import constraints
+        >>> m = Model(lambda v: -0.5 * v["x"] ** 2, latents={"x": constraints.real})
+    """
+
+    log_joint_fn: Callable[..., Any]
+    latents: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not callable(self.log_joint_fn):
+            raise ModelError("Model: log_joint_fn must be callable")
+        if not self.latents:
+            raise ModelError("Model: `latents` is empty; name at least one latent")
+        for name, spec in self.latents.items():
+            constraint, _ = _latent_spec(name, spec)
+            _bijection(name, constraint)
+
+    def __hash__(self):
+        return hash((self.log_joint_fn, tuple(self.latents)))
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, Model)
+            and other.log_joint_fn is self.log_joint_fn
+            and tuple(other.latents.items()) == tuple(self.latents.items())
+        )
+
+    def as_numpyro(self) -> Callable[..., None]:
+        """The same density as a NumPyro model: flat priors plus one factor."""
+        specs = {name: _latent_spec(name, spec) for name, spec in self.latents.items()}
+        log_joint_fn = self.log_joint_fn
+
+        def numpyro_model(**data):
+            values = {
+                name: numpyro.sample(name, dist.ImproperUniform(c, (), shape))
+                for name, (c, shape) in specs.items()
+            }
+            numpyro.factor("log_joint", log_joint_fn(values, **data))
+
+        return numpyro_model
+
+
+def _latent_spec(name, spec):
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise ModelError(f"latent {name!r}: expected constraint or (constraint, shape)")
+        constraint, shape = spec
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    else:
+        constraint, shape = spec, ()
+    if not isinstance(constraint, constraints.Constraint):
+        raise ModelError(
+            f"latent {name!r}: {constraint!r} is not a numpyro constraint "
+            "(use numpyro.distributions.constraints.real, .positive, ...)"
+        )
+    return constraint, shape
+
+
+def _bijection(name, constraint):
+    try:
+        return biject_to(constraint)
+    except NotImplementedError as err:
+        raise ModelError(
+            f"site {name!r}: no bijection to the real line for constraint {constraint!r}"
+        ) from err
+
+
+class Site(NamedTuple):
+    """One latent site: its constrained shape and its slice of the flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    unconstrained_shape: tuple[int, ...]
+    start: int
+    size: int
+    is_discrete: bool
+
+
+class PreparedData(NamedTuple):
+    static: tuple[tuple[str, Any], ...]  # hashable: (name, python scalar)
+    dynamic: dict[str, jax.Array]  # arrays, passed to compiled functions
+
+    def merged(self, dynamic=None) -> dict[str, Any]:
+        return {**dict(self.static), **(self.dynamic if dynamic is None else dynamic)}
+
+    def signature(self):
+        """Hashable key of everything that forces a recompile."""
+        shapes = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(self.dynamic.items()))
+        return self.static, shapes
+
+
+def prepare_data(model_fn: Callable, data: Mapping[str, Any] | None) -> PreparedData:
+    """Check ``data`` against the model's signature and split it static/dynamic.
+
+    Raises ModelError for a missing argument, an unexpected key (unless the model
+    takes ``**kwargs``) or a non-finite value.
+    """
+    data = dict(data or {})
+    params = inspect.signature(model_fn).parameters
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = {
+        n: p
+        for n, p in params.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    missing = [n for n, p in named.items() if p.default is p.empty and n not in data]
+    if missing:
+        raise ModelError(f"data is missing model argument(s): {', '.join(missing)}")
+    extra = [k for k in data if k not in named]
+    if extra and not has_var_kw:
+        raise ModelError(
+            f"data key(s) {', '.join(extra)} are not arguments of the model; "
+            "add **kwargs to the model to ignore them"
+        )
+    static, dynamic = [], {}
+    for key, value in data.items():
+        if value is None or isinstance(value, str | bool):
+            static.append((key, value))
+            continue
+        array = np.asarray(value)
+        if array.dtype == object:
+            raise ModelError(f"data[{key!r}] is not numeric (ragged lists are not supported)")
+        if np.issubdtype(array.dtype, np.number) and not np.all(np.isfinite(array)):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise ModelError(f"data[{key!r}] holds {bad} NaN or infinite value(s)")
+        if array.ndim == 0:
+            static.append((key, array.item()))
+        else:
+            dynamic[key] = jnp.asarray(array)
+    return PreparedData(tuple(sorted(static)), dynamic)
+
+
+@dataclass(frozen=True, eq=False)
+class Target:
+    """A model seen as an unconstrained log density of one flat vector.
+
+    ``log_density(u, data)``, ``constrain(u, data)`` take ``data``: dict of the
+    dynamic arrays; the static data is baked in.  ``u`` has shape ``(dim,)``.
+    """
+
+    model_fn: Callable
+    static_data: tuple
+    sites: tuple[Site, ...]
+    deterministic: tuple[str, ...]
+    init_position: jax.Array  # (dim,)
+    unravel_fn: Callable = field(repr=False)
+    discrete_sites: tuple[str, ...] = ()
+
+    @property
+    def dim(self) -> int:
+        return int(self.init_position.shape[0])
+
+    @property
+    def latent_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sites)
+
+    def _kwargs(self, data):
+        return {**dict(self.static_data), **data}
+
+    def log_density(self, position: jax.Array, data: Mapping[str, jax.Array]) -> jax.Array:
+        """log p(x, T(u)) + log|J_T(u)| at ``u`` of shape (dim,)."""
+        params = self.unravel_fn(position)
+        model = handlers.substitute(
+            self.model_fn, substitute_fn=lambda site: _unconstrain_reparam(params, site)
+        )
+        value, _ = log_density(model, (), self._kwargs(data), {})
+        return value
+
+    def constrain(self, position: jax.Array, data: Mapping[str, jax.Array]) -> dict:
+        """Constrained latents and deterministic sites at ``u`` (dim,)."""
+        params = self.unravel_fn(position)
+        values = constrain_fn(
+            self.model_fn, (), self._kwargs(data), params, return_deterministic=True
+        )
+        return {k: v for k, v in values.items() if k in self.latent_names or k in self.deterministic}
+
+    def site_of_index(self, index: int) -> str:
+        for site in self.sites:
+            if site.start <= index < site.start + site.size:
+                return site.name
+        raise IndexError(index)
+
+
+_TARGETS: dict[Any, Target] = {}
+
+
+def _hash_key(model_fn, prepared: PreparedData):
+    try:
+        key = (model_fn, prepared.signature())
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def build_target(model: Callable | Model, data: Mapping[str, Any] | None, seed: int = 0):
+    """Trace the model once and return ``(Target, dynamic data, initial position)``.
+
+    The Target is cached on (model, static data, shapes of the arrays), so fits that
+    differ only in the values of the data arrays share one Target and its compiled
+    code.
+    """
+    model_fn = _numpyro_fn(model) if isinstance(model, Model) else model
+    if not callable(model_fn):
+        raise ModelError(f"model must be a NumPyro model function or viax.Model, got {model!r}")
+    prepared = prepare_data(model_fn, data)
+    key = _hash_key(model_fn, prepared)
+    target = _TARGETS.get(key) if key is not None else None
+    if target is None:
+        target = _trace(model_fn, prepared, seed)
+        if key is not None:
+            _TARGETS[key] = target
+    init_position = _check_finite_at(target, prepared.dynamic, target.init_position, seed)
+    return target, prepared.dynamic, init_position
+
+
+def _numpyro_fn(model: Model) -> Callable:
+    # One function object per Model, so compiled code is reused across fits.
+    fn = _NUMPYRO_FNS.get(model)
+    if fn is None:
+        fn = _NUMPYRO_FNS[model] = model.as_numpyro()
+    return fn
+
+
+_NUMPYRO_FNS: dict[Model, Callable] = {}
+
+
+def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
+    """Discover the sites abstractly (``jax.eval_shape``: nothing runs or compiles)."""
+    static = dict(prepared.static)
+    captured = {}
+
+    def discover(dynamic):
+        seeded = handlers.substitute(
+            handlers.seed(model_fn, jax.random.PRNGKey(0)), substitute_fn=init_to_uniform(radius=2)
+        )
+        trace = handlers.trace(seeded).get_trace(**static, **dynamic)
+        captured["trace"] = trace
+        return {
+            name: _bijection(name, site["fn"].support).inv(site["value"])
+            for name, site in trace.items()
+            if _is_latent(site) and not site["fn"].support.is_discrete
+        }
+
+    try:
+        shapes = jax.eval_shape(discover, prepared.dynamic)
+    except ModelError:
+        raise
+    except Exception as err:  # the user's model raised: say so, with its message
+        raise ModelError(
+            f"the model raised while tracing it with the data: {type(err).__name__}: {err}"
+        ) from err
+    trace = captured["trace"]
+    latent_sites = [site for site in trace.values() if _is_latent(site)]
+    if not latent_sites:
+        raise ModelError("the model has no latent sample sites: nothing to infer")
+    discrete = tuple(s["name"] for s in latent_sites if s["fn"].support.is_discrete)
+    zeros = {name: jnp.zeros(x.shape) for name, x in shapes.items()}
+    init_position, unravel_fn = ravel_pytree(zeros)
+    # ravel_pytree orders by sorted name; Site.start follows that order.
+    sites, offsets, offset = [], {}, 0
+    for name in sorted(zeros):
+        offsets[name] = offset
+        offset += int(np.prod(zeros[name].shape, dtype=int))
+    for s in latent_sites:
+        name = s["name"]
+        u_shape = tuple(zeros[name].shape) if name in zeros else ()
+        size = int(np.prod(u_shape, dtype=int)) if name in zeros else 0
+        sites.append(
+            Site(name, tuple(jnp.shape(s["value"])), u_shape, offsets.get(name, -1), size,
+                 name in discrete)
+        )
+    deterministic = tuple(s["name"] for s in trace.values() if s["type"] == "deterministic")
+    return Target(
+        model_fn,
+        prepared.static,
+        tuple(sites),
+        deterministic,
+        jnp.asarray(init_position, dtype=float),
+        unravel_fn,
+        discrete,
+    )
+
+
+def _is_latent(site) -> bool:
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and not site["infer"].get("_deterministic", False)
+    )
+
+
+def site_log_probs(target: Target, position, data) -> dict[str, float]:
+    """Per-site summed log density at ``u``, used to name the site that is not finite."""
+    params = target.unravel_fn(position)
+    model = handlers.substitute(
+        target.model_fn, substitute_fn=lambda site: _unconstrain_reparam(params, site)
+    )
+    trace = handlers.trace(model).get_trace(**target._kwargs(data))
+    out = {}
+    for name, site in trace.items():
+        if site["type"] == "sample":
+            value = site["fn"].log_prob(site["value"])
+            if site.get("scale") is not None:
+                value = value * site["scale"]
+            out[name] = float(jnp.sum(value))
+    return out
+
+
+@functools.lru_cache(maxsize=128)
+def _log_density_jit(target: Target):
+    return jit_once(target.log_density)
+
+
+def _check_finite_at(target: Target, data, position, seed: int = 0) -> jax.Array:
+    """An initial point where the log density is finite: ``position`` (u = 0, Stan's
+    ``init=0``) or else one of ten uniform(−2, 2) draws (Stan's random inits)."""
+    if target.discrete_sites:
+        return position  # discrete latents are checked by the algorithms that support them
+    log_density = _log_density_jit(target)
+    if math.isfinite(float(log_density(position, data))):
+        return position
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        candidate = jnp.asarray(rng.uniform(-2.0, 2.0, target.dim))
+        if math.isfinite(float(log_density(candidate, data))):
+            return candidate
+    bad = [n for n, v in site_log_probs(target, position, data).items() if not math.isfinite(v)]
+    where = ", ".join(bad) if bad else "(no single site; check numpyro.factor terms)"
+    raise ModelError(f"the log density is not finite at the initial point; site(s): {where}")
