@@ -1,6 +1,6 @@
 """Eight schools, non-centred (Rubin 1981; Gelman et al., BDA3 §5.5).
 
-    viax fit examples/eight_schools.py --data examples/data/eight_schools.json --family fullrank
+viax fit examples/eight_schools.py --data examples/data/eight_schools.json --family fullrank
 """
 
 import numpyro

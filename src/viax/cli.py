@@ -1,6 +1,6 @@
 """The ``viax`` command: a thin shell over :func:`viax.fit`.
 
-    viax fit MODEL.py --data DATA.json --family fullrank --out runs/NAME
+viax fit MODEL.py --data DATA.json --family fullrank --out runs/NAME
 """
 
 from __future__ import annotations
@@ -58,23 +58,55 @@ def main():
 @main.command("fit")
 @click.argument("model_file", type=click.Path(dir_okay=False))
 @click.option("--data", "data_file", type=click.Path(dir_okay=False), help="JSON or .npz data.")
-@click.option("--model", "model_name", default="model", show_default=True,
-              help="Name of the model function in MODEL_FILE.")
+@click.option(
+    "--model",
+    "model_name",
+    default="model",
+    show_default=True,
+    help="Name of the model function in MODEL_FILE.",
+)
 @click.option("--method", default="advi", show_default=True)
-@click.option("--family", default="meanfield", show_default=True,
-              help="meanfield, fullrank or lowrank.")
+@click.option(
+    "--family", default="meanfield", show_default=True, help="meanfield, fullrank or lowrank."
+)
 @click.option("--rank", type=int, default=None, help="Rank of the lowrank family.")
-@click.option("--optimizer", default="dadvi", show_default=True,
-              help="dadvi (robust default) or stan (Stan's stochastic ADVI).")
+@click.option(
+    "--optimizer",
+    default="dadvi",
+    show_default=True,
+    help="dadvi (robust default) or stan (Stan's stochastic ADVI).",
+)
 @click.option("--num-steps", type=int, default=None, help="Maximum number of steps.")
-@click.option("--num-samples", type=int, default=1000, show_default=True,
-              help="Draws for the summary and posterior.nc.")
+@click.option(
+    "--num-samples",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Draws for the summary and posterior.nc.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Write summary.csv, elbo.png and posterior.nc here.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Write summary.csv, elbo.png and posterior.nc here.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def fit_command(model_file, data_file, model_name, method, family, rank, optimizer, num_steps,
-                num_samples, seed, out_dir, no_progress):
+def fit_command(
+    model_file,
+    data_file,
+    model_name,
+    method,
+    family,
+    rank,
+    optimizer,
+    num_steps,
+    num_samples,
+    seed,
+    out_dir,
+    no_progress,
+):
     """Fit MODEL_FILE's model to the data and report the posterior approximation."""
     import pandas as pd
 
@@ -86,8 +118,15 @@ def fit_command(model_file, data_file, model_name, method, family, rank, optimiz
         warnings.simplefilter("always", RuntimeWarning)
         try:
             result = viax.fit(
-                model, data, method=method, family=family, rank=rank, optimizer=optimizer,
-                num_steps=num_steps, seed=seed, progress=not no_progress,
+                model,
+                data,
+                method=method,
+                family=family,
+                rank=rank,
+                optimizer=optimizer,
+                num_steps=num_steps,
+                seed=seed,
+                progress=not no_progress,
             )
         except (ValueError, TypeError, viax.DivergenceError, FloatingPointError) as err:
             raise click.ClickException(str(err)) from err

@@ -102,7 +102,9 @@ def fit(
             "or an optax.GradientTransformation"
         )
     if not isinstance(optimizer, str | optax.GradientTransformation):
-        raise TypeError(f"optimizer must be a name or an optax GradientTransformation, got {optimizer!r}")
+        raise TypeError(
+            f"optimizer must be a name or an optax GradientTransformation, got {optimizer!r}"
+        )
     num_steps = _check_positive_int("num_steps", num_steps)
     num_particles = _check_positive_int("num_particles", num_particles)
     num_draws = _check_positive_int("num_draws", num_draws, minimum=2)
@@ -127,8 +129,19 @@ def fit(
         )
     else:
         output = _fit_stochastic(
-            target, fam, arrays, init_position, rng_key, optimizer, num_steps, num_particles or 1,
-            tol_rel_obj, eval_elbo, eta, stick_the_landing, progress,
+            target,
+            fam,
+            arrays,
+            init_position,
+            rng_key,
+            optimizer,
+            num_steps,
+            num_particles or 1,
+            tol_rel_obj,
+            eval_elbo,
+            eta,
+            stick_the_landing,
+            progress,
         )
     params, run_output, algorithm, info = output
     if "elbo_terms" in info:
@@ -159,8 +172,9 @@ def fit(
     return result
 
 
-def _fit_dadvi(target: Target, family: Family, data, init_position, rng_key, max_steps, num_draws,
-               progress):
+def _fit_dadvi(
+    target: Target, family: Family, data, init_position, rng_key, max_steps, num_draws, progress
+):
     start = time.perf_counter()
     num_draws = num_draws or int(min(max(64, family.noise_dim + 2), 512))
     key_draws, key_final = jax.random.split(rng_key)
@@ -197,8 +211,16 @@ def _fit_dadvi(target: Target, family: Family, data, init_position, rng_key, max
         return False, ""
 
     output = run(
-        algo.step, state, inputs, rng_key, max_steps, 10, check_fn=check,
-        site_of_index=target.site_of_index, progress=progress, description="viax dadvi",
+        algo.step,
+        state,
+        inputs,
+        rng_key,
+        max_steps,
+        10,
+        check_fn=check,
+        site_of_index=target.site_of_index,
+        progress=progress,
+        description="viax dadvi",
     )
     params_w = output.state.optimizer.position
     params, terms = algo.finalize(params_w, inputs, key_final)
@@ -210,8 +232,19 @@ def _fit_dadvi(target: Target, family: Family, data, init_position, rng_key, max
 
 
 def _fit_stochastic(
-    target, family, data, init_position, rng_key, optimizer, num_steps, num_particles, tol_rel_obj,
-    eval_elbo, eta, stick_the_landing, progress,
+    target,
+    family,
+    data,
+    init_position,
+    rng_key,
+    optimizer,
+    num_steps,
+    num_particles,
+    tol_rel_obj,
+    eval_elbo,
+    eta,
+    stick_the_landing,
+    progress,
 ):
     stan = optimizer == "stan"
     transform = advi.stan_advi(1.0) if stan else optimizer
@@ -232,13 +265,22 @@ def _fit_stochastic(
     eval_keys = iter(jax.random.split(key_eval, max_steps // eval_elbo + 2))
 
     def check(state, chunk_info, steps_done):
-        stop, message = rule.update(float(algo.elbo(state.params, next(eval_keys), data)), steps_done)
+        stop, message = rule.update(
+            float(algo.elbo(state.params, next(eval_keys), data)), steps_done
+        )
         # A fixed-budget optax run records the verdict but never stops early.
         return (stop, message) if stan else (False, "")
 
     output = run(
-        algo.step, state, data, key_run, max_steps, eval_elbo, check_fn=check,
-        site_of_index=target.site_of_index, progress=progress,
+        algo.step,
+        state,
+        data,
+        key_run,
+        max_steps,
+        eval_elbo,
+        check_fn=check,
+        site_of_index=target.site_of_index,
+        progress=progress,
         description="viax advi" if stan else "viax optax",
     )
     if not stan:
@@ -249,7 +291,8 @@ def _fit_stochastic(
             message=(
                 f"fixed budget of {output.num_steps} steps; relative ELBO change "
                 f"{np.median(window):.2g} (median over the window)"
-                if window.size else "no ELBO evaluation"
+                if window.size
+                else "no ELBO evaluation"
             ),
         )
     info["elbo_evaluations"] = rule.history

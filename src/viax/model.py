@@ -154,11 +154,7 @@ def prepare_data(model_fn: Callable, data: Mapping[str, Any] | None) -> Prepared
     data = dict(data or {})
     params = inspect.signature(model_fn).parameters
     has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    named = {
-        n: p
-        for n, p in params.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     missing = [n for n, p in named.items() if p.default is p.empty and n not in data]
     if missing:
         raise ModelError(f"data is missing model argument(s): {', '.join(missing)}")
@@ -228,7 +224,9 @@ class Target:
         values = constrain_fn(
             self.model_fn, (), self._kwargs(data), params, return_deterministic=True
         )
-        return {k: v for k, v in values.items() if k in self.latent_names or k in self.deterministic}
+        return {
+            k: v for k, v in values.items() if k in self.latent_names or k in self.deterministic
+        }
 
     def site_of_index(self, index: int) -> str:
         for site in self.sites:
@@ -323,8 +321,14 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
         u_shape = tuple(zeros[name].shape) if name in zeros else ()
         size = int(np.prod(u_shape, dtype=int)) if name in zeros else 0
         sites.append(
-            Site(name, tuple(jnp.shape(s["value"])), u_shape, offsets.get(name, -1), size,
-                 name in discrete)
+            Site(
+                name,
+                tuple(jnp.shape(s["value"])),
+                u_shape,
+                offsets.get(name, -1),
+                size,
+                name in discrete,
+            )
         )
     deterministic = tuple(s["name"] for s in trace.values() if s["type"] == "deterministic")
     return Target(

@@ -111,8 +111,13 @@ class Result:
             for i, label in enumerate(element_names(name, value.shape[1:])):
                 x = flat[:, i]
                 q = np.quantile(x, [0.05, 0.5, 0.95])
-                rows[label] = {"mean": x.mean(), "sd": x.std(ddof=1), "5%": q[0], "50%": q[1],
-                               "95%": q[2]}
+                rows[label] = {
+                    "mean": x.mean(),
+                    "sd": x.std(ddof=1),
+                    "5%": q[0],
+                    "50%": q[1],
+                    "95%": q[2],
+                }
         return pd.DataFrame.from_dict(rows, orient="index")
 
     def to_arviz(self, num_samples: int = 1000, seed: int = 0):

@@ -163,7 +163,9 @@ class LowRank(Family):
         # Leading eigenvectors carry the correlated part, the rest goes on the diagonal.
         eigval, eigvec = jnp.linalg.eigh(cov)
         eigval, eigvec = eigval[::-1][: self.rank], eigvec[:, ::-1][:, : self.rank]
-        diag = jnp.maximum(jnp.diagonal(cov) - jnp.sum(eigvec**2 * eigval, axis=1), 1e-3 * jnp.diagonal(cov))
+        diag = jnp.maximum(
+            jnp.diagonal(cov) - jnp.sum(eigvec**2 * eigval, axis=1), 1e-3 * jnp.diagonal(cov)
+        )
         factor = eigvec * jnp.sqrt(jnp.maximum(eigval - 0.5 * jnp.min(diag), 0.0))
         return {"loc": loc, "cov_factor": factor, "log_diag": 0.5 * jnp.log(diag)}
 
@@ -198,7 +200,9 @@ class LowRank(Family):
         return w @ w.T + jnp.diag(jnp.exp(2 * params["log_diag"]))
 
     def stddev(self, params):
-        return jnp.sqrt(jnp.sum(params["cov_factor"] ** 2, axis=1) + jnp.exp(2 * params["log_diag"]))
+        return jnp.sqrt(
+            jnp.sum(params["cov_factor"] ** 2, axis=1) + jnp.exp(2 * params["log_diag"])
+        )
 
     def affine(self, params, center, scale):
         return {

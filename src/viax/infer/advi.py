@@ -70,7 +70,9 @@ def scale_by_stan_advi(
             state.sq_avg,
         )
         base = eta * count.astype(float) ** (-0.5 + eps)
-        updates = jax.tree_util.tree_map(lambda g, s: base * g / (tau + jnp.sqrt(s)), updates, sq_avg)
+        updates = jax.tree_util.tree_map(
+            lambda g, s: base * g / (tau + jnp.sqrt(s)), updates, sq_avg
+        )
         return updates, ScaleByStanADVIState(count, sq_avg)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -135,7 +137,11 @@ def build_stochastic(
         updates = jax.tree_util.tree_map(lambda u: state.guard.step_scale * u, updates)
         new_params = optax.apply_updates(state.params, updates)
         (params, opt_state), guard, _ = guarded_update(
-            state.guard, loss, grads["loc"], (new_params, opt_state), (state.params, state.opt_state)
+            state.guard,
+            loss,
+            grads["loc"],
+            (new_params, opt_state),
+            (state.params, state.opt_state),
         )
         return ADVIState(params, opt_state, guard), ADVIInfo(objective=-loss)
 

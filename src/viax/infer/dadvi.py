@@ -159,9 +159,7 @@ def build_dadvi(
 
     def loss_fn(params, inputs):
         data, setup = inputs
-        return -_fixed_draw_elbo(
-            target, family, params, data, setup.draws, setup.preconditioner
-        )
+        return -_fixed_draw_elbo(target, family, params, data, setup.draws, setup.preconditioner)
 
     lbfgs_init, lbfgs_step = lbfgs(loss_fn)
     prepare = build_setup(target, family, num_draws)

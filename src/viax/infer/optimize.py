@@ -41,8 +41,10 @@ class LBFGSInfo(NamedTuple):
 
 
 def _vdot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a),
-                                                jax.tree_util.tree_leaves(b), strict=True))
+    return sum(
+        jnp.vdot(x, y)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    )
 
 
 def _max_abs(tree):
@@ -111,8 +113,11 @@ def minimize(fun, position, *args, max_steps: int = 1000, tol: float = 1e-8, mem
 
     def cond(carry):
         state, k = carry
-        return (k < max_steps) & (_max_abs(state.grad) > tol) & (state.step_size > 1e-12) & (
-            jnp.isfinite(state.value)
+        return (
+            (k < max_steps)
+            & (_max_abs(state.grad) > tol)
+            & (state.step_size > 1e-12)
+            & (jnp.isfinite(state.value))
         )
 
     def body(carry):
