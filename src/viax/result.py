@@ -71,9 +71,10 @@ class Result:
 
     def __repr__(self):
         verdict = "converged" if self.converged else "NOT converged"
+        family = getattr(self.family, "name", self.family)
         return (
-            f"Result(method={self.method!r}, algorithm={self.algorithm!r}, "
-            f"family={getattr(self.family, 'name', self.family)!r}, elbo={self.elbo:.4f} ± {self.elbo_se:.2g}, "
+            f"Result(method={self.method!r}, algorithm={self.algorithm!r}, family={family!r}, "
+            f"elbo={self.elbo:.4f} ± {self.elbo_se:.2g}, "
             f"{verdict} after {self.num_steps} steps, {self.wall_time:.2f}s)"
         )
 
