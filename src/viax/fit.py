@@ -14,7 +14,7 @@ import optax
 
 from viax.families.gaussian import FAMILIES, Family, make_family
 from viax.infer import advi, dadvi
-from viax.infer.driver import run
+from viax.infer.driver import DivergenceError, run
 from viax.model import Model, ModelError, Target, build_target
 from viax.result import Result, elbo_estimate, mean_and_se
 
@@ -182,10 +182,13 @@ def _fit_dadvi(
     setup, state = algo.setup(init_position, data, key_draws)
     inputs = (data, setup)
     if not np.isfinite(float(state.optimizer.value)):
-        raise FloatingPointError(
-            "the fixed-draw ELBO is not finite at the Laplace starting point; "
-            "try optimizer='stan' or a different seed"
+        raise DivergenceError(
+            "the fixed-draw ELBO is not finite at the starting point (the Laplace "
+            "approximation puts mass where the log density is not finite); try "
+            "optimizer='stan' or another seed",
+            step=0,
         )
+    _raise_nonfinite_gradient(target, state.optimizer.grad["loc"], 0)
     info: dict[str, Any] = {
         "num_draws": num_draws,
         "map_ok": bool(setup.map_ok),
@@ -200,15 +203,16 @@ def _fit_dadvi(
         last = float(np.asarray(chunk_info.objective)[-1])
         previous = history[-1] if history else -np.inf
         history.append(last)
+        if not np.isfinite(grad_norm):
+            _raise_nonfinite_gradient(target, state.optimizer.grad["loc"], steps_done)
         if grad_norm < 1e-7:
             return True, f"L-BFGS: gradient max-norm {grad_norm:.2g} < 1e-7"
         if float(state.optimizer.step_size) < 1e-10:
-            if grad_norm < 1e-3:
-                return True, f"L-BFGS: no further decrease, gradient max-norm {grad_norm:.2g}"
-            return False, f"L-BFGS stalled with gradient max-norm {grad_norm:.2g}"
+            # No step along the L-BFGS direction decreases the objective any more.
+            return grad_norm < 1e-3, f"L-BFGS: no further decrease, gradient {grad_norm:.2g}"
         if abs(last - previous) <= 1e-12 * (1.0 + abs(last)):
             return True, "L-BFGS: fixed-draw ELBO unchanged (relative 1e-12) over 10 steps"
-        return False, ""
+        return None
 
     output = run(
         algo.step,
@@ -229,6 +233,16 @@ def _fit_dadvi(
     info["params_whitened"] = params_w
     info["setup"] = setup
     return params, output, "dadvi", info
+
+
+def _raise_nonfinite_gradient(target: Target, grad_loc, step: int):
+    bad = np.flatnonzero(~np.isfinite(np.asarray(grad_loc)))
+    if bad.size == 0:
+        return
+    sites = tuple(dict.fromkeys(target.site_of_index(int(i)) for i in bad))
+    raise DivergenceError(
+        f"non-finite gradient at step {step} in site(s): {', '.join(sites)}", step=step, sites=sites
+    )
 
 
 def _fit_stochastic(
@@ -265,11 +279,10 @@ def _fit_stochastic(
     eval_keys = iter(jax.random.split(key_eval, max_steps // eval_elbo + 2))
 
     def check(state, chunk_info, steps_done):
-        stop, message = rule.update(
-            float(algo.elbo(state.params, next(eval_keys), data)), steps_done
-        )
+        elbo = float(algo.elbo(state.params, next(eval_keys), data))
+        stop, message = rule.update(elbo, steps_done)
         # A fixed-budget optax run records the verdict but never stops early.
-        return (stop, message) if stan else (False, "")
+        return (True, message) if stop and stan else None
 
     output = run(
         algo.step,

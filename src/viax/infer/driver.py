@@ -121,7 +121,7 @@ def run(
     rng_key: jax.Array,
     num_steps: int,
     chunk_size: int,
-    check_fn: Callable[[Any, Any, int], tuple[bool, str]] | None = None,
+    check_fn: Callable[[Any, Any, int], tuple[bool, str] | None] | None = None,
     site_of_index: Callable[[int], str] | None = None,
     progress: bool = True,
     description: str = "viax",
@@ -130,8 +130,9 @@ def run(
 ) -> RunOutput:
     """Run ``step_fn`` for up to ``num_steps`` steps in chunks of ``chunk_size``.
 
-    ``check_fn(state, chunk_info, steps_done) -> (stop, message)`` is called after
-    each chunk with the stacked Info of its steps; ``stop=True`` means converged.
+    ``check_fn(state, chunk_info, steps_done)`` is called after each chunk with the
+    stacked Info of its steps; it returns ``None`` to go on, or ``(converged, message)``
+    to stop: converged, or stuck with no hope of progress.
     """
     run_chunk = chunk_fn(step_fn)
     chunk_size = max(1, min(chunk_size, num_steps))
@@ -163,11 +164,10 @@ def run(
             steps_done += n
             bar.update(n)
             bar.set_postfix_str(f"{objective_name} {objective[-1]:.4g}")
-            if check_fn is not None:
-                stop, msg = check_fn(state, info, steps_done)
-                if stop:
-                    converged, message = True, msg
-                    break
+            verdict = check_fn(state, info, steps_done) if check_fn is not None else None
+            if verdict is not None:
+                converged, message = verdict
+                break
     wall_time = time.perf_counter() - start
     # The first chunk pays for compilation; later chunks give the steady cost per step.
     steady = float(np.median(durations[1:])) if len(durations) > 1 else 0.0
