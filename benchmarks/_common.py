@@ -1,0 +1,149 @@
+"""Shared helpers for the benchmarks: paths, result files, markdown tables, machine info."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+REFERENCE_DIR = BENCH_DIR / "reference"
+# Shared data lives beside the repository and is never copied into it.
+SHARED_DATA_DIR = REPO_DIR.parent / "shared" / "data"
+POSTERIORDB_DIR = SHARED_DATA_DIR / "posteriordb"
+
+for _path in (str(REPO_DIR / "examples"), str(BENCH_DIR)):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+
+def command_line() -> str:
+    """The command that is running, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(REPO_DIR))
+    except ValueError:
+        script_text = str(script)
+    return " ".join(["python", shlex.quote(script_text), *map(shlex.quote, sys.argv[1:])])
+
+
+def today() -> str:
+    return _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import jax
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+    }
+    for name in ("numpyro", "optax", "pymc", "pytensor"):
+        try:
+            module = __import__(name)
+            info[name] = module.__version__
+        except Exception:  # not installed: the benchmark that needs it says so
+            continue
+    try:
+        import viax
+
+        info["viax"] = viax.__version__
+    except Exception:
+        pass
+    try:
+        import subprocess
+
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable) + "\n")
+    return path
+
+
+def read_json(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / name
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def _jsonable(value):
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:
+        pass
+    return str(value)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "nan"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 100:
+            return f"{value:.0f}"
+        if abs(value) >= 10:
+            return f"{value:.1f}"
+        if value != 0 and abs(value) < 0.001:
+            return f"{value:.1e}"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(x) if not isinstance(x, str) else x for x in row) + " |")
+    return "\n".join(lines)
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return float("nan")
+    mid = n // 2
+    return float(ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid]))
+
+
+def as_arrays(data: dict[str, Any]):
+    """JSON data for NumPyro/PyMC: lists become float64 arrays, scalars stay Python."""
+    import numpy as np
+
+    return {k: (np.asarray(v, dtype=float) if isinstance(v, list) else v) for k, v in data.items()}
