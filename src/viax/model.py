@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -356,11 +357,18 @@ def site_log_probs(target: Target, position, data) -> dict[str, float]:
     model = handlers.substitute(
         target.model_fn, substitute_fn=lambda site: _unconstrain_reparam(params, site)
     )
-    trace = handlers.trace(model).get_trace(**target._kwargs(data))
+    with warnings.catch_warnings():
+        # Finding the offending site is the point: numpyro's out-of-support warning
+        # would only repeat it.
+        warnings.simplefilter("ignore", UserWarning)
+        trace = handlers.trace(model).get_trace(**target._kwargs(data))
+        values = {
+            n: s["fn"].log_prob(s["value"]) for n, s in trace.items() if s["type"] == "sample"
+        }
     out = {}
     for name, site in trace.items():
         if site["type"] == "sample":
-            value = site["fn"].log_prob(site["value"])
+            value = values[name]
             if site.get("scale") is not None:
                 value = value * site["scale"]
             out[name] = float(jnp.sum(value))
