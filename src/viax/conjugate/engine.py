@@ -1,0 +1,320 @@
+"""The exponential-family engine: every update is a gradient of the expected log joint.
+
+A conditionally conjugate model (Hoffman et al. 2013, §2) has global factors β with
+priors in the same exponential family and, per data point n, local factors z_n.  The
+model supplies one function, its expected log joint over a batch *in mean parameters*:
+
+    F(μ_global, μ_local, batch) = Σ_{n∈B} E_q[log p(x_n, z_n | β)],
+
+and the engine adds the prior terms Σ_g E_q[log p0(β_g)] = Σ_g <η0_g, μ_g> − A(η0_g).
+Because the log joint is linear in each factor's sufficient statistics, the optimal
+natural parameter of a factor j given all the others is (Blei et al. 2017, eq. 38)
+
+    λ_j* = ∂ E_q[log p(x, z, β)] / ∂ μ_j ,
+
+so ``jax.grad`` of F yields every coordinate update: local factors from ∂F/∂μ_local,
+globals from ``η0 + s · ∂F/∂μ_global`` with ``s = N/|B|`` (s = 1 for the full data:
+CAVI; s = N/|B| for a minibatch: SVI's intermediate global parameter λ̂).
+
+The ELBO is ``Σ_g [E_q log p0(β_g) + H(q_g)] + s · (F + Σ_local H(q_l))``.
+
+Local factors may be *collapsed*: a model may maximise some local factors out of F in
+closed form (LDA's word assignments: max_φ <c, φ> + H(φ) = n · logsumexp(c)).  By
+Danskin's theorem the gradients of the collapsed F equal those of the full one at the
+optimal φ, so the updates and the ELBO are unchanged while φ is never stored.
+
+Global factors must be conditionally independent given the locals (the setting of
+Hoffman et al. 2013), so one gradient updates all of them as a block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from viax.conjugate.expfam import Factor
+
+__all__ = [
+    "ConjugateModel",
+    "conjugate_model",
+    "elbo",
+    "fit_locals",
+    "global_means",
+    "local_means",
+    "update_globals",
+]
+
+Natural = dict[str, tuple]
+
+
+def conjugate_model(cls):
+    """Make ``cls`` a frozen dataclass and a JAX pytree: fields marked
+    ``field(metadata={"static": True})`` are part of the tree structure (hashable:
+    sizes, option strings), all others are leaves (prior arrays), so a refit with new
+    priors of the same shapes reuses the compiled code."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    static = [f.name for f in dataclasses.fields(cls) if f.metadata.get("static", False)]
+    leaves = [f.name for f in dataclasses.fields(cls) if f.name not in static]
+    return jax.tree_util.register_dataclass(cls, data_fields=leaves, meta_fields=static)
+
+
+def static(default=dataclasses.MISSING):
+    """A static (hashable, non-array) model field."""
+    return dataclasses.field(default=default, metadata={"static": True})
+
+
+class ConjugateModel:
+    """What a conditionally conjugate model supplies.  Subclasses are decorated with
+    :func:`conjugate_model` and implement the methods below; see ``models/`` for four."""
+
+    name: ClassVar[str] = "conjugate"
+    # Local factors are updated in this order within one local sweep.
+    local_order: ClassVar[tuple[str, ...]] = ()
+    # The local factor whose natural parameters decide local convergence.
+    convergence_site: ClassVar[str | None] = None
+
+    # Local fits: at most this many sweeps, until the mean absolute change of the
+    # convergence site's natural parameters is below local_tol for every point.
+    max_local_iter: int = 1
+    local_tol: float = 0.0
+
+    def global_factors(self) -> dict[str, Factor]:
+        raise NotImplementedError
+
+    def prior(self) -> Natural:
+        """Natural parameters of the priors of the global factors."""
+        raise NotImplementedError
+
+    def init_globals(self, rng_key, batch) -> Natural:
+        """Starting global natural parameters."""
+        raise NotImplementedError
+
+    def local_factors(self, batch) -> dict[str, Factor]:
+        return {}
+
+    def local_log_joint(self, global_mean, local_mean, batch) -> jax.Array:
+        """Σ_{n in batch} E_q[log p(x_n, z_n | β)] in (weighted) mean parameters."""
+        raise NotImplementedError
+
+    def init_locals(self, rng_key, batch, global_mean) -> Natural:
+        """Starting local natural parameters (``rng_key`` None: deterministic)."""
+        return {}
+
+    def prepare(self, data, pad_to: int | None = None):
+        """Validate raw data (numpy / scipy.sparse) and turn it into a batch pytree of
+        arrays with a ``mask`` of real points, padded to ``pad_to`` rows."""
+        raise NotImplementedError
+
+    def sample_sites(self, global_natural, rng_key, num_samples: int) -> dict[str, jax.Array]:
+        """Draws of the global latents from q, keyed by site name."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------
+# Means, objective, updates
+# ----------------------------------------------------------------------------------
+
+
+def global_means(model: ConjugateModel, global_natural: Natural) -> Natural:
+    factors = model.global_factors()
+    return {name: factors[name].mean(eta) for name, eta in global_natural.items()}
+
+
+def local_means(factors: Mapping[str, Factor], local_natural: Natural) -> Natural:
+    return {name: factors[name].mean(eta) for name, eta in local_natural.items()}
+
+
+def _tree_inner(a, b):
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def prior_log_normalizer(model: ConjugateModel) -> jax.Array:
+    """Σ_g A(η0_g): a constant of the ELBO, computed once outside the loops."""
+    factors, prior = model.global_factors(), model.prior()
+    return sum(jnp.sum(factors[name].log_normalizer(eta)) for name, eta in prior.items())
+
+
+def global_terms(model: ConjugateModel, global_natural, global_mean, prior_constant=None):
+    """Σ_g E_q[log p0(β_g)] + H(q_g) = Σ_g <η0_g − η_g, μ_g> + A(η_g) − A(η0_g): the part
+    of the ELBO that is not scaled by N/|B| (base measures cancel)."""
+    factors, prior = model.global_factors(), model.prior()
+    total = 0.0
+    for name, eta in global_natural.items():
+        factor = factors[name]
+        diff = tuple(p - e for p, e in zip(prior[name], eta, strict=True))
+        total = total + jnp.sum(factor.inner(diff, global_mean[name]))
+        total = total + jnp.sum(factor.log_normalizer(eta))
+    if prior_constant is None:
+        prior_constant = prior_log_normalizer(model)
+    return total - prior_constant
+
+
+def local_terms(model: ConjugateModel, global_mean, local_natural, batch) -> jax.Array:
+    """F + Σ_l H(q_l) over the batch (unscaled)."""
+    factors = model.local_factors(batch)
+    value = model.local_log_joint(global_mean, local_means(factors, local_natural), batch)
+    return value + _local_entropy(factors, local_natural)
+
+
+def _local_entropy(factors, local_natural):
+    return sum(
+        (jnp.sum(factors[name].entropy(eta)) for name, eta in local_natural.items()),
+        start=jnp.asarray(0.0),
+    )
+
+
+def elbo(model: ConjugateModel, global_natural, local_natural, batch, scale=1.0) -> jax.Array:
+    """``Σ_g [E log p0 + H] + scale · (F + Σ_l H)``: the exact ELBO for scale = 1 and the
+    full data, an unbiased estimate of it for a uniformly drawn batch and scale N/|B|."""
+    gm = global_means(model, global_natural)
+    return global_terms(model, global_natural, gm) + scale * local_terms(
+        model, gm, local_natural, batch
+    )
+
+
+def fit_locals(model: ConjugateModel, global_mean, local_natural, batch):
+    """Coordinate ascent over the local factors, globals fixed.
+
+    Each local update is ``η_l ← ∂F/∂μ_l``.  Returns (local_natural, num_sweeps)."""
+    factors = model.local_factors(batch)
+    if not factors:
+        return local_natural, jnp.asarray(0, jnp.int32)
+
+    def one_sweep(nat):
+        for name in model.local_order:
+            mean = local_means(factors, nat)
+
+            def f(m, name=name, mean=mean):
+                return model.local_log_joint(global_mean, {**mean, name: m}, batch)
+
+            grad = jax.grad(f)(mean[name])
+            nat = {**nat, name: factors[name].normalize(grad)}
+        return nat
+
+    if model.max_local_iter <= 1:
+        return one_sweep(local_natural), jnp.asarray(1, jnp.int32)
+
+    site = model.convergence_site or model.local_order[0]
+    event = factors[site].event_ndims[0]
+
+    def change(new, old):
+        diff = jnp.abs(new[site][0] - old[site][0])
+        per_point = jnp.mean(diff, axis=tuple(range(-event, 0))) if event else diff
+        return jnp.max(per_point)
+
+    def cond(carry):
+        _, i, delta = carry
+        return (i < model.max_local_iter) & (delta >= model.local_tol)
+
+    def body(carry):
+        nat, i, _ = carry
+        new = one_sweep(nat)
+        return new, i + 1, change(new, nat)
+
+    nat, sweeps, _ = jax.lax.while_loop(
+        cond, body, (local_natural, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf))
+    )
+    return nat, sweeps
+
+
+def update_globals(
+    model: ConjugateModel,
+    global_natural,
+    global_mean,
+    local_natural,
+    batch,
+    scale=1.0,
+    prior_constant=None,
+):
+    """The global block update ``λ̂_g = η0_g + scale · ∂F/∂μ_g`` at the given locals.
+
+    Returns (λ̂, μ(λ̂), estimate, elbo_after):
+
+    - ``estimate``: ``global_terms(λ) + scale · (F + H_l)`` at the *old* globals (SVI's
+      per-step ELBO estimate);
+    - ``elbo_after``: the same at λ̂ with the locals unchanged; F is affine in μ_g given
+      the locals, so ``F(μ̂) = F(μ) + <∂F/∂μ, μ̂ − μ>`` costs no second pass over the data.
+    """
+    factors = model.local_factors(batch)
+    lm = local_means(factors, local_natural)
+    value, grad = jax.value_and_grad(model.local_log_joint)(global_mean, lm, batch)
+    prior = model.prior()
+    if prior_constant is None:
+        prior_constant = prior_log_normalizer(model)
+    target = {
+        name: tuple(p + scale * g for p, g in zip(prior[name], grad[name], strict=True))
+        for name in prior
+    }
+    local_entropy = _local_entropy(factors, local_natural)
+    estimate = global_terms(model, global_natural, global_mean, prior_constant) + scale * (
+        value + local_entropy
+    )
+    new_gm = global_means(model, target)
+    delta = jax.tree.map(lambda a, b: a - b, new_gm, global_mean)
+    value_after = value + _tree_inner(grad, delta)
+    elbo_after = global_terms(model, target, new_gm, prior_constant) + scale * (
+        value_after + local_entropy
+    )
+    return target, new_gm, estimate, elbo_after
+
+
+# ----------------------------------------------------------------------------------
+# Shared helpers for the algorithms
+# ----------------------------------------------------------------------------------
+
+
+def to_numpy_tree(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def make_sampler(model: ConjugateModel, global_natural) -> Callable[[int, int], dict]:
+    """``sampler(num_samples, seed) -> {site: (num_samples, *shape)}`` for Result."""
+    sample_fn = jax.jit(model.sample_sites, static_argnums=2)
+
+    def sampler(num_samples: int, seed: int) -> dict[str, np.ndarray]:
+        draws = sample_fn(global_natural, jax.random.PRNGKey(seed), int(num_samples))
+        return {k: np.asarray(v) for k, v in draws.items()}
+
+    return sampler
+
+
+def check_finite_natural(tree: Any, what: str) -> None:
+    leaves = jax.tree.leaves(tree)
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
+        raise FloatingPointError(f"{what}: a variational parameter is not finite")
+
+
+class compiled:
+    """``jax.jit`` with the compile step timed: ``fn(*args)`` returns (output,
+    compile_seconds), 0.0 when the executable for these shapes was already built.
+
+    A refit with the same shapes, dtypes and static structure reuses the executable.
+    """
+
+    def __init__(self, fn: Callable, static_argnames: tuple[str, ...] = ()):
+        self._jitted = jax.jit(fn, static_argnames=static_argnames)
+        self._static = static_argnames
+        self._cache: dict = {}
+
+    def __call__(self, *args, **static_kwargs):
+        leaves, treedef = jax.tree.flatten(args)
+        key = (
+            treedef,
+            tuple((np.shape(x), np.result_type(x)) for x in leaves),
+            tuple(sorted(static_kwargs.items())),
+        )
+        executable = self._cache.get(key)
+        seconds = 0.0
+        if executable is None:
+            import time
+
+            start = time.perf_counter()
+            executable = self._jitted.lower(*args, **static_kwargs).compile()
+            seconds = time.perf_counter() - start
+            self._cache[key] = executable
+        return executable(*args), seconds

@@ -1,0 +1,685 @@
+"""Exponential-family factors for the conjugate engine.
+
+A factor is ``q(z) = h(z) exp(<η, t(z)> − A(η))``.  Each class here is a small frozen
+object of pure functions over its natural parameters ``η`` (a tuple of arrays with a
+common batch shape in front of each statistic's event shape):
+
+- ``log_normalizer(η)``  A(η), batch shape;
+- ``mean(η)``            μ = E[t(z)] = ∇A(η) (closed form; tests check it against ``jax.grad``);
+- ``entropy(η)``         H = A(η) − <η, μ> − E[log h(z)];
+- ``cross_entropy_term(η0, μ)``  E_q[log p0(z)] = <η0, μ> − A(η0) + E[log h] for a prior η0;
+- ``from_standard`` / ``to_standard``: the usual parameters (shape/rate, mean/precision...);
+- ``to_unconstrained`` / ``from_unconstrained``: a bijection onto R^n for the naive method;
+- ``sample(η, rng_key, num_samples)``.
+
+``weights`` (batch shape, optional) makes a factor stand for ``w`` independent copies
+sharing one distribution: A, μ and H are multiplied by ``w``.  A categorical with
+``weights = n`` is a word that occurs ``n`` times; ``weights = 0`` pads a batch.  The
+optimal natural parameter is unchanged by ``w`` (``λ* = ∂E[log p]/∂μ_w``), so the engine
+never needs to know.
+
+The statistics used, per copy (D = event dimension):
+
+=================  ============================  ===========================================
+factor             t(z)                          η
+=================  ============================  ===========================================
+Normal             (x, x²)                       (m/s², −1/(2s²))
+MultivariateNormal (x, x xᵀ)                     (Λm, −Λ/2)
+Gamma              (log x, x)                    (a − 1, −b)
+Wishart            (Λ, log|Λ|)                   (−W⁻¹/2, (ν − D − 1)/2)
+NormalWishart      (Λμ, μᵀΛμ, Λ, log|Λ|)         (βm, −β/2, −(W⁻¹ + β m mᵀ)/2, (ν − D)/2)
+NormalGamma        (τw, τ w wᵀ, τ, log τ)        (Λm, −Λ/2, −b − mᵀΛm/2, a − 1 + D/2)
+Dirichlet          log θ                         α − 1
+Beta               (log v, log(1 − v))           (a − 1, b − 1)
+Categorical        one-hot z                     logits (A = logsumexp)
+=================  ============================  ===========================================
+
+Reference: Wainwright & Jordan (2008), §3; Bishop (2006), §2.3.6 and §10.2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import digamma, gammaln, multigammaln
+
+__all__ = [
+    "Beta",
+    "Categorical",
+    "Dirichlet",
+    "Factor",
+    "Gamma",
+    "MultivariateNormal",
+    "Normal",
+    "NormalGamma",
+    "NormalWishart",
+    "Wishart",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _sym(a):
+    return 0.5 * (a + jnp.swapaxes(a, -1, -2))
+
+
+def _chol_logdet(a):
+    """(cholesky, log|a|) of a batch of SPD matrices."""
+    chol = jnp.linalg.cholesky(_sym(a))
+    return chol, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+
+
+def _spd_inv(a):
+    chol, _ = _chol_logdet(a)
+    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
+    return _sym(jax.scipy.linalg.cho_solve((chol, True), eye))
+
+
+def _mvdigamma(a, d: int):
+    """Σ_{i=0}^{d−1} ψ(a − i/2)."""
+    return jnp.sum(digamma(a[..., None] - 0.5 * jnp.arange(d)), axis=-1)
+
+
+def _tril_to_unconstrained(chol):
+    """Cholesky factor -> free vector: log of the diagonal, the strict lower part as is."""
+    d = chol.shape[-1]
+    diag = jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1))
+    rows, cols = jnp.tril_indices(d, -1)
+    return jnp.concatenate([diag, chol[..., rows, cols]], axis=-1)
+
+
+def _unconstrained_to_tril(u, d: int):
+    rows, cols = jnp.tril_indices(d, -1)
+    chol = jnp.zeros(u.shape[:-1] + (d, d), u.dtype)
+    chol = chol.at[..., jnp.arange(d), jnp.arange(d)].set(jnp.exp(u[..., :d]))
+    return chol.at[..., rows, cols].set(u[..., d:])
+
+
+def _softplus_inverse(y):
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+@dataclass(frozen=True)
+class Factor:
+    """Base class: the generic parts (entropy, cross term, inner product, weights)."""
+
+    weights: jax.Array | None = field(default=None, compare=False)
+
+    # event_ndims[i]: trailing dimensions of statistic i that belong to one copy.
+    event_ndims: ClassVar[tuple[int, ...]] = ()
+    # E[log h(z)] per copy where it is a constant; D-dependent families override _hmean.
+    log_base_measure: ClassVar[float] = 0.0
+
+    # -- per-copy maths, provided by subclasses --------------------------------
+    def _log_normalizer(self, natural):
+        raise NotImplementedError
+
+    def _mean(self, natural):
+        raise NotImplementedError
+
+    # -- weighted public API ----------------------------------------------------
+    def _weigh(self, value, ndim: int = 0):
+        if self.weights is None:
+            return value
+        w = self.weights
+        return value * w.reshape(w.shape + (1,) * ndim)
+
+    def log_normalizer(self, natural) -> jax.Array:
+        """A(η), shape = batch shape (times the weights)."""
+        return self._weigh(self._log_normalizer(natural))
+
+    def mean(self, natural) -> tuple:
+        """μ = E_q[t(z)] = ∇A(η) (times the weights)."""
+        return tuple(
+            self._weigh(m, n) for m, n in zip(self._mean(natural), self.event_ndims, strict=True)
+        )
+
+    def inner(self, natural, mean) -> jax.Array:
+        """<η, μ> summed over each statistic's event dimensions, batch shape."""
+        total = 0.0
+        for eta, mu, n in zip(natural, mean, self.event_ndims, strict=True):
+            prod = eta * mu
+            total = total + (jnp.sum(prod, axis=tuple(range(-n, 0))) if n else prod)
+        return total
+
+    def entropy(self, natural) -> jax.Array:
+        """H[q] = A(η) − <η, μ> − E[log h], batch shape (times the weights)."""
+        per_copy = (
+            self._log_normalizer(natural)
+            - self.inner(natural, self._mean(natural))
+            - self._hmean(natural)
+        )
+        return self._weigh(per_copy)
+
+    def _hmean(self, natural):
+        return self.log_base_measure
+
+    def cross_entropy_term(self, prior_natural, mean) -> jax.Array:
+        """E_q[log p0(z)] = <η0, μ> − A(η0) + E[log h] for the prior p0 with natural η0,
+        written in the (weighted) mean parameters μ of q: linear in μ, so its gradient with
+        respect to μ is η0."""
+        inner = self.inner(prior_natural, mean)
+        const = self._log_normalizer(prior_natural) - self._hmean(prior_natural)
+        return inner - self._weigh(jnp.broadcast_to(const, inner.shape))
+
+    def normalize(self, natural) -> tuple:
+        """A canonical representative of η (identity except for over-parameterised
+        families)."""
+        return tuple(natural)
+
+    def batch_shape(self, natural) -> tuple[int, ...]:
+        first = natural[0]
+        return first.shape[: first.ndim - self.event_ndims[0]]
+
+
+# ----------------------------------------------------------------------------------
+# Scalars
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Normal(Factor):
+    """Univariate normal N(m, s²), elementwise over the batch.  t = (x, x²)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (0, 0)
+    log_base_measure: ClassVar[float] = -0.5 * _LOG_2PI
+
+    @staticmethod
+    def from_standard(loc, scale):
+        loc, scale = jnp.asarray(loc), jnp.asarray(scale)
+        return (loc / scale**2, -0.5 / scale**2)
+
+    @staticmethod
+    def to_standard(natural):
+        n1, n2 = natural
+        var = -0.5 / n2
+        return {"loc": n1 * var, "scale": jnp.sqrt(var)}
+
+    def _log_normalizer(self, natural):
+        n1, n2 = natural
+        return -(n1**2) / (4.0 * n2) - 0.5 * jnp.log(-2.0 * n2)
+
+    def _mean(self, natural):
+        s = self.to_standard(natural)
+        return (s["loc"], s["loc"] ** 2 + s["scale"] ** 2)
+
+    def to_unconstrained(self, natural):
+        s = self.to_standard(natural)
+        return (s["loc"], jnp.log(s["scale"]))
+
+    def from_unconstrained(self, free):
+        return self.from_standard(free[0], jnp.exp(free[1]))
+
+    def sample(self, natural, rng_key, num_samples: int):
+        s = self.to_standard(natural)
+        eps = jax.random.normal(rng_key, (num_samples,) + s["loc"].shape)
+        return {"value": s["loc"] + s["scale"] * eps}
+
+
+@dataclass(frozen=True)
+class Gamma(Factor):
+    """Gamma(shape a, rate b).  t = (log x, x), η = (a − 1, −b)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (0, 0)
+
+    @staticmethod
+    def from_standard(shape, rate):
+        return (jnp.asarray(shape) - 1.0, -jnp.asarray(rate))
+
+    @staticmethod
+    def to_standard(natural):
+        return {"shape": natural[0] + 1.0, "rate": -natural[1]}
+
+    def _log_normalizer(self, natural):
+        a, b = natural[0] + 1.0, -natural[1]
+        return gammaln(a) - a * jnp.log(b)
+
+    def _mean(self, natural):
+        a, b = natural[0] + 1.0, -natural[1]
+        return (digamma(a) - jnp.log(b), a / b)
+
+    def to_unconstrained(self, natural):
+        a, b = natural[0] + 1.0, -natural[1]
+        return (jnp.log(a), jnp.log(b))
+
+    def from_unconstrained(self, free):
+        return self.from_standard(jnp.exp(free[0]), jnp.exp(free[1]))
+
+    def sample(self, natural, rng_key, num_samples: int):
+        a, b = natural[0] + 1.0, -natural[1]
+        return {"value": jax.random.gamma(rng_key, a, (num_samples,) + a.shape) / b}
+
+
+@dataclass(frozen=True)
+class Beta(Factor):
+    """Beta(a, b).  t = (log v, log(1 − v)), η = (a − 1, b − 1)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (0, 0)
+
+    @staticmethod
+    def from_standard(a, b):
+        return (jnp.asarray(a) - 1.0, jnp.asarray(b) - 1.0)
+
+    @staticmethod
+    def to_standard(natural):
+        return {"a": natural[0] + 1.0, "b": natural[1] + 1.0}
+
+    def _log_normalizer(self, natural):
+        a, b = natural[0] + 1.0, natural[1] + 1.0
+        return gammaln(a) + gammaln(b) - gammaln(a + b)
+
+    def _mean(self, natural):
+        a, b = natural[0] + 1.0, natural[1] + 1.0
+        total = digamma(a + b)
+        return (digamma(a) - total, digamma(b) - total)
+
+    def to_unconstrained(self, natural):
+        return (jnp.log(natural[0] + 1.0), jnp.log(natural[1] + 1.0))
+
+    def from_unconstrained(self, free):
+        return self.from_standard(jnp.exp(free[0]), jnp.exp(free[1]))
+
+    def sample(self, natural, rng_key, num_samples: int):
+        a, b = natural[0] + 1.0, natural[1] + 1.0
+        return {"value": jax.random.beta(rng_key, a, b, (num_samples,) + a.shape)}
+
+
+# ----------------------------------------------------------------------------------
+# Simplex
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dirichlet(Factor):
+    """Dirichlet(α) over the last axis.  t = log θ, η = α − 1."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (1,)
+
+    @staticmethod
+    def from_standard(concentration):
+        return (jnp.asarray(concentration) - 1.0,)
+
+    @staticmethod
+    def to_standard(natural):
+        return {"concentration": natural[0] + 1.0}
+
+    def _log_normalizer(self, natural):
+        alpha = natural[0] + 1.0
+        return jnp.sum(gammaln(alpha), -1) - gammaln(jnp.sum(alpha, -1))
+
+    def _mean(self, natural):
+        alpha = natural[0] + 1.0
+        return (digamma(alpha) - digamma(jnp.sum(alpha, -1, keepdims=True)),)
+
+    def to_unconstrained(self, natural):
+        return (jnp.log(natural[0] + 1.0),)
+
+    def from_unconstrained(self, free):
+        return self.from_standard(jnp.exp(free[0]))
+
+    def sample(self, natural, rng_key, num_samples: int):
+        alpha = natural[0] + 1.0
+        return {"value": jax.random.dirichlet(rng_key, alpha, (num_samples,) + alpha.shape[:-1])}
+
+
+@dataclass(frozen=True)
+class Categorical(Factor):
+    """Categorical over the last axis, natural parameter = logits (A = logsumexp).
+
+    Over-parameterised: adding a constant to the logits changes nothing, which is what
+    lets the CAVI update ``η* = ∂E[log p]/∂μ`` skip normalisation."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (1,)
+
+    @staticmethod
+    def from_standard(probs):
+        return (jnp.log(jnp.asarray(probs)),)
+
+    @staticmethod
+    def to_standard(natural):
+        return {"probs": jax.nn.softmax(natural[0], -1)}
+
+    def _log_normalizer(self, natural):
+        return jax.nn.logsumexp(natural[0], -1)
+
+    def normalize(self, natural):
+        return (jax.nn.log_softmax(natural[0], -1),)
+
+    def _mean(self, natural):
+        return (jax.nn.softmax(natural[0], -1),)
+
+    def entropy(self, natural):
+        # xlogy keeps H finite where a probability underflows to 0 (the generic formula
+        # would form 0 · (−inf)).
+        log_p = jax.nn.log_softmax(natural[0], -1)
+        p = jnp.exp(log_p)
+        return self._weigh(-jnp.sum(jnp.where(p > 0, p * log_p, 0.0), -1))
+
+    def to_unconstrained(self, natural):
+        return (natural[0],)
+
+    def from_unconstrained(self, free):
+        return (free[0],)
+
+    def sample(self, natural, rng_key, num_samples: int):
+        logits = natural[0]
+        return {
+            "value": jax.random.categorical(
+                rng_key, logits, shape=(num_samples,) + logits.shape[:-1]
+            )
+        }
+
+
+# ----------------------------------------------------------------------------------
+# Vectors and matrices
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultivariateNormal(Factor):
+    """N(m, Λ⁻¹) on R^D.  t = (x, x xᵀ), η = (Λm, −Λ/2)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (1, 2)
+
+    @staticmethod
+    def from_standard(loc, precision):
+        loc, precision = jnp.asarray(loc), jnp.asarray(precision)
+        return (jnp.einsum("...ij,...j->...i", precision, loc), -0.5 * precision)
+
+    @staticmethod
+    def to_standard(natural):
+        precision = -2.0 * natural[1]
+        cov = _spd_inv(precision)
+        return {
+            "loc": jnp.einsum("...ij,...j->...i", cov, natural[0]),
+            "precision": precision,
+            "covariance": cov,
+        }
+
+    def _log_normalizer(self, natural):
+        s = self.to_standard(natural)
+        _, logdet = _chol_logdet(s["precision"])
+        return 0.5 * jnp.einsum("...i,...i->...", s["loc"], natural[0]) - 0.5 * logdet
+
+    def _mean(self, natural):
+        s = self.to_standard(natural)
+        loc = s["loc"]
+        return (loc, s["covariance"] + loc[..., :, None] * loc[..., None, :])
+
+    def _hmean(self, natural):
+        return -0.5 * natural[0].shape[-1] * _LOG_2PI
+
+    def to_unconstrained(self, natural):
+        s = self.to_standard(natural)
+        chol, _ = _chol_logdet(s["precision"])
+        return (s["loc"], _tril_to_unconstrained(chol))
+
+    def from_unconstrained(self, free):
+        d = free[0].shape[-1]
+        chol = _unconstrained_to_tril(free[1], d)
+        return self.from_standard(free[0], chol @ jnp.swapaxes(chol, -1, -2))
+
+    def sample(self, natural, rng_key, num_samples: int):
+        s = self.to_standard(natural)
+        chol = jnp.linalg.cholesky(s["covariance"])
+        eps = jax.random.normal(rng_key, (num_samples,) + s["loc"].shape)
+        return {"value": s["loc"] + jnp.einsum("...ij,...j->...i", chol, eps)}
+
+
+@dataclass(frozen=True)
+class Wishart(Factor):
+    """Wishart(W, ν) on D×D precision matrices (E[Λ] = νW).
+    t = (Λ, log|Λ|), η = (−W⁻¹/2, (ν − D − 1)/2)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (2, 0)
+
+    @staticmethod
+    def from_standard(scale, df):
+        scale, df = jnp.asarray(scale), jnp.asarray(df)
+        d = scale.shape[-1]
+        return (-0.5 * _spd_inv(scale), 0.5 * (df - d - 1.0))
+
+    @staticmethod
+    def to_standard(natural):
+        d = natural[0].shape[-1]
+        return {"scale": _spd_inv(-2.0 * natural[0]), "df": 2.0 * natural[1] + d + 1.0}
+
+    def _log_normalizer(self, natural):
+        d = natural[0].shape[-1]
+        df = 2.0 * natural[1] + d + 1.0
+        _, logdet_scale_inv = _chol_logdet(-2.0 * natural[0])
+        return (
+            -0.5 * df * logdet_scale_inv + 0.5 * df * d * math.log(2.0) + multigammaln(0.5 * df, d)
+        )
+
+    def _mean(self, natural):
+        d = natural[0].shape[-1]
+        s = self.to_standard(natural)
+        df = s["df"]
+        _, logdet_scale = _chol_logdet(s["scale"])
+        return (
+            df[..., None, None] * s["scale"],
+            _mvdigamma(0.5 * df, d) + d * math.log(2.0) + logdet_scale,
+        )
+
+    def to_unconstrained(self, natural):
+        d = natural[0].shape[-1]
+        s = self.to_standard(natural)
+        chol, _ = _chol_logdet(s["scale"])
+        return (_tril_to_unconstrained(chol), _softplus_inverse(s["df"] - (d - 1.0)))
+
+    def from_unconstrained(self, free):
+        d = int(round((math.sqrt(8 * free[0].shape[-1] + 1) - 1) / 2))
+        chol = _unconstrained_to_tril(free[0], d)
+        return self.from_standard(
+            chol @ jnp.swapaxes(chol, -1, -2), jax.nn.softplus(free[1]) + d - 1.0
+        )
+
+    def sample(self, natural, rng_key, num_samples: int):
+        s = self.to_standard(natural)
+        return {"value": _sample_wishart(rng_key, s["scale"], s["df"], num_samples)}
+
+
+def _sample_wishart(rng_key, scale, df, num_samples):
+    """Bartlett decomposition: Λ = L A Aᵀ Lᵀ, A lower with χ²(ν − i) diagonal."""
+    d = scale.shape[-1]
+    batch = scale.shape[:-2]
+    key_c, key_n = jax.random.split(rng_key)
+    shape = (num_samples,) + batch
+    chi2 = 2.0 * jax.random.gamma(key_c, 0.5 * (df[..., None] - jnp.arange(d)), shape + (d,))
+    normal = jax.random.normal(key_n, shape + (d, d))
+    a = jnp.tril(normal, -1) + jnp.sqrt(chi2)[..., None] * jnp.eye(d)
+    chol = jnp.linalg.cholesky(scale)
+    la = chol @ a
+    return la @ jnp.swapaxes(la, -1, -2)
+
+
+@dataclass(frozen=True)
+class NormalWishart(Factor):
+    """(μ, Λ) ~ N(μ | m, (βΛ)⁻¹) · Wishart(Λ | W, ν) on R^D × SPD(D).
+
+    t = (Λμ, μᵀΛμ, Λ, log|Λ|), η = (βm, −β/2, −(W⁻¹ + β m mᵀ)/2, (ν − D)/2),
+    A = ν/2 log|W| + νD/2 log 2 + log Γ_D(ν/2) − D/2 log β, E[log h] = −D/2 log 2π.
+    Standard parameters use sklearn's names: ``mean``, ``mean_precision`` (β),
+    ``scale`` (W) and ``df`` (ν)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (1, 0, 2, 0)
+
+    @staticmethod
+    def from_standard(mean, mean_precision, scale, df):
+        mean, beta = jnp.asarray(mean), jnp.asarray(mean_precision)
+        scale, df = jnp.asarray(scale), jnp.asarray(df)
+        d = mean.shape[-1]
+        outer = mean[..., :, None] * mean[..., None, :]
+        return (
+            beta[..., None] * mean,
+            -0.5 * beta,
+            -0.5 * (_spd_inv(scale) + beta[..., None, None] * outer),
+            0.5 * (df - d),
+        )
+
+    @staticmethod
+    def _scale_inv(natural):
+        n1, n2, n3, _ = natural
+        beta = -2.0 * n2
+        return -2.0 * n3 - n1[..., :, None] * n1[..., None, :] / beta[..., None, None]
+
+    @classmethod
+    def to_standard(cls, natural):
+        n1, n2, _, n4 = natural
+        d = n1.shape[-1]
+        beta = -2.0 * n2
+        return {
+            "mean": n1 / beta[..., None],
+            "mean_precision": beta,
+            "scale": _spd_inv(cls._scale_inv(natural)),
+            "df": 2.0 * n4 + d,
+        }
+
+    def _log_normalizer(self, natural):
+        n1, n2, _, n4 = natural
+        d = n1.shape[-1]
+        beta, df = -2.0 * n2, 2.0 * n4 + d
+        _, logdet_scale_inv = _chol_logdet(self._scale_inv(natural))
+        return (
+            -0.5 * df * logdet_scale_inv
+            + 0.5 * df * d * math.log(2.0)
+            + multigammaln(0.5 * df, d)
+            - 0.5 * d * jnp.log(beta)
+        )
+
+    def _mean(self, natural):
+        d = natural[0].shape[-1]
+        s = self.to_standard(natural)
+        m, beta, scale, df = s["mean"], s["mean_precision"], s["scale"], s["df"]
+        _, logdet_scale = _chol_logdet(scale)
+        precision = df[..., None, None] * scale  # E[Λ]
+        prec_m = jnp.einsum("...ij,...j->...i", precision, m)
+        return (
+            prec_m,
+            d / beta + jnp.einsum("...i,...i->...", m, prec_m),
+            precision,
+            _mvdigamma(0.5 * df, d) + d * math.log(2.0) + logdet_scale,
+        )
+
+    def _hmean(self, natural):
+        return -0.5 * natural[0].shape[-1] * _LOG_2PI
+
+    def to_unconstrained(self, natural):
+        d = natural[0].shape[-1]
+        s = self.to_standard(natural)
+        chol, _ = _chol_logdet(s["scale"])
+        return (
+            s["mean"],
+            jnp.log(s["mean_precision"]),
+            _tril_to_unconstrained(chol),
+            _softplus_inverse(s["df"] - (d - 1.0)),
+        )
+
+    def from_unconstrained(self, free):
+        d = free[0].shape[-1]
+        chol = _unconstrained_to_tril(free[2], d)
+        return self.from_standard(
+            free[0],
+            jnp.exp(free[1]),
+            chol @ jnp.swapaxes(chol, -1, -2),
+            jax.nn.softplus(free[3]) + d - 1.0,
+        )
+
+    def sample(self, natural, rng_key, num_samples: int):
+        s = self.to_standard(natural)
+        key_w, key_n = jax.random.split(rng_key)
+        precision = _sample_wishart(key_w, s["scale"], s["df"], num_samples)
+        cov = jnp.linalg.inv(s["mean_precision"][..., None, None] * precision)
+        chol = jnp.linalg.cholesky(_sym(cov))
+        eps = jax.random.normal(key_n, precision.shape[:-1])
+        mean = s["mean"] + jnp.einsum("...ij,...j->...i", chol, eps)
+        return {"mean": mean, "precision": precision}
+
+
+@dataclass(frozen=True)
+class NormalGamma(Factor):
+    """(w, τ) ~ N(w | m, (τΛ)⁻¹) · Gamma(τ | a, b) on R^D × (0, ∞).
+
+    t = (τw, τ w wᵀ, τ, log τ), η = (Λm, −Λ/2, −b − mᵀΛm/2, a − 1 + D/2),
+    A = log Γ(a) − a log b − ½ log|Λ|, E[log h] = −D/2 log 2π.
+    Standard parameters: ``mean`` (m), ``precision`` (Λ), ``shape`` (a), ``rate`` (b)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (1, 2, 0, 0)
+
+    @staticmethod
+    def from_standard(mean, precision, shape, rate):
+        mean, precision = jnp.asarray(mean), jnp.asarray(precision)
+        shape, rate = jnp.asarray(shape), jnp.asarray(rate)
+        d = mean.shape[-1]
+        prec_m = jnp.einsum("...ij,...j->...i", precision, mean)
+        return (
+            prec_m,
+            -0.5 * precision,
+            -rate - 0.5 * jnp.einsum("...i,...i->...", mean, prec_m),
+            shape - 1.0 + 0.5 * d,
+        )
+
+    @staticmethod
+    def to_standard(natural):
+        n1, n2, n3, n4 = natural
+        d = n1.shape[-1]
+        precision = -2.0 * n2
+        cov = _spd_inv(precision)
+        mean = jnp.einsum("...ij,...j->...i", cov, n1)
+        return {
+            "mean": mean,
+            "precision": precision,
+            "covariance": cov,
+            "shape": n4 + 1.0 - 0.5 * d,
+            "rate": -n3 - 0.5 * jnp.einsum("...i,...i->...", mean, n1),
+        }
+
+    def _log_normalizer(self, natural):
+        s = self.to_standard(natural)
+        _, logdet = _chol_logdet(s["precision"])
+        return gammaln(s["shape"]) - s["shape"] * jnp.log(s["rate"]) - 0.5 * logdet
+
+    def _mean(self, natural):
+        s = self.to_standard(natural)
+        m, a, b = s["mean"], s["shape"], s["rate"]
+        tau = a / b
+        return (
+            tau[..., None] * m,
+            s["covariance"] + tau[..., None, None] * m[..., :, None] * m[..., None, :],
+            tau,
+            digamma(a) - jnp.log(b),
+        )
+
+    def _hmean(self, natural):
+        return -0.5 * natural[0].shape[-1] * _LOG_2PI
+
+    def to_unconstrained(self, natural):
+        s = self.to_standard(natural)
+        chol, _ = _chol_logdet(s["precision"])
+        return (
+            s["mean"],
+            _tril_to_unconstrained(chol),
+            jnp.log(s["shape"]),
+            jnp.log(s["rate"]),
+        )
+
+    def from_unconstrained(self, free):
+        d = free[0].shape[-1]
+        chol = _unconstrained_to_tril(free[1], d)
+        return self.from_standard(
+            free[0], chol @ jnp.swapaxes(chol, -1, -2), jnp.exp(free[2]), jnp.exp(free[3])
+        )
+
+    def sample(self, natural, rng_key, num_samples: int):
+        s = self.to_standard(natural)
+        key_t, key_n = jax.random.split(rng_key)
+        tau = jax.random.gamma(key_t, s["shape"], (num_samples,) + s["shape"].shape) / s["rate"]
+        chol = jnp.linalg.cholesky(s["covariance"])
+        eps = jax.random.normal(key_n, (num_samples,) + s["mean"].shape)
+        w = s["mean"] + jnp.einsum("...ij,...j->...i", chol, eps) / jnp.sqrt(tau)[..., None]
+        return {"weights": w, "precision": tau}
