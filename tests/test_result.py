@@ -63,6 +63,14 @@ def test_plot_elbo_writes_a_png(result, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_monte_carlo_error_of_the_fixed_draws_is_small(result):
+    se = result.monte_carlo_error(num_repeats=4)
+    sd = np.asarray(result.family.stddev(result.params))
+    assert set(se) == {"mu", "sigma"}
+    # Moment-matched draws: the fitted mean moves by well under 0.1 posterior sd.
+    assert 0 < se["mu"] < 0.1 * sd[0] and 0 < se["sigma"] < 0.1 * sd[1]
+
+
 def test_repr_names_the_verdict(result):
     assert "converged" in repr(result) and "dadvi" in repr(result)
 
@@ -88,6 +96,7 @@ def test_cli_fit_writes_outputs(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "converged" in res.output and "theta[7]" in res.output
+    assert "Monte Carlo error of the fitted means" in res.output
     for name in ("summary.csv", "elbo.png", "posterior.nc"):
         assert (out / name).stat().st_size > 0
     idata = az.from_netcdf(str(out / "posterior.nc"))

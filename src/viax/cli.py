@@ -142,6 +142,15 @@ def fit_command(
         f"({result.algorithm}, {result.family.name}) in {result.wall_time:.2f}s "
         f"(compile {result.compile_time:.2f}s)"
     )
+    mc_error = result.monte_carlo_error()
+    if mc_error is not None:
+        sd = np.asarray(result.family.stddev(result.params))
+        se = np.concatenate([np.ravel(mc_error[s.name]) for s in result.target.sites])
+        order = np.concatenate([np.arange(s.start, s.start + s.size) for s in result.target.sites])
+        click.echo(
+            "DADVI Monte Carlo error of the fitted means: at most "
+            f"{np.max(se / sd[order]):.3f} posterior sd (5 refits with fresh draws)"
+        )
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

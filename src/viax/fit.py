@@ -18,7 +18,7 @@ from viax.infer.driver import DivergenceError, run
 from viax.model import Model, ModelError, Target, build_target
 from viax.result import Result, elbo_estimate, mean_and_se
 
-__all__ = ["METHODS", "OPTIMIZERS", "fit"]
+__all__ = ["METHODS", "OPTIMIZERS", "fit", "refit_dadvi_means"]
 
 METHODS = ("advi",)
 OPTIMIZERS = ("dadvi", "stan")
@@ -230,9 +230,28 @@ def _fit_dadvi(
     params, terms = algo.finalize(params_w, inputs, key_final)
     info["elbo_terms"] = np.asarray(terms)
     info["fixed_draw_elbo"] = float(output.trace[-1]) if len(output.trace) else float("nan")
-    info["params_whitened"] = params_w
-    info["setup"] = setup
+    info["init_position"] = init_position
+    info["max_steps"] = max_steps
     return params, output, "dadvi", info
+
+
+def refit_dadvi_means(result: Result, num_repeats: int, seed: int) -> np.ndarray:
+    """Means of q (num_repeats, D) from DADVI refits with independent base draws."""
+    info = result.info
+    means = []
+    for key in jax.random.split(jax.random.PRNGKey(seed), num_repeats):
+        params, *_ = _fit_dadvi(
+            result.target,
+            result.family,
+            result.data,
+            info["init_position"],
+            key,
+            info["max_steps"],
+            info["num_draws"],
+            progress=False,
+        )
+        means.append(np.asarray(result.family.mean(params)))
+    return np.stack(means)
 
 
 def _raise_nonfinite_gradient(target: Target, grad_loc, step: int):

@@ -18,8 +18,10 @@ many posterior sds away.  Here instead:
    trace flattened.  The draws are moment-matched (sample mean 0, sample covariance
    I), so for a Gaussian posterior the fixed-draw objective equals the exact ELBO up
    to a constant and the answer is exact for any M > D.
-4. The Monte Carlo error of the fixed draws is reported by linear response
-   (DADVI §4): Cov(λ*) ≈ H_F⁻¹ Cov(∇f_m) H_F⁻¹ / M for the per-draw objectives f_m.
+4. The Monte Carlo error of the fixed draws is measured, not assumed: refits with
+   independent draw sets (compiled code reused) give the spread of the fitted means.
+   DADVI's linear-response formula assumes i.i.d. draws and overstates the error of
+   moment-matched ones tenfold, so it is not used.
 
 Everything is pure and compiled; L-BFGS iterations are the steps of the driver.
 """
@@ -32,8 +34,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from viax.estimators.reparam import elbo_from_noise, elbo_terms
 from viax.families.gaussian import Family, FullRank
@@ -49,7 +49,6 @@ __all__ = [
     "base_draws",
     "build_dadvi",
     "build_setup",
-    "mc_standard_error",
 ]
 
 _MAX_DENSE_DIM = 2000  # above this the Hessian is not formed: diagonal/identity preconditioning
@@ -184,40 +183,3 @@ def build_dadvi(
         return params, terms
 
     return DADVI(jit_once(setup), step, jit_once(finalize))
-
-
-@functools.lru_cache(maxsize=128)
-def _mc_se_fn(target: Target, family: Family):
-    def per_draw(flat, unravel, data, draw, precond):
-        return _fixed_draw_elbo(target, family, unravel(flat), data, draw[None], precond)
-
-    def run(params, data, draws, precond):
-        flat, unravel = ravel_pytree(params)
-        total = lambda x: jnp.mean(  # noqa: E731
-            jax.vmap(lambda d: per_draw(x, unravel, data, d, precond))(draws)
-        )
-        hess = jax.hessian(total)(flat)
-        grads = jax.vmap(lambda d: jax.grad(per_draw)(flat, unravel, data, d, precond))(draws)
-        grad_cov = jnp.cov(grads, rowvar=False) / draws.shape[0]
-        hinv = jnp.linalg.pinv(hess, hermitian=True)
-        cov = hinv @ grad_cov @ hinv
-        return unravel(jnp.sqrt(jnp.clip(jnp.diagonal(cov), 0.0)))["loc"], cov
-
-    return jit_once(run)
-
-
-def mc_standard_error(target, family, params_w, data, draws, precond: Preconditioner):
-    """Linear-response standard error of the fitted mean, in original coordinates (D,).
-
-    Conservative for moment-matched draws, which vary less than i.i.d. ones.
-    """
-    num_params = ravel_pytree(params_w)[0].shape[0]
-    if num_params > _MAX_DENSE_DIM:
-        return None
-    _, cov = _mc_se_fn(target, family)(params_w, data, draws, precond)
-    flat, unravel = ravel_pytree(params_w)
-    # Map the covariance of the whitened mean through u = c + A w.
-    loc_index = np.asarray(unravel(jnp.arange(flat.shape[0], dtype=float))["loc"]).astype(int)
-    loc_cov = cov[np.ix_(loc_index, loc_index)]
-    a = precond.tril if precond.tril is not None else jnp.diag(precond.scale)
-    return jnp.sqrt(jnp.clip(jnp.diagonal(a @ loc_cov @ a.T), 0.0))
