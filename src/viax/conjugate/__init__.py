@@ -1,6 +1,66 @@
-"""Conjugate exponential-family models: CAVI, SVI and the naive closed-form ELBO."""
+"""Conjugate exponential-family models: CAVI, SVI and the naive closed-form ELBO.
+
+One engine (:mod:`viax.conjugate.engine`): a model is written once as its expected
+log joint in the factors' mean parameters, and ``jax.grad`` of it gives every
+coordinate update, ``λ* = ∂E_q[log p]/∂μ``.  On top of it:
+
+- :func:`cavi` (full-data coordinate ascent), :func:`svi` (Hoffman et al. 2013),
+  :func:`naive` (gradient ascent on the closed-form ELBO with optax), each returning
+  :class:`viax.result.Result`;
+- the models in :mod:`viax.conjugate.models`;
+- scikit-learn-style estimators :class:`GaussianMixture`, :class:`LDA`,
+  :class:`LinearRegression`.
+"""
 
 from viax.conjugate.cavi import ElboDecreaseError, cavi
-from viax.conjugate.models import GaussianMixtureModel, UnitVarianceMixtureModel
+from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
+from viax.conjugate.engine import ConjugateModel, conjugate_model
+from viax.conjugate.estimators import LDA, GaussianMixture, LinearRegression
+from viax.conjugate.expfam import (
+    Beta,
+    Categorical,
+    Dirichlet,
+    Factor,
+    Gamma,
+    MultivariateNormal,
+    Normal,
+    NormalGamma,
+    NormalWishart,
+    Wishart,
+)
+from viax.conjugate.models import (
+    GaussianMixtureModel,
+    LDAModel,
+    LinearRegressionModel,
+    UnitVarianceMixtureModel,
+)
+from viax.conjugate.naive import naive
+from viax.conjugate.svi import svi
 
-__all__ = ["ElboDecreaseError", "GaussianMixtureModel", "UnitVarianceMixtureModel", "cavi"]
+__all__ = [
+    "LDA",
+    "Beta",
+    "Categorical",
+    "ConjugateModel",
+    "Dirichlet",
+    "ElboDecreaseError",
+    "Factor",
+    "Gamma",
+    "GaussianMixture",
+    "GaussianMixtureModel",
+    "LDAModel",
+    "LinearRegression",
+    "LinearRegressionModel",
+    "MultivariateNormal",
+    "Normal",
+    "NormalGamma",
+    "NormalWishart",
+    "UnitVarianceMixtureModel",
+    "Wishart",
+    "cavi",
+    "conjugate_model",
+    "load_checkpoint",
+    "naive",
+    "save_checkpoint",
+    "svi",
+]

@@ -289,6 +289,14 @@ def check_finite_natural(tree: Any, what: str) -> None:
         raise FloatingPointError(f"{what}: a variational parameter is not finite")
 
 
+def _dtype(x):
+    dtype = getattr(x, "dtype", None)
+    if dtype is not None:
+        return np.dtype(dtype)
+    # Python scalars are weakly typed: keep them apart from arrays of the same dtype.
+    return ("weak", type(x).__name__)
+
+
 class compiled:
     """``jax.jit`` with the compile step timed: ``fn(*args)`` returns (output,
     compile_seconds), 0.0 when the executable for these shapes was already built.
@@ -305,7 +313,7 @@ class compiled:
         leaves, treedef = jax.tree.flatten(args)
         key = (
             treedef,
-            tuple((np.shape(x), np.result_type(x)) for x in leaves),
+            tuple((np.shape(x), _dtype(x)) for x in leaves),
             tuple(sorted(static_kwargs.items())),
         )
         executable = self._cache.get(key)

@@ -61,7 +61,7 @@ def kmeans_plusplus(rng_key, x, mask, k: int):
     """Indices of ``k`` seeds drawn by k-means++ (Arthur & Vassilvitskii 2007)."""
     keys = jax.random.split(rng_key, k)
     n = x.shape[0]
-    first = jax.random.choice(keys[0], n, p=mask / mask.sum())
+    first = jax.random.choice(keys[0], n, p=mask / mask.sum()).astype(jnp.int32)
     d2 = jnp.sum((x - x[first]) ** 2, -1)
     indices = jnp.zeros(k, jnp.int32).at[0].set(first)
 
@@ -70,7 +70,7 @@ def kmeans_plusplus(rng_key, x, mask, k: int):
         p = d2 * mask
         # All remaining points coincide with a seed: fall back to uniform.
         p = jnp.where(p.sum() > 0, p / p.sum(), mask / mask.sum())
-        idx = jax.random.choice(keys[i], n, p=p)
+        idx = jax.random.choice(keys[i], n, p=p).astype(jnp.int32)
         d2 = jnp.minimum(d2, jnp.sum((x - x[idx]) ** 2, -1))
         return indices.at[i].set(idx), d2
 

@@ -95,9 +95,7 @@ class LinearRegressionModel(ConjugateModel):
         x, y, mask = batch["x"], batch["y"], batch["mask"]
         quad = jnp.einsum("ni,ij,nj->n", x, tau_wwt, x)
         per_point = (
-            0.5 * log_tau
-            - 0.5 * _LOG_2PI
-            - 0.5 * (y**2 * tau - 2.0 * y * (x @ tau_w) + quad)
+            0.5 * log_tau - 0.5 * _LOG_2PI - 0.5 * (y**2 * tau - 2.0 * y * (x @ tau_w) + quad)
         )
         return jnp.sum(mask * per_point)
 
@@ -125,4 +123,3 @@ class LinearRegressionModel(ConjugateModel):
     def sample_sites(self, global_natural, rng_key, num_samples):
         draws = NormalGamma().sample(global_natural["regression"], rng_key, num_samples)
         return {"weights": draws["weights"], "noise_precision": draws["precision"]}
-

@@ -1,0 +1,511 @@
+"""scikit-learn-style estimators over the conjugate engine.
+
+``GaussianMixture`` (sklearn's ``BayesianGaussianMixture``: same priors, parameter and
+attribute names, initialisations), ``LDA`` (sklearn's ``LatentDirichletAllocation``)
+and ``LinearRegression`` (Normal–Gamma prior, exact posterior and evidence).  They
+follow sklearn's conventions — ``get_params``/``set_params``, fitted attributes with a
+trailing underscore — so ``sklearn.base.clone`` and pipelines accept them; scikit-learn
+itself is not needed.  ``result_`` holds the :class:`viax.result.Result` of the fit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+from jax.scipy.special import digamma
+
+from viax.conjugate.cavi import cavi
+from viax.conjugate.engine import compiled, fit_locals, global_means, global_terms, local_terms
+from viax.conjugate.expfam import Beta, Dirichlet, NormalGamma, NormalWishart
+from viax.conjugate.models._base import (
+    EstimatorMixin,
+    check_finite_2d,
+    check_fitted,
+    check_positive_int,
+    check_seed,
+)
+from viax.conjugate.models.gmm import GaussianMixtureModel
+from viax.conjugate.models.lda import LDAModel
+from viax.conjugate.models.linear import LinearRegressionModel
+from viax.conjugate.svi import check_learning_rate, svi
+
+__all__ = ["LDA", "GaussianMixture", "LinearRegression"]
+
+
+# ----------------------------------------------------------------------------------
+# Gaussian mixture
+# ----------------------------------------------------------------------------------
+
+
+def _log_prob_fn(model, global_natural, x):
+    gm = global_means(model, global_natural)
+    return model.expected_log_likelihood(gm, x)
+
+
+_log_prob = jax.jit(_log_prob_fn)
+
+
+class GaussianMixture(EstimatorMixin):
+    """Variational Bayesian Gaussian mixture by CAVI: sklearn's BayesianGaussianMixture.
+
+    Parameters and fitted attributes carry sklearn's names and meanings (full
+    covariances only).  Differences: ``tol`` is sklearn's (absolute change of the lower
+    bound between sweeps), but ``lower_bound_`` and ``lower_bounds_`` are the *exact*
+    ELBO; sklearn drops constants, so ours = sklearn's + C(priors, N, D, K).
+    ``random_state=None`` means seed 0 (same call, same numbers); the k-means
+    initialisation is viax's own (k-means++ seeds, Lloyd's iterations), so the start
+    differs from sklearn's unless given with ``fit(X, initial_resp=...)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from viax.conjugate import GaussianMixture
+        >>> X = np.random.default_rng(0).normal(size=(200, 2))
+        >>> gm = GaussianMixture(n_components=3, random_state=0).fit(X)
+        >>> gm.predict(X).shape
+        (200,)
+    """
+
+    _estimator_type = "clusterer"
+
+    def __init__(
+        self,
+        n_components: int = 1,
+        *,
+        covariance_type: str = "full",
+        tol: float = 1e-3,
+        reg_covar: float = 1e-6,
+        max_iter: int = 100,
+        n_init: int = 1,
+        init_params: str = "kmeans",
+        weight_concentration_prior_type: str = "dirichlet_process",
+        weight_concentration_prior: float | None = None,
+        mean_precision_prior: float | None = None,
+        mean_prior=None,
+        degrees_of_freedom_prior: float | None = None,
+        covariance_prior=None,
+        random_state: int | None = None,
+    ):
+        self.n_components = n_components
+        self.covariance_type = covariance_type
+        self.tol = tol
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.n_init = n_init
+        self.init_params = init_params
+        self.weight_concentration_prior_type = weight_concentration_prior_type
+        self.weight_concentration_prior = weight_concentration_prior
+        self.mean_precision_prior = mean_precision_prior
+        self.mean_prior = mean_prior
+        self.degrees_of_freedom_prior = degrees_of_freedom_prior
+        self.covariance_prior = covariance_prior
+        self.random_state = random_state
+
+    def _make_model(self, X) -> GaussianMixtureModel:
+        check_positive_int("n_components", self.n_components)
+        check_positive_int("max_iter", self.max_iter)
+        check_positive_int("n_init", self.n_init)
+        if self.covariance_type != "full":
+            raise ValueError(
+                f"covariance_type={self.covariance_type!r} is not implemented; only 'full'"
+            )
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0, got {self.tol}")
+        return GaussianMixtureModel.from_data(
+            X,
+            self.n_components,
+            weight_concentration_prior_type=self.weight_concentration_prior_type,
+            weight_concentration_prior=self.weight_concentration_prior,
+            mean_precision_prior=self.mean_precision_prior,
+            mean_prior=self.mean_prior,
+            degrees_of_freedom_prior=self.degrees_of_freedom_prior,
+            covariance_prior=self.covariance_prior,
+            reg_covar=self.reg_covar,
+            init_params=self.init_params,
+        )
+
+    def fit(self, X, y=None, *, initial_resp=None):
+        """Fit by CAVI.  ``initial_resp`` (N, K): start from these responsibilities
+        (sklearn's M-step on them) instead of ``init_params``."""
+        self.fit_predict(X, initial_resp=initial_resp)
+        return self
+
+    def fit_predict(self, X, y=None, *, initial_resp=None):
+        X = check_finite_2d(X)
+        model = self._make_model(X)
+        batch = model.prepare(X)
+        best = None
+        for init in range(self.n_init):
+            start = None
+            if initial_resp is not None:
+                resp = np.asarray(initial_resp, np.float64)
+                if resp.shape != (X.shape[0], self.n_components):
+                    raise ValueError(
+                        f"initial_resp must have shape {(X.shape[0], self.n_components)}"
+                    )
+                g0 = jax.jit(model.globals_from_responsibilities)(jnp.asarray(resp), batch)
+                start = (g0, model.init_locals(None, batch, None))
+            result = cavi(
+                model,
+                batch,
+                max_iter=self.max_iter,
+                tol=0.0,
+                atol=float(self.tol),
+                seed=check_seed(self.random_state) + init,
+                init=start,
+            )
+            if best is None or result.elbo > best.elbo:
+                best = result
+        self._set_fitted(model, best, X.shape[1])
+        return self.predict(X)
+
+    def _set_fitted(self, model, result, n_features):
+        self.model_ = model
+        self.result_ = result
+        self.n_features_in_ = n_features
+        globals_ = result.params["global"]
+        self.global_natural_ = jax.tree.map(jnp.asarray, globals_)
+        comp = NormalWishart.to_standard(self.global_natural_["components"])
+        self.means_ = np.asarray(comp["mean"])
+        self.mean_precision_ = np.asarray(comp["mean_precision"])
+        self.degrees_of_freedom_ = np.asarray(comp["df"])
+        self.precisions_ = self.degrees_of_freedom_[:, None, None] * np.asarray(comp["scale"])
+        self.covariances_ = np.linalg.inv(self.precisions_)
+        self.precisions_cholesky_ = np.linalg.cholesky(self.precisions_)
+        if model.dirichlet_process:
+            w = Beta.to_standard(self.global_natural_["weights"])
+            a, b = np.asarray(w["a"]), np.asarray(w["b"])
+            self.weight_concentration_ = (a, b)
+            weights = a / (a + b) * np.concatenate([[1.0], np.cumprod(b / (a + b))[:-1]])
+        else:
+            a = np.asarray(Dirichlet.to_standard(self.global_natural_["weights"])["concentration"])
+            self.weight_concentration_ = a
+            weights = a
+        self.weights_ = weights / weights.sum()
+        self.weight_concentration_prior_ = float(model.weight_concentration_prior)
+        self.mean_precision_prior_ = float(model.mean_precision_prior)
+        self.mean_prior_ = np.asarray(model.mean_prior)
+        self.degrees_of_freedom_prior_ = float(model.degrees_of_freedom_prior)
+        self.covariance_prior_ = np.asarray(model.covariance_prior)
+        self.converged_ = bool(result.converged)
+        self.n_iter_ = int(result.num_steps)
+        self.lower_bound_ = float(result.elbo)
+        self.lower_bounds_ = list(map(float, result.elbo_trace))
+        self.elbo_trace_ = np.asarray(result.elbo_trace)
+
+    def _weighted_log_prob(self, X):
+        check_fitted(self, "result_")
+        X = check_finite_2d(X)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, the model {self.n_features_in_}")
+        return np.asarray(_log_prob(self.model_, self.global_natural_, jnp.asarray(X)))
+
+    def score_samples(self, X) -> np.ndarray:
+        """log Σ_k exp(E[log π_k] + E[log N(x | μ_k, Λ_k⁻¹)]) per sample, as sklearn."""
+        return np.asarray(jax.nn.logsumexp(self._weighted_log_prob(X), axis=1))
+
+    def score(self, X, y=None) -> float:
+        """Mean of ``score_samples`` (sklearn's definition)."""
+        return float(np.mean(self.score_samples(X)))
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Responsibilities q(z_n = k), (N, K)."""
+        return np.asarray(jax.nn.softmax(self._weighted_log_prob(X), axis=1))
+
+    def predict(self, X) -> np.ndarray:
+        return np.argmax(self._weighted_log_prob(X), axis=1)
+
+
+# ----------------------------------------------------------------------------------
+# LDA
+# ----------------------------------------------------------------------------------
+
+
+def _transform_chunk(model, global_natural, batch):
+    gm = global_means(model, global_natural)
+    local = model.init_locals(None, batch, gm)
+    local, _ = fit_locals(model, gm, local, batch)
+    return local["doc_topics"][0] + 1.0, local_terms(model, gm, local, batch)
+
+
+_transform_compiled = compiled(_transform_chunk)
+_global_terms = jax.jit(lambda model, g: global_terms(model, g, global_means(model, g)))
+
+
+class LDA(EstimatorMixin):
+    """Latent Dirichlet allocation: batch CAVI or online SVI, sklearn's names.
+
+    ``learning_method="batch"``: CAVI sweeps over the whole corpus (``max_iter``);
+    ``"online"``: SVI with batches of ``batch_size`` documents in order for ``max_iter``
+    passes, ρ_t = (learning_offset + t)^(−learning_decay) — sklearn's schedule.
+    ``components_`` is λ (K, V).  Counts must be non-negative integers, documents
+    non-empty.
+
+    Example:
+        >>> import numpy as np
+        >>> from viax.conjugate import LDA
+        >>> X = np.random.default_rng(0).poisson(1.0, size=(50, 30))
+        >>> X = X[X.sum(1) > 0]
+        >>> lda = LDA(n_components=3, max_iter=5, random_state=0).fit(X)
+        >>> lda.components_.shape
+        (3, 30)
+    """
+
+    _estimator_type = "transformer"
+
+    def __init__(
+        self,
+        n_components: int = 10,
+        *,
+        doc_topic_prior: float | None = None,
+        topic_word_prior: float | None = None,
+        learning_method: str = "batch",
+        learning_decay: float = 0.7,
+        learning_offset: float = 10.0,
+        max_iter: int = 10,
+        batch_size: int = 128,
+        total_samples: float = 1e6,
+        mean_change_tol: float = 1e-3,
+        max_doc_update_iter: int = 100,
+        tol: float = 0.0,
+        random_state: int | None = None,
+    ):
+        self.n_components = n_components
+        self.doc_topic_prior = doc_topic_prior
+        self.topic_word_prior = topic_word_prior
+        self.learning_method = learning_method
+        self.learning_decay = learning_decay
+        self.learning_offset = learning_offset
+        self.max_iter = max_iter
+        self.batch_size = batch_size
+        self.total_samples = total_samples
+        self.mean_change_tol = mean_change_tol
+        self.max_doc_update_iter = max_doc_update_iter
+        self.tol = tol
+        self.random_state = random_state
+
+    def _check_params(self):
+        check_positive_int("max_iter", self.max_iter)
+        check_positive_int("batch_size", self.batch_size)
+        if self.learning_method not in ("batch", "online"):
+            raise ValueError(
+                f"learning_method must be 'batch' or 'online', got {self.learning_method!r}"
+            )
+        check_learning_rate(self.learning_decay, self.learning_offset)
+
+    def _make_model(self, n_features: int) -> LDAModel:
+        return LDAModel.create(
+            self.n_components,
+            n_features,
+            self.doc_topic_prior,
+            self.topic_word_prior,
+            self.max_doc_update_iter,
+            self.mean_change_tol,
+        )
+
+    def _set_globals(self, global_natural, n_batch_iter: int):
+        self.global_natural_ = jax.tree.map(jnp.asarray, global_natural)
+        self.components_ = np.asarray(self.global_natural_["topics"][0]) + 1.0
+        self.exp_dirichlet_component_ = np.exp(
+            digamma(self.components_) - digamma(self.components_.sum(1, keepdims=True))
+        )
+        self.n_batch_iter_ = n_batch_iter
+        self.doc_topic_prior_ = float(self.model_.doc_topic_prior)
+        self.topic_word_prior_ = float(self.model_.topic_word_prior)
+
+    def fit(self, X, y=None):
+        """Fit on a document-term matrix (dense or scipy.sparse), rows = documents."""
+        self._check_params()
+        model = self._make_model(_num_columns(X))
+        self.model_ = model
+        seed = check_seed(self.random_state)
+        if self.learning_method == "batch":
+            result = cavi(model, X, max_iter=self.max_iter, tol=self.tol, seed=seed)
+            self.n_iter_ = result.num_steps
+            n_batch_iter = result.num_steps + 1
+        else:
+            result = svi(
+                model,
+                X,
+                batch_size=self.batch_size,
+                num_epochs=self.max_iter,
+                learning_offset=self.learning_offset,
+                learning_decay=self.learning_decay,
+                seed=seed,
+                shuffle=False,
+                evaluate=False,
+            )
+            self.n_iter_ = self.max_iter
+            n_batch_iter = result.num_steps + 1
+        self.result_ = result
+        self.n_features_in_ = model.n_features
+        self._set_globals(result.params["global"], n_batch_iter)
+        self.elbo_trace_ = np.asarray(result.elbo_trace)
+        return self
+
+    def partial_fit(self, X, y=None):
+        """One online pass over ``X`` (batches of ``batch_size``), N = ``total_samples``."""
+        self._check_params()
+        first = not hasattr(self, "components_")
+        if first:
+            self.model_ = self._make_model(_num_columns(X))
+            init, step = None, 0
+        else:
+            init, step = self.global_natural_, self.n_batch_iter_ - 1
+        result = svi(
+            self.model_,
+            X,
+            batch_size=self.batch_size,
+            num_data=self.total_samples,
+            learning_offset=self.learning_offset + step,  # continue the schedule
+            learning_decay=self.learning_decay,
+            seed=check_seed(self.random_state) + step,
+            shuffle=False,
+            init=init,
+            evaluate=False,
+        )
+        self.result_ = result
+        self.n_features_in_ = self.model_.n_features
+        self._set_globals(result.params["global"], step + result.num_steps + 1)
+        return self
+
+    def _local_pass(self, X):
+        check_fitted(self, "components_")
+        n = X.shape[0]
+        gammas, total = [], 0.0
+        size = max(self.batch_size, 256)
+        for start in range(0, n, size):
+            batch = self.model_.prepare(X[start : start + size], pad_to=size)
+            (gamma, value), _ = _transform_compiled(self.model_, self.global_natural_, batch)
+            gammas.append(np.asarray(gamma)[: min(size, n - start)])
+            total += float(value)
+        return np.concatenate(gammas), total
+
+    def transform(self, X, *, normalize: bool = True) -> np.ndarray:
+        """Document-topic distributions E[θ_d] (or γ_d with ``normalize=False``)."""
+        gamma, _ = self._local_pass(_as_docs(X))
+        return gamma / gamma.sum(1, keepdims=True) if normalize else gamma
+
+    def fit_transform(self, X, y=None, *, normalize: bool = True) -> np.ndarray:
+        return self.fit(X).transform(X, normalize=normalize)
+
+    def score(self, X, y=None) -> float:
+        """The ELBO of ``X`` under the fitted topics (sklearn's approximate bound)."""
+        _, local_total = self._local_pass(_as_docs(X))
+        return local_total + float(_global_terms(self.model_, self.global_natural_))
+
+    def perplexity(self, X) -> float:
+        """exp(−ELBO / number of words), sklearn's definition."""
+        X = _as_docs(X)
+        return float(np.exp(-self.score(X) / X.sum()))
+
+
+def _as_docs(X):
+    return X if sp.issparse(X) else np.asarray(X)
+
+
+def _num_columns(X) -> int:
+    shape = getattr(X, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError("the document-term matrix must be 2-D (documents × words)")
+    return int(shape[1])
+
+
+# ----------------------------------------------------------------------------------
+# Linear regression
+# ----------------------------------------------------------------------------------
+
+
+class LinearRegression(EstimatorMixin):
+    """Bayesian linear regression, Normal–Gamma prior; exact posterior and evidence.
+
+    Prior: τ ~ Gamma(shape_prior, rate_prior), w | τ ~ N(mean_prior, (τ Λ0)⁻¹) with
+    Λ0 = ``precision_prior`` (a number: times the identity).  With ``fit_intercept`` a
+    column of ones is appended and the intercept is the last weight (same prior).
+
+    Fitted: ``coef_``, ``intercept_``, ``coef_covariance_`` (posterior covariance of all
+    weights, Student-t: b/(a−1) Λn⁻¹), ``noise_precision_`` (E[τ]), ``log_evidence_``
+    (log p(y), = the ELBO since q is the exact posterior), the posterior's
+    ``posterior_mean_``, ``posterior_precision_``, ``posterior_shape_``,
+    ``posterior_rate_``.
+
+    Example:
+        >>> import numpy as np
+        >>> from viax.conjugate import LinearRegression
+        >>> X = np.random.default_rng(0).normal(size=(100, 2))
+        >>> lr = LinearRegression().fit(X, X @ [1.0, 2.0] + 0.5)
+        >>> np.round(lr.coef_, 2).tolist(), round(lr.intercept_, 2)
+        ([1.0, 2.0], 0.5)
+    """
+
+    _estimator_type = "regressor"
+
+    def __init__(
+        self,
+        *,
+        fit_intercept: bool = True,
+        mean_prior=None,
+        precision_prior=1e-2,
+        shape_prior: float = 1.0,
+        rate_prior: float = 1.0,
+    ):
+        self.fit_intercept = fit_intercept
+        self.mean_prior = mean_prior
+        self.precision_prior = precision_prior
+        self.shape_prior = shape_prior
+        self.rate_prior = rate_prior
+
+    def _design(self, X):
+        X = check_finite_2d(X)
+        return np.hstack([X, np.ones((X.shape[0], 1))]) if self.fit_intercept else X
+
+    def fit(self, X, y):
+        Z = self._design(X)
+        p = Z.shape[1]
+        m0 = np.zeros(p) if self.mean_prior is None else self.mean_prior
+        model = LinearRegressionModel.create(
+            m0, self.precision_prior, self.shape_prior, self.rate_prior
+        )
+        result = cavi(model, (Z, np.asarray(y, np.float64)), max_iter=5, tol=1e-12)
+        self.model_ = model
+        self.result_ = result
+        self.n_features_in_ = Z.shape[1] - int(self.fit_intercept)
+        s = NormalGamma.to_standard(
+            jax.tree.map(jnp.asarray, result.params["global"]["regression"])
+        )
+        mean = np.asarray(s["mean"])
+        self.posterior_mean_ = mean
+        self.posterior_precision_ = np.asarray(s["precision"])
+        self.posterior_shape_ = float(s["shape"])
+        self.posterior_rate_ = float(s["rate"])
+        a, b = self.posterior_shape_, self.posterior_rate_
+        cov = np.linalg.inv(self.posterior_precision_)
+        self.coef_covariance_ = b / (a - 1.0) * cov if a > 1 else np.full_like(cov, np.inf)
+        self.noise_precision_ = a / b
+        self.coef_ = mean[:-1] if self.fit_intercept else mean
+        self.intercept_ = float(mean[-1]) if self.fit_intercept else 0.0
+        self.log_evidence_ = float(result.elbo)
+        self.elbo_trace_ = np.asarray(result.elbo_trace)
+        return self
+
+    def predict(self, X, return_std: bool = False):
+        """Posterior predictive mean (and standard deviation: Student-t with 2a dof,
+        scale² = b/a (1 + zᵀΛn⁻¹z))."""
+        check_fitted(self, "coef_")
+        Z = self._design(X)
+        mean = Z @ self.posterior_mean_
+        if not return_std:
+            return mean
+        a, b = self.posterior_shape_, self.posterior_rate_
+        scale2 = (
+            b / a * (1.0 + np.einsum("ni,ij,nj->n", Z, np.linalg.inv(self.posterior_precision_), Z))
+        )
+        var = scale2 * a / (a - 1.0) if a > 1 else np.full_like(scale2, np.inf)
+        return mean, np.sqrt(var)
+
+    def score(self, X, y) -> float:
+        """R² of the posterior mean prediction (sklearn's regressor score)."""
+        y = np.asarray(y, np.float64)
+        residual = y - self.predict(X)
+        return float(1.0 - residual @ residual / np.sum((y - y.mean()) ** 2))
