@@ -114,7 +114,14 @@ def fit_numpyro(model_fn, data, family, seed, sites, num_steps=NUMPYRO_STEPS):
 
 def run_one(name, family, method, seed):
     model_fn, data, reference = pdb.load(name, _common.POSTERIORDB_DIR)
-    record = {"posterior": name, "family": family, "method": method, "seed": seed}
+    record = {
+        "posterior": name,
+        "family": family,
+        "method": method,
+        "seed": seed,
+        "command": _common.command_line(),
+        "date": _common.today(),
+    }
     try:
         if method == "numpyro":
             sites = sorted({pdb.site_of(stan_name) for stan_name in reference})
@@ -148,12 +155,16 @@ def _cell(record, key):
     return _common.fmt(record[key])
 
 
+def _num(value: float, digits: int = 3) -> str:
+    return f"{value:.1e}" if abs(value) >= 1000 else f"{value:.{digits}f}"
+
+
 def _sd_cell(record):
     if record is None:
         return "–"
     if "error" in record:
         return "error"
-    return f"{record['sd_ratio_min']:.2f}–{record['sd_ratio_max']:.2f}"
+    return f"{_num(record['sd_ratio_min'], 2)}–{_num(record['sd_ratio_max'], 2)}"
 
 
 def targets(records) -> list[dict]:
@@ -187,15 +198,19 @@ def targets(records) -> list[dict]:
 def markdown(payload) -> str:
     records = payload["records"]
     methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    commands = sorted({(r.get("command", payload["command"]), r.get("date", "")) for r in records})
     lines = [
         "### Accuracy on posteriordb (|mean error| / reference sd; sd ratio)",
         "",
-        f"Command: `{payload['command']}` — {payload['date']}, "
-        f"{payload['machine'].get('cpu_count')} CPU cores, float64.",
+        "Commands: "
+        + "; ".join(f"`{command}` ({date})" for command, date in commands)
+        + f" — {payload['machine'].get('cpu_count')} CPU cores, float64, seed "
+        f"{records[0]['seed'] if records else 0}.",
         "",
         "Cells: worst / median over the parameters of `|mean_q − mean_ref| / sd_ref`; "
-        "`sd_q / sd_ref` (min–max); seconds for the whole fit and the draws, compile "
-        "included. NumPyro: "
+        "`sd_q / sd_ref` (min–max); seconds for the fit and the draws, compile "
+        "included, on a shared machine (a rough cost, not a speed benchmark: see the speed "
+        "tables). NumPyro: "
         f"{NUMPYRO_STEPS:,} Adam steps, rate {NUMPYRO_LR} decaying exponentially to "
         f"{NUMPYRO_LR * NUMPYRO_DECAY:g}, {NUMPYRO_PARTICLES} particles.",
     ]
@@ -217,7 +232,7 @@ def markdown(payload) -> str:
                     row += [_cell(r, "x"), _cell(r, "x"), _cell(r, "x")]
                 else:
                     row += [
-                        f"{r['mean_error_worst']:.3f} / {r['mean_error_median']:.3f}",
+                        f"{_num(r['mean_error_worst'])} / {_num(r['mean_error_median'])}",
                         _sd_cell(r),
                         f"{r['wall_time']:.1f}",
                     ]

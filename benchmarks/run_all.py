@@ -3,6 +3,7 @@
     python benchmarks/run_all.py                    # everything (make bench)
     python benchmarks/run_all.py --only accuracy    # posteriordb accuracy only
     python benchmarks/run_all.py --only speed       # speed (and its NUTS references)
+    python benchmarks/run_all.py --report-only      # rebuild core.md from results/*.json
 
 Each benchmark runs as its own process (``python benchmarks/<name>.py``), so the
 command recorded beside every table is one a reader can re-run alone.  Other
@@ -78,7 +79,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=PARTS, help="run one part")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per speed row")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rebuild core.md from the JSON files"
+    )
     args = parser.parse_args(argv)
+    if args.report_only:
+        print(f"wrote {write_core_md({})}")
+        return 0
     parts = [args.only] if args.only else list(PARTS)
     statuses: dict[str, tuple[int, float]] = {}
     if "accuracy" in parts:

@@ -16,8 +16,8 @@ Two measurements, each in fresh processes, the contenders interleaved, repeated
    worst and median ``|mean_q - mean_ref| / sd_ref`` over all parameters from 10,000
    draws.
 2. **Steady cost per step.**  viax's stochastic path, ``optimizer=optax.adam(1e-2)``
-   with the progress bar on: the difference of two warm fits of 1,000 and 11,000
-   steps, divided by 10,000.  NumPyro's bare step: ``jax.jit(svi.update)`` looped in
+   with the progress bar on: the difference of two warm fits of 1,000 and 6,000
+   steps, divided by 5,000.  NumPyro's bare step: ``jax.jit(svi.update)`` looped in
    Python, and ``svi.update`` fused in one ``lax.fori_loop``; the faster of the two
    is the baseline.
 
@@ -52,7 +52,7 @@ NUM_STEPS = 10_000
 NUM_SCORE_DRAWS = 10_000
 NUMPYRO_LR, NUMPYRO_DECAY = 0.05, 0.02  # as in posteriordb_accuracy.py
 STEADY_LR = 1e-2
-STEADY_SHORT, STEADY_LONG = 1_000, 11_000
+STEADY_SHORT, STEADY_LONG = 1_000, 6_000
 WORKER_TIMEOUT = 600
 
 
