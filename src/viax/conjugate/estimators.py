@@ -26,7 +26,7 @@ from viax.conjugate.models._base import (
     check_positive_int,
     check_seed,
 )
-from viax.conjugate.models.gmm import GaussianMixtureModel
+from viax.conjugate.models.gmm import INIT_METHODS, GaussianMixtureModel
 from viax.conjugate.models.lda import LDAModel
 from viax.conjugate.models.linear import LinearRegressionModel
 from viax.conjugate.svi import check_learning_rate, svi
@@ -45,6 +45,10 @@ def _log_prob_fn(model, global_natural, x):
 
 
 _log_prob = jax.jit(_log_prob_fn)
+_init_globals = jax.jit(
+    lambda model, key, batch, method: model.init_globals(key, batch, method),
+    static_argnums=3,
+)
 
 
 class GaussianMixture(EstimatorMixin):
@@ -112,6 +116,8 @@ class GaussianMixture(EstimatorMixin):
             )
         if not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
+        if self.init_params not in INIT_METHODS:
+            raise ValueError(f"init_params must be one of {INIT_METHODS}, got {self.init_params!r}")
         return GaussianMixtureModel.from_data(
             X,
             self.n_components,
@@ -122,7 +128,6 @@ class GaussianMixture(EstimatorMixin):
             degrees_of_freedom_prior=self.degrees_of_freedom_prior,
             covariance_prior=self.covariance_prior,
             reg_covar=self.reg_covar,
-            init_params=self.init_params,
         )
 
     def fit(self, X, y=None, *, initial_resp=None):
@@ -136,23 +141,24 @@ class GaussianMixture(EstimatorMixin):
         model = self._make_model(X)
         batch = model.prepare(X)
         best = None
+        seed = check_seed(self.random_state)
         for init in range(self.n_init):
-            start = None
-            if initial_resp is not None:
+            if initial_resp is None:
+                g0 = _init_globals(model, jax.random.PRNGKey(seed + init), batch, self.init_params)
+            else:
                 resp = np.asarray(initial_resp, np.float64)
                 if resp.shape != (X.shape[0], self.n_components):
                     raise ValueError(
                         f"initial_resp must have shape {(X.shape[0], self.n_components)}"
                     )
                 g0 = jax.jit(model.globals_from_responsibilities)(jnp.asarray(resp), batch)
-                start = (g0, model.init_locals(None, batch, None))
+            start = (g0, model.init_locals(None, batch, None))
             result = cavi(
                 model,
                 batch,
                 max_iter=self.max_iter,
                 tol=0.0,
                 atol=float(self.tol),
-                seed=check_seed(self.random_state) + init,
                 init=start,
             )
             if best is None or result.elbo > best.elbo:

@@ -152,7 +152,6 @@ class GaussianMixtureModel(ConjugateModel):
     reg_covar: jax.Array
     n_components: int = static()
     weight_concentration_prior_type: str = static("dirichlet_process")
-    init_params: str = static("kmeans")
 
     name = "bayesian-gaussian-mixture"
     local_order = ("assignments",)
@@ -170,7 +169,6 @@ class GaussianMixtureModel(ConjugateModel):
         degrees_of_freedom_prior: float | None = None,
         covariance_prior=None,
         reg_covar: float = 1e-6,
-        init_params: str = "kmeans",
     ) -> GaussianMixtureModel:
         """sklearn's defaults: α0 = 1/K, β0 = 1, m0 = mean(X), ν0 = D, W0⁻¹ = cov(X)."""
         n_components = check_positive_int("n_components", n_components)
@@ -183,8 +181,6 @@ class GaussianMixtureModel(ConjugateModel):
                 f"weight_concentration_prior_type must be one of {WEIGHT_PRIOR_TYPES}, "
                 f"got {weight_concentration_prior_type!r}"
             )
-        if init_params not in INIT_METHODS:
-            raise ValueError(f"init_params must be one of {INIT_METHODS}, got {init_params!r}")
         alpha0 = (
             1.0 / n_components if weight_concentration_prior is None else weight_concentration_prior
         )
@@ -216,7 +212,6 @@ class GaussianMixtureModel(ConjugateModel):
             reg_covar=jnp.asarray(reg_covar, jnp.float64),
             n_components=n_components,
             weight_concentration_prior_type=weight_concentration_prior_type,
-            init_params=init_params,
         )
 
     @property
@@ -266,11 +261,15 @@ class GaussianMixtureModel(ConjugateModel):
         resp = local_mean["assignments"][0]  # (N, K), rows weighted by the mask
         return jnp.sum(resp * self.expected_log_likelihood(global_mean, batch["x"]))
 
-    def init_globals(self, rng_key, batch):
-        """sklearn's initialisation: responsibilities from ``init_params``, then the
-        global update they imply."""
+    def init_globals(self, rng_key, batch, init_params: str = "kmeans"):
+        """sklearn's initialisation: responsibilities from ``init_params`` (one of
+        "kmeans", "k-means++", "random", "random_from_data"), then the global update
+        they imply.  Not a model field, so the CAVI loop compiled for one
+        initialisation serves all."""
+        if init_params not in INIT_METHODS:
+            raise ValueError(f"init_params must be one of {INIT_METHODS}, got {init_params!r}")
         resp, weights = initial_responsibilities(
-            self.init_params, rng_key, batch["x"], batch["mask"], self.n_components
+            init_params, rng_key, batch["x"], batch["mask"], self.n_components
         )
         return self.globals_from_responsibilities(resp, {**batch, "mask": weights})
 
