@@ -131,8 +131,10 @@ def fit_command(
         except (ValueError, TypeError, viax.DivergenceError, FloatingPointError) as err:
             raise click.ClickException(str(err)) from err
     for w in caught:
-        click.secho(f"warning: {w.message}", fg="yellow", err=True)
+        if "k-hat" not in str(w.message) and "did not converge" not in str(w.message):
+            click.secho(f"warning: {w.message}", fg="yellow", err=True)
     summary = result.summary(num_samples=num_samples, seed=seed)
+    diagnostics = result.diagnostics(seed=seed)
     with pd.option_context("display.max_rows", 200, "display.width", 120):
         click.echo(summary.round(3).to_string())
     verdict = "converged" if result.converged else "NOT CONVERGED"
@@ -151,13 +153,66 @@ def fit_command(
             "DADVI Monte Carlo error of the fitted means: at most "
             f"{np.max(se / sd[order]):.3f} posterior sd (5 refits with fresh draws)"
         )
+    click.echo("\n" + diagnostics.to_string())
+    if not result.converged:
+        click.secho(
+            f"\nWARNING: the fit did NOT converge ({result.message}); do not use it as is.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
+    if result.khat_verdict == "do not trust":
+        click.secho(
+            f"\nWARNING: PSIS k-hat = {result.khat:.2f} > 0.7: q is too far from the posterior "
+            "for its draws or ELBO to be trusted (try --family fullrank).",
+            fg="red",
+            bold=True,
+            err=True,
+        )
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary.to_csv(out / "summary.csv")
         result.plot_elbo(path=str(out / "elbo.png"))
+        result.plot(path=str(out / "marginals.png"))
         result.to_arviz(num_samples=num_samples, seed=seed).to_netcdf(str(out / "posterior.nc"))
-        click.echo(f"wrote {out / 'summary.csv'}, {out / 'elbo.png'}, {out / 'posterior.nc'}")
+        write_report(out / "report.md", model_file, result, summary, diagnostics)
+        click.echo(f"wrote summary.csv, elbo.png, marginals.png, posterior.nc, report.md to {out}")
+
+
+def write_report(path: Path, model_file, result, summary, diagnostics) -> None:
+    """A markdown report: the verdicts first, then the tables and the plots."""
+    verdict = "converged" if result.converged else "**NOT converged**"
+    lines = [
+        f"# viax fit of `{Path(model_file).name}`",
+        "",
+        f"- method: {result.method} / {result.algorithm}, family {result.family.name}",
+        f"- convergence: {verdict} ({result.message})",
+        f"- PSIS k-hat: {result.khat:.3f}, verdict: **{result.khat_verdict}**",
+        f"- ELBO: {result.elbo:.4f} ± {result.elbo_se:.2g}",
+        "",
+        "## Diagnostics",
+        "",
+        "```",
+        diagnostics.to_string(),
+        "```",
+        "",
+        "## Posterior summary",
+        "",
+        "```",
+        summary.round(4).to_string(),
+        "```",
+        "",
+        "## ELBO trace",
+        "",
+        "![ELBO trace](elbo.png)",
+        "",
+        "## Marginals",
+        "",
+        "![marginals](marginals.png)",
+        "",
+    ]
+    path.write_text("\n".join(lines))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -12,11 +12,12 @@ import jax
 import numpy as np
 import optax
 
+from viax.diagnostics import KHAT_USABLE, psis
 from viax.families.gaussian import FAMILIES, Family, make_family
 from viax.infer import advi, dadvi
 from viax.infer.driver import DivergenceError, run
 from viax.model import Model, ModelError, Target, build_target
-from viax.result import Result, elbo_estimate, mean_and_se
+from viax.result import Result, log_weights_fn, mean_and_se
 
 __all__ = ["METHODS", "OPTIMIZERS", "fit", "refit_dadvi_means"]
 
@@ -145,9 +146,14 @@ def fit(
         )
     params, run_output, algorithm, info = output
     if "elbo_terms" in info:
-        elbo, elbo_se = mean_and_se(info.pop("elbo_terms"))
+        log_weights = info.pop("elbo_terms")
     else:
-        elbo, elbo_se = elbo_estimate(target, fam, params, arrays, seed + 1, _NUM_ELBO_DRAWS)
+        key = jax.random.PRNGKey(seed + 1)
+        _, log_weights = log_weights_fn(target, fam, _NUM_ELBO_DRAWS)(params, key, arrays)
+    # The draws of the final ELBO estimate double as importance draws for k̂.
+    log_weights = np.asarray(log_weights)
+    elbo, elbo_se = mean_and_se(log_weights)
+    khat = psis(log_weights)[1] if not np.isnan(log_weights).any() else float("nan")
     if not np.isfinite(elbo):
         info["nonfinite_elbo"] = True
     result = Result(
@@ -166,9 +172,18 @@ def fit(
         target=target,
         data=arrays,
         info=info,
+        khat=khat,
     )
     if not result.converged:
         warnings.warn(f"viax.fit did not converge: {result.message}", RuntimeWarning, stacklevel=2)
+    if not khat < KHAT_USABLE:
+        warnings.warn(
+            f"viax.fit: PSIS k-hat = {khat:.2f} > {KHAT_USABLE}: q is too far from the "
+            "posterior for its draws or ELBO to be trusted (Yao et al. 2018); try "
+            "family='fullrank' or check the model",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return result
 
 

@@ -68,6 +68,11 @@ class Result:
     # Methods whose q is not a Gaussian on the unconstrained space (the conjugate
     # engine) supply their own draws: sampler(num_samples, seed) -> {site: array}.
     sampler: Callable[[int, int], dict[str, np.ndarray]] | None = field(default=None, repr=False)
+    # Such methods may also supply log weights: log_weights_fn(num_samples, seed) ->
+    # (num_samples,) array of log p(x, z) − log q(z) for z ~ q, enabling the evidence
+    # estimates and k̂.
+    log_weights_fn: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False)
+    khat: float = float("nan")  # PSIS k̂ of p/q on the draws of the final ELBO estimate
 
     def __repr__(self):
         verdict = "converged" if self.converged else "NOT converged"
@@ -83,14 +88,33 @@ class Result:
         """Draws of q in the unconstrained space, (num_samples, D)."""
         return _sample_fn(self.family, int(num_samples))(self.params, jax.random.PRNGKey(seed))
 
-    def sample(self, num_samples: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    def sample(
+        self, num_samples: int = 1000, seed: int = 0, importance_resample: bool = False
+    ) -> dict[str, np.ndarray]:
         """Constrained draws: site name -> (num_samples, *site_shape), deterministic sites
-        included."""
+        included.  ``importance_resample=True`` draws 10× as many from q and resamples
+        them with their Pareto-smoothed importance weights p/q (with replacement), which
+        corrects q towards the posterior where k̂ says the weights are reliable."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if self.sampler is not None:
+        if self.sampler is not None and not importance_resample:
             return {k: np.asarray(v) for k, v in self.sampler(num_samples, seed).items()}
-        positions = self.sample_unconstrained(num_samples, seed)
+        if importance_resample:
+            if self.target is None:
+                raise NotImplementedError(
+                    f"importance resampling needs the model's log density; {self.method!r} "
+                    "results have none"
+                )
+            from viax.diagnostics import psis
+
+            pool, log_weights = self._draws_and_log_weights(10 * num_samples, seed, True)
+            smoothed, _ = psis(log_weights)
+            probs = np.exp(smoothed - smoothed.max())
+            rng = np.random.default_rng(seed)
+            index = rng.choice(pool.shape[0], size=num_samples, p=probs / probs.sum())
+            positions = jax.numpy.asarray(pool[index])
+        else:
+            positions = self.sample_unconstrained(num_samples, seed)
         values = _constrain_fn(self.target)(positions, self.data)
         return {k: np.asarray(v) for k, v in values.items()}
 
@@ -121,6 +145,80 @@ class Result:
     def cov_unconstrained(self) -> np.ndarray:
         return np.asarray(self.family.covariance(self.params))
 
+    # -- importance weights, evidence, trust -------------------------------
+    def _draws_and_log_weights(self, num_samples: int, seed: int, keep_positions: bool):
+        """Unconstrained draws (or None) and log weights, in chunks of ≤ 10⁴ draws so
+        that 10⁶ draws fit in memory."""
+        if self.target is None:
+            if self.log_weights_fn is None:
+                raise NotImplementedError(
+                    f"method {self.method!r} provides no log weights for evidence estimates"
+                )
+            return None, np.asarray(self.log_weights_fn(num_samples, seed), dtype=float)
+        chunk = int(min(num_samples, _CHUNK))
+        fn = log_weights_fn(self.target, self.family, chunk)
+        positions, weights = [], []
+        keys = jax.random.split(jax.random.PRNGKey(seed), -(-num_samples // chunk))
+        for key in keys:
+            z, lw = fn(self.params, key, self.data)
+            weights.append(np.asarray(lw))
+            if keep_positions:
+                positions.append(np.asarray(z))
+        weights = np.concatenate(weights)[:num_samples]
+        return (np.concatenate(positions)[:num_samples] if keep_positions else None), weights
+
+    def log_weights(self, num_samples: int = 1000, seed: int = 0) -> np.ndarray:
+        """log p(x, z) − log q(z) for z ~ q, shape (num_samples,)."""
+        return self._draws_and_log_weights(num_samples, seed, keep_positions=False)[1]
+
+    def log_evidence(self, num_samples: int = 10_000, seed: int = 0):
+        """Estimates of log p(x): ELBO ± se, IWAE bounds L_K (K = 1, 10, 100, 1000) ± se,
+        the PSIS importance-sampling estimate ± se, and k̂ (see :mod:`viax.diagnostics`)."""
+        from viax.diagnostics import evidence_from_log_weights
+
+        defensive = None
+        if self.target is not None and self.target.dim <= _MAX_DENSE_DIM:
+            fn = defensive_log_weights_fn(self.target, self.family, int(min(num_samples, _CHUNK)))
+            keys = jax.random.split(jax.random.PRNGKey(seed + 7919), -(-num_samples // _CHUNK))
+            defensive = np.concatenate(
+                [np.asarray(fn(self.params, key, self.data)) for key in keys]
+            )[:num_samples]
+        return evidence_from_log_weights(
+            self.log_weights(num_samples, seed), proposal_log_weights=defensive
+        )
+
+    @property
+    def khat_verdict(self) -> str:
+        from viax.diagnostics import khat_verdict
+
+        return khat_verdict(self.khat)
+
+    def diagnostics(self, num_samples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+        """One table: convergence, steps, ELBO ± se, k̂ and its verdict, log p(x)."""
+        rows = [
+            ("converged", self.converged, self.message),
+            ("steps", self.num_steps, f"{self.method} / {self.algorithm}"),
+            ("ELBO", f"{self.elbo:.4f} ± {self.elbo_se:.2g}", "final q, 1000 fresh draws"),
+            ("k-hat", f"{self.khat:.3f}", _khat_note(self.khat_verdict)),
+        ]
+        try:
+            ev = self.log_evidence(num_samples, seed)
+        except NotImplementedError:
+            ev = None
+        if ev is not None:
+            rows.append(
+                (
+                    "log p(x)",
+                    f"{ev.log_p:.4f} ± {ev.log_p_se:.2g}",
+                    f"PSIS, defensive proposal, {ev.num_samples} draws, k-hat {ev.khat:.2f}",
+                )
+            )
+            for k, (value, se) in ev.iwae.items():
+                if k > 1:
+                    rows.append((f"IWAE L_{k}", f"{value:.4f} ± {se:.2g}", "lower bound"))
+        frame = pd.DataFrame(rows, columns=["quantity", "value", "note"]).set_index("quantity")
+        return frame
+
     # -- tables and objects --------------------------------------------------
     def summary(self, num_samples: int = 4000, seed: int = 0) -> pd.DataFrame:
         """mean, sd and 5%/50%/95% quantiles of every element of every site."""
@@ -141,13 +239,13 @@ class Result:
         return pd.DataFrame.from_dict(rows, orient="index")
 
     def to_arviz(self, num_samples: int = 1000, seed: int = 0):
-        """ArviZ InferenceData: ``posterior`` from draws (one chain), ``sample_stats``
-        holding the ELBO trace (dimension ``step``), verdicts in ``attrs``."""
+        """ArviZ InferenceData: ``posterior`` from draws of q (one chain);
+        ``sample_stats`` with the importance log weights of those draws (``log_weight``,
+        dims chain × draw) and the ELBO trace (``elbo_trace``, dim ``step``); k̂, the
+        evidence estimate and the convergence verdict in ``attrs``."""
         import arviz as az
         import xarray as xr
 
-        draws = self.sample(num_samples, seed)
-        posterior = az.from_dict(posterior={k: v[None] for k, v in draws.items()}).posterior
         attrs = {
             "inference_library": "viax",
             "method": self.method,
@@ -158,14 +256,93 @@ class Result:
             "converged": int(self.converged),
             "num_steps": int(self.num_steps),
             "message": self.message,
+            "khat": float(self.khat),
+            "khat_verdict": self.khat_verdict,
         }
+        stats = {"elbo_trace": (("step",), np.asarray(self.elbo_trace))}
+        if self.target is not None:
+            from viax.diagnostics import evidence_from_log_weights
+
+            positions, log_weights = self._draws_and_log_weights(num_samples, seed, True)
+            values = _constrain_fn(self.target)(jax.numpy.asarray(positions), self.data)
+            draws = {k: np.asarray(v) for k, v in values.items()}
+            stats["log_weight"] = (("chain", "draw"), log_weights[None])
+            evidence = evidence_from_log_weights(log_weights, ks=())
+            attrs.update(log_p=evidence.log_p, log_p_se=evidence.log_p_se)
+        else:
+            draws = self.sample(num_samples, seed)
+        posterior = az.from_dict(posterior={k: v[None] for k, v in draws.items()}).posterior
         posterior.attrs.update(attrs)
-        stats = xr.Dataset(
-            {"elbo_trace": (("step",), np.asarray(self.elbo_trace))},
-            coords={"step": np.arange(1, len(self.elbo_trace) + 1)},
+        sample_stats = xr.Dataset(
+            stats,
+            coords={
+                "chain": [0],
+                "draw": np.arange(num_samples),
+                "step": np.arange(1, len(self.elbo_trace) + 1),
+            },
             attrs=attrs,
         )
-        return az.InferenceData(posterior=posterior, sample_stats=stats)
+        return az.InferenceData(posterior=posterior, sample_stats=sample_stats)
+
+    def plot(
+        self, reference=None, path: str | None = None, num_samples: int = 4000, max_panels: int = 16
+    ):
+        """ELBO trace and per-element marginals of q, with an optional reference overlay:
+        posteriordb-style moments (``{"params": {"theta[1]": {"mean", "std"}}}`` or
+        ``{"theta[1]": (mean, sd)}``, Stan's 1-based names) or draws
+        (``{site: array (n, *shape)}``).  Saved to ``path`` when given."""
+        import matplotlib
+
+        if path is not None:
+            matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        draws = self.sample(num_samples, seed=0)
+        panels = [
+            (label, value.reshape(value.shape[0], -1)[:, i], name, idx)
+            for name, value in draws.items()
+            for i, (label, idx) in enumerate(
+                zip(element_names(name, value.shape[1:]), np.ndindex(*value.shape[1:]), strict=True)
+            )
+        ][:max_panels]
+        moments, ref_draws = _reference_parts(reference)
+        cols = 4
+        rows = 1 + -(-len(panels) // cols)
+        fig = plt.figure(figsize=(3.2 * cols, 2.6 * rows))
+        self.plot_elbo(ax=fig.add_subplot(rows, 1, 1))
+        for k, (label, x, name, idx) in enumerate(panels):
+            ax = fig.add_subplot(rows, cols, cols + k + 1)
+            ax.hist(x, bins=50, density=True, alpha=0.6, label="q")
+            stan = name + ("[" + ",".join(str(i + 1) for i in idx) + "]" if idx else "")
+            if stan in moments:
+                mean, sd = moments[stan]
+                grid = np.linspace(mean - 4 * sd, mean + 4 * sd, 200)
+                ax.plot(
+                    grid,
+                    np.exp(-0.5 * ((grid - mean) / sd) ** 2) / (sd * np.sqrt(2 * np.pi)),
+                    "k-",
+                    lw=1.2,
+                    label="reference",
+                )
+            if name in ref_draws:
+                ref = np.asarray(ref_draws[name]).reshape(len(ref_draws[name]), -1)
+                ax.hist(
+                    ref[:, int(np.ravel_multi_index(idx, draws[name].shape[1:])) if idx else 0],
+                    bins=50,
+                    density=True,
+                    histtype="step",
+                    color="k",
+                    label="reference",
+                )
+            ax.set_title(label, fontsize=9)
+            ax.tick_params(labelsize=7)
+        if panels:
+            fig.axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+        return fig
 
     def plot_elbo(self, ax=None, path: str | None = None):
         """ELBO trace with a moving-average line; saved to ``path`` when given."""
@@ -204,12 +381,6 @@ class Result:
         return ax
 
 
-def elbo_estimate(target: Target, family: Family, params, data, seed: int, num_samples=1000):
-    """ELBO and its Monte Carlo standard error from fresh draws of q."""
-    values = _elbo_terms_fn(target, family, num_samples)(params, jax.random.PRNGKey(seed), data)
-    return mean_and_se(np.asarray(values))
-
-
 def mean_and_se(values: np.ndarray) -> tuple[float, float]:
     """Mean and Monte Carlo standard error; (-inf, nan) if any value is not finite."""
     values = np.asarray(values)
@@ -218,11 +389,61 @@ def mean_and_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
-@functools.lru_cache(maxsize=128)
-def _elbo_terms_fn(target: Target, family: Family, num_samples: int):
-    from viax.estimators.reparam import elbo_terms
+_CHUNK = 10_000
 
+
+@functools.lru_cache(maxsize=128)
+def log_weights_fn(target: Target, family: Family, num_samples: int):
     def run(params, key, data):
-        return elbo_terms(family, lambda z: target.log_density(z, data), params, key, num_samples)
+        z, log_q = family.sample_and_log_prob(params, key, num_samples)
+        return z, jax.vmap(lambda x: target.log_density(x, data))(z) - log_q
 
     return jit_once(run)
+
+
+_MAX_DENSE_DIM = 2000
+_DEFENSIVE_DF = 4.0
+
+
+@functools.lru_cache(maxsize=128)
+def defensive_log_weights_fn(target: Target, family: Family, num_samples: int):
+    """log p̃(z) − log r(z), r = ½ q + ½ t₄(mean q, cov q), half the draws from each."""
+    import numpyro.distributions as dist
+
+    def run(params, key, data):
+        loc = family.mean(params)
+        scale_tril = jax.numpy.linalg.cholesky(family.covariance(params))
+        student = dist.MultivariateStudentT(_DEFENSIVE_DF, loc, scale_tril)
+        key_q, key_t = jax.random.split(key)
+        half = num_samples // 2
+        z = jax.numpy.concatenate(
+            [family.sample(params, key_q, num_samples - half), student.sample(key_t, (half,))]
+        )
+        log_q = jax.vmap(lambda x: family.log_prob(params, x))(z)
+        log_r = jax.numpy.logaddexp(log_q, student.log_prob(z)) - jax.numpy.log(2.0)
+        return jax.vmap(lambda x: target.log_density(x, data))(z) - log_r
+
+    return jit_once(run)
+
+
+def _khat_note(verdict: str) -> str:
+    return {
+        "good": "good (< 0.5): q's draws and ELBO can be trusted",
+        "usable": "usable (0.5-0.7): use importance resampling, check with care",
+        "do not trust": "DO NOT TRUST (> 0.7): q is too far from the posterior",
+    }[verdict]
+
+
+def _reference_parts(reference) -> tuple[dict, dict]:
+    """(moments by Stan name, draws by site) from either reference layout."""
+    if reference is None:
+        return {}, {}
+    if "params" in reference:
+        return {k: (v["mean"], v["std"]) for k, v in reference["params"].items()}, {}
+    moments = {
+        k: (float(v[0]), float(v[1]))
+        for k, v in reference.items()
+        if isinstance(v, tuple | list) and len(v) == 2 and np.ndim(v[0]) == 0
+    }
+    draws = {k: v for k, v in reference.items() if k not in moments}
+    return moments, draws
