@@ -97,8 +97,11 @@ def test_cli_fit_writes_outputs(tmp_path):
     assert res.exit_code == 0, res.output
     assert "converged" in res.output and "theta[7]" in res.output
     assert "Monte Carlo error of the fitted means" in res.output
-    for name in ("summary.csv", "elbo.png", "posterior.nc"):
+    for name in ("summary.csv", "elbo.png", "marginals.png", "posterior.nc", "report.md"):
         assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "PSIS k-hat" in report and "verdict: **" in report and "![marginals]" in report
+    assert "log p(x)" in res.output and "k-hat" in res.output
     idata = az.from_netcdf(str(out / "posterior.nc"))
     assert idata.posterior["theta"].shape == (1, 300, 8)
 
