@@ -8,6 +8,8 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
+from viax import diagnostics  # noqa: E402
+from viax.diagnostics import Evidence, khat_verdict  # noqa: E402
 from viax.families import FAMILIES, FullRank, LowRank, MeanField, make_family  # noqa: E402
 from viax.fit import METHODS, OPTIMIZERS, fit  # noqa: E402
 from viax.infer.advi import scale_by_stan_advi, stan_advi  # noqa: E402
@@ -22,13 +24,16 @@ __all__ = [
     "METHODS",
     "OPTIMIZERS",
     "DivergenceError",
+    "Evidence",
     "FullRank",
     "LowRank",
     "MeanField",
     "Model",
     "ModelError",
     "Result",
+    "diagnostics",
     "fit",
+    "khat_verdict",
     "make_family",
     "scale_by_stan_advi",
     "stan_advi",
