@@ -56,6 +56,8 @@ def cavi_sweep(
     model: ConjugateModel, global_natural, global_mean, local_natural, batch, prior_constant=None
 ):
     """One sweep: locals, then globals.  Returns (global, global_mean, local, elbo_after)."""
+    if model.restart_locals:
+        local_natural = model.init_locals(None, batch, global_mean)
     local_natural, _ = fit_locals(model, global_mean, local_natural, batch)
     global_natural, global_mean, _, elbo_after = update_globals(
         model, global_natural, global_mean, local_natural, batch, 1.0, prior_constant

@@ -77,6 +77,11 @@ class ConjugateModel:
     local_order: ClassVar[tuple[str, ...]] = ()
     # The local factor whose natural parameters decide local convergence.
     convergence_site: ClassVar[str | None] = None
+    # CAVI restarts the locals from init_locals(None, ...) every sweep instead of
+    # warm-starting them.  Both are coordinate ascent; for LDA a warm-started γ locks
+    # documents into the first topics they saw and ends in poorer optima (perplexity
+    # 10–30% worse than sklearn's, which restarts too).
+    restart_locals: ClassVar[bool] = False
 
     # Local fits: at most this many sweeps, until the mean absolute change of the
     # convergence site's natural parameters is below local_tol for every point.

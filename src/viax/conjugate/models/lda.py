@@ -109,6 +109,7 @@ class LDAModel(ConjugateModel):
     name = "lda"
     local_order = ("doc_topics",)
     convergence_site = "doc_topics"
+    restart_locals = True
 
     @classmethod
     def create(
