@@ -1,0 +1,96 @@
+"""Bad input fails fast with a clear message, before any compute."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from viax.conjugate import (
+    LDA,
+    GaussianMixture,
+    GaussianMixtureModel,
+    LDAModel,
+    LinearRegression,
+    svi,
+)
+from viax.conjugate.models.lda import prepare_documents
+
+COUNTS = np.array([[1, 0, 2], [0, 3, 1]])
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        (np.array([[1, -1, 2], [0, 3, 1]]), "non-negative"),
+        (np.array([[1.5, 0, 2], [0, 3, 1]]), "integers"),
+        (np.array([[1, 0, 2], [0, 0, 0]]), "empty document"),
+        (np.array([[np.nan, 0, 2], [0, 3, 1]]), "NaN"),
+        (np.zeros((0, 3)), "empty batch"),
+    ],
+)
+def test_bad_counts(counts, message):
+    with pytest.raises(ValueError, match=message):
+        prepare_documents(counts)
+    with pytest.raises(ValueError, match=message):
+        prepare_documents(sp.csr_matrix(counts))
+
+
+def test_lda_estimator_rejects_bad_counts_and_parameters():
+    with pytest.raises(ValueError, match="non-negative"):
+        LDA(n_components=2).fit(-COUNTS)
+    with pytest.raises(ValueError, match="n_components"):
+        LDA(n_components=0).fit(COUNTS)
+    with pytest.raises(ValueError, match=r"learning_decay .* \(0.5, 1\]"):
+        LDA(n_components=2, learning_method="online", learning_decay=0.5).fit(COUNTS)
+    with pytest.raises(ValueError, match="learning_method"):
+        LDA(n_components=2, learning_method="stochastic").fit(COUNTS)
+    with pytest.raises(ValueError, match="words"):
+        LDAModel.create(2, 4).prepare(COUNTS)
+
+
+@pytest.mark.parametrize("kappa", [0.5, 0.2, 1.01, -1.0])
+def test_svi_rejects_step_size_exponent_outside_robbins_monro(kappa):
+    model = LDAModel.create(2, 3)
+    with pytest.raises(ValueError, match=r"\(0.5, 1\]"):
+        svi(model, COUNTS, learning_decay=kappa)
+
+
+def test_svi_rejects_empty_data_and_iterators_without_size():
+    model = LDAModel.create(2, 3)
+    with pytest.raises(ValueError, match="num_data"):
+        svi(model, iter([COUNTS]))
+    with pytest.raises(ValueError, match="no batches"):
+        svi(model, iter([]), num_data=10)
+    with pytest.raises(ValueError, match="empty"):
+        svi(model, np.zeros((0, 3)))
+
+
+def test_gmm_rejects_nan_bad_prior_and_bad_sizes():
+    X = np.random.default_rng(0).normal(size=(20, 2))
+    bad = X.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="NaN.*row 3, column 1"):
+        GaussianMixture(n_components=2).fit(bad)
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianMixture(n_components=2, covariance_prior=[[1.0, 2.0], [2.0, 1.0]]).fit(X)
+    with pytest.raises(ValueError, match="symmetric"):
+        GaussianMixtureModel.from_data(X, 2, covariance_prior=[[1.0, 0.5], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="n_components"):
+        GaussianMixture(n_components=0).fit(X)
+    with pytest.raises(ValueError, match="n_samples"):
+        GaussianMixture(n_components=30).fit(X)
+    with pytest.raises(ValueError, match="degrees_of_freedom_prior"):
+        GaussianMixture(n_components=2, degrees_of_freedom_prior=0.5).fit(X)
+    with pytest.raises(ValueError, match="covariance_type"):
+        GaussianMixture(n_components=2, covariance_type="diag").fit(X)
+    with pytest.raises(ValueError, match="init_params"):
+        GaussianMixture(n_components=2, init_params="spectral").fit(X)
+
+
+def test_linear_regression_rejects_nan_and_bad_prior():
+    X = np.ones((5, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        LinearRegression().fit(X, [1.0, np.nan, 0, 0, 0])
+    with pytest.raises(ValueError, match="positive definite"):
+        LinearRegression(precision_prior=-1.0).fit(X, np.zeros(5))
+    with pytest.raises(ValueError, match="shape_prior"):
+        LinearRegression(shape_prior=0.0).fit(X, np.zeros(5))
