@@ -45,6 +45,9 @@ def _log_prob_fn(model, global_natural, x):
 
 
 _log_prob = jax.jit(_log_prob_fn)
+_globals_from_resp = jax.jit(
+    lambda model, resp, batch: model.globals_from_responsibilities(resp, batch)
+)
 _init_globals = jax.jit(
     lambda model, key, batch, method: model.init_globals(key, batch, method),
     static_argnums=3,
@@ -151,7 +154,7 @@ class GaussianMixture(EstimatorMixin):
                     raise ValueError(
                         f"initial_resp must have shape {(X.shape[0], self.n_components)}"
                     )
-                g0 = jax.jit(model.globals_from_responsibilities)(jnp.asarray(resp), batch)
+                g0 = _globals_from_resp(model, jnp.asarray(resp), batch)
             start = (g0, model.init_locals(None, batch, None))
             result = cavi(
                 model,

@@ -199,8 +199,19 @@ class GaussianMixtureModel(ConjugateModel):
         m0 = X.mean(0) if mean_prior is None else np.asarray(mean_prior, np.float64)
         if m0.shape != (d,) or not np.all(np.isfinite(m0)):
             raise ValueError(f"mean_prior must be finite with shape ({d},), got {m0.shape}")
-        cov0 = np.atleast_2d(np.cov(X.T)) if covariance_prior is None else covariance_prior
-        cov0 = check_spd(np.atleast_2d(cov0), "covariance_prior")
+        if covariance_prior is None:
+            cov0 = np.atleast_2d(np.cov(X.T))
+            try:
+                check_spd(cov0, "covariance_prior")
+            except ValueError:
+                raise ValueError(
+                    "the default covariance_prior, the data covariance, is singular (a "
+                    "constant or collinear feature): the Wishart prior would be improper "
+                    "and the ELBO −inf; pass a positive definite covariance_prior, e.g. "
+                    "np.cov(X.T) + 1e-3 * np.eye(n_features)"
+                ) from None
+        else:
+            cov0 = check_spd(np.atleast_2d(covariance_prior), "covariance_prior")
         if cov0.shape != (d, d):
             raise ValueError(f"covariance_prior must have shape ({d}, {d}), got {cov0.shape}")
         return cls(
@@ -229,12 +240,13 @@ class GaussianMixtureModel(ConjugateModel):
             weights = Beta.from_standard(jnp.ones(k), alpha0)
         else:
             weights = Dirichlet.from_standard(alpha0)
-        scale = jnp.linalg.inv(self.covariance_prior)
-        components = NormalWishart.from_standard(
-            jnp.broadcast_to(self.mean_prior, (k, d)),
-            jnp.full(k, self.mean_precision_prior),
-            jnp.broadcast_to(scale, (k, d, d)),
-            jnp.full(k, self.degrees_of_freedom_prior),
+        # Natural parameters straight from W0⁻¹ = covariance_prior (no double inverse).
+        m0, beta0 = self.mean_prior, self.mean_precision_prior
+        components = (
+            jnp.broadcast_to(beta0 * m0, (k, d)),
+            jnp.full(k, -0.5 * beta0),
+            jnp.broadcast_to(-0.5 * (self.covariance_prior + beta0 * jnp.outer(m0, m0)), (k, d, d)),
+            jnp.full(k, 0.5 * (self.degrees_of_freedom_prior - d)),
         )
         return {"weights": weights, "components": components}
 
