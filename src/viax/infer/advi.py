@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from viax.estimators.reparam import elbo_from_noise, elbo_terms
+from viax.estimators.reparam import elbo_from_noise
 from viax.families.gaussian import Family
 from viax.infer.driver import Guard, guard_init, guarded_update, jit_once
 from viax.model import Target
@@ -146,8 +146,12 @@ def build_stochastic(
         return ADVIState(params, opt_state, guard), ADVIInfo(objective=-loss)
 
     def elbo(params, rng_key, data):
+        # Closed-form entropy: log q at the draws of an exploded q (a trial η too
+        # large) is round-off garbage that can make the estimate absurdly positive.
         log_density_fn = functools.partial(target.log_density, data=data)
-        return jnp.mean(elbo_terms(family, log_density_fn, params, rng_key, num_eval))
+        eps = jax.random.normal(rng_key, (num_eval, family.noise_dim))
+        value = elbo_from_noise(family, log_density_fn, params, eps)
+        return jnp.where(jnp.isfinite(value), value, -jnp.inf)
 
     def trials(params, etas, rng_key, data):
         # One compiled, vectorised η search: each candidate restarts from ``params``.
