@@ -80,12 +80,15 @@ def split(X: sp.csr_matrix, seed: int = 0):
     return X[np.sort(order[cut:])], X[np.sort(order[:cut])]
 
 
-def perplexity(components: np.ndarray, held_out) -> float:
-    """Held-out perplexity of topics λ, scored by viax (sklearn's formula)."""
+def perplexity(components: np.ndarray, held_out) -> tuple[float, float]:
+    """Held-out perplexities of topics λ, scored by viax: sklearn's (exp(−ELBO/words),
+    the ELBO including the topics' KL term, which dominates on few documents) and the
+    per-document one (exp(−Σ_d ELBO_d / words), the topics' KL left out)."""
     scorer = LDA(n_components=K, doc_topic_prior=ALPHA, topic_word_prior=ETA, batch_size=BATCH)
     scorer.model_ = LDAModel.create(K, components.shape[1], ALPHA, ETA)
     scorer._set_globals({"topics": (np.asarray(components, np.float64) - 1.0,)}, 1)
-    return scorer.perplexity(held_out)
+    _, local_total = scorer._local_pass(held_out)
+    return scorer.perplexity(held_out), float(np.exp(-local_total / held_out.sum()))
 
 
 def run_viax(train, held_out):
@@ -173,6 +176,8 @@ def bench(name: str, X: sp.csr_matrix, own_perplexity: bool) -> list[dict]:
     gs = run_gensim(train, held_out)
     print(" gensim", gs, flush=True)
     base = {"data": name, "train_docs": n, "held_out_docs": int(held_out.shape[0])}
+    for row in (ours, sk, gs):
+        row["perplexity"], row["perplexity_docs"] = row["perplexity"]
     return [
         {
             **base,

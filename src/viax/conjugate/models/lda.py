@@ -17,12 +17,14 @@ so the expected log joint of a document is
 
 Its gradients are the textbook updates (Danskin's theorem): ∂F/∂E[log θ_d] =
 α − 1 + Σ_w n_dw φ_dw = γ_d − 1, and ∂F/∂E[log β_kw] = Σ_d n_dw φ_dwk, the expected
-counts.  Written with exp(E log θ) and exp(E log β) as sklearn and gensim do, φ (of size
-B × L × K) is never formed beyond one product.  The ELBO this yields is sklearn's
+counts.  Written with exp(E log θ) and exp(E log β) as sklearn and gensim do, φ is never
+formed beyond one product per (document, word) entry.  The ELBO this yields is sklearn's
 ``_approx_bound`` exactly, hence the same perplexity.
 
-Batches: ``{"ids": (B, L) int32, "counts": (B, L), "mask": (B,)}``, each document's
-distinct words padded with count 0 to a power-of-two length L (few compiled shapes).
+Batches are flat lists of the nonzero (document, word, count) entries — no padding of
+documents to a common length, so cost follows the number of distinct words:
+``{"docs": (T,) int32, "ids": (T,) int32, "counts": (T,), "mask": (B,)}``, T rounded up
+(with count-0 entries) to within 12.5% so that few shapes are compiled.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ from viax.conjugate.models._base import check_positive_int
 __all__ = ["LDAModel", "prepare_documents"]
 
 
-def _bucket(n: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << int(np.ceil(np.log2(max(n, 1)))))
+def _bucket(n: int, minimum: int = 256) -> int:
+    """n rounded up to a multiple of 2^(⌈log2 n⌉ − 3): at most 12.5% padding, and
+    batches of similar size share one compiled shape."""
+    step = max(minimum, 1 << max(0, int(np.ceil(np.log2(max(n, 1)))) - 3))
+    return -(-n // step) * step
 
 
 def prepare_documents(X, n_features: int | None = None, pad_to: int | None = None) -> dict:
-    """Check a document-term matrix (dense or scipy.sparse) and pad it into
-    ``{"ids", "counts", "mask"}``.
+    """Check a document-term matrix (dense or scipy.sparse) and flatten it into
+    ``{"docs", "ids", "counts", "mask"}``.
 
     Raises ValueError for negative, non-integer or non-finite counts, an empty
     document, an empty batch or a vocabulary size that does not match."""
@@ -82,17 +87,22 @@ def prepare_documents(X, n_features: int | None = None, pad_to: int | None = Non
             f"{empty.size} empty document(s) (no words), the first at row {empty[0]}; "
             "drop them before fitting"
         )
-    width = _bucket(int(lengths.max()))
     rows = max(num_docs, pad_to or 0)
-    ids = np.zeros((rows, width), np.int32)
-    counts = np.zeros((rows, width))
-    row_of = np.repeat(np.arange(num_docs), lengths)
-    col_of = np.arange(data.size) - np.repeat(X.indptr[:-1], lengths)
-    ids[row_of, col_of] = X.indices
-    counts[row_of, col_of] = data
+    size = _bucket(data.size)
+    docs = np.zeros(size, np.int32)
+    ids = np.zeros(size, np.int32)
+    counts = np.zeros(size)
+    docs[: data.size] = np.repeat(np.arange(num_docs, dtype=np.int32), lengths)
+    ids[: data.size] = X.indices
+    counts[: data.size] = data
     mask = np.zeros(rows)
     mask[:num_docs] = 1.0
-    return {"ids": jnp.asarray(ids), "counts": jnp.asarray(counts), "mask": jnp.asarray(mask)}
+    return {
+        "docs": jnp.asarray(docs),
+        "ids": jnp.asarray(ids),
+        "counts": jnp.asarray(counts),
+        "mask": jnp.asarray(mask),
+    }
 
 
 @conjugate_model
@@ -157,8 +167,11 @@ class LDAModel(ConjugateModel):
         alpha, k = self.doc_topic_prior, self.n_components
         log_norm = k * gammaln(alpha) - gammaln(k * alpha)
         prior_part = (alpha - 1.0) * jnp.sum(elog_theta) - log_norm * jnp.sum(batch["mask"])
-        exp_beta = jnp.exp(elog_beta).T[batch["ids"]]  # (B, L, K)
-        norm = jnp.einsum("bk,blk->bl", jnp.exp(elog_theta), exp_beta)
+        exp_beta = jnp.exp(elog_beta).T[batch["ids"]]  # (T, K)
+        # Entries are grouped by document: a sorted gather, whose transpose (the
+        # gradient's scatter-add into γ) XLA lowers far faster than an unsorted one.
+        exp_theta = jnp.exp(elog_theta).at[batch["docs"]].get(indices_are_sorted=True)  # (T, K)
+        norm = jnp.sum(exp_theta * exp_beta, -1)
         return prior_part + jnp.sum(batch["counts"] * jnp.log(norm))
 
     def init_globals(self, rng_key, batch=None):

@@ -93,7 +93,7 @@ class LinearRegressionModel(ConjugateModel):
     def local_log_joint(self, global_mean, local_mean, batch):
         tau_w, tau_wwt, tau, log_tau = global_mean["regression"]
         x, y, mask = batch["x"], batch["y"], batch["mask"]
-        quad = jnp.einsum("ni,ij,nj->n", x, tau_wwt, x)
+        quad = jnp.sum((x @ tau_wwt) * x, -1)
         per_point = (
             0.5 * log_tau - 0.5 * _LOG_2PI - 0.5 * (y**2 * tau - 2.0 * y * (x @ tau_w) + quad)
         )
