@@ -13,6 +13,7 @@ from viax.diagnostics import Evidence, khat_verdict  # noqa: E402
 from viax.families import FAMILIES, FullRank, LowRank, MeanField, make_family  # noqa: E402
 from viax.fit import METHODS, OPTIMIZERS, fit  # noqa: E402
 from viax.infer.advi import scale_by_stan_advi, stan_advi  # noqa: E402
+from viax.infer.bbvi import gradient_variance  # noqa: E402
 from viax.infer.driver import DivergenceError  # noqa: E402
 from viax.model import Model, ModelError  # noqa: E402
 from viax.result import Result  # noqa: E402
@@ -33,6 +34,7 @@ __all__ = [
     "Result",
     "diagnostics",
     "fit",
+    "gradient_variance",
     "khat_verdict",
     "make_family",
     "scale_by_stan_advi",

@@ -21,7 +21,7 @@ from viax.result import Result, log_weights_fn, mean_and_se
 
 __all__ = ["METHODS", "OPTIMIZERS", "fit", "refit_dadvi_means"]
 
-METHODS = ("advi",)
+METHODS = ("advi", "bbvi")
 OPTIMIZERS = ("dadvi", "stan")
 _NUM_ELBO_DRAWS = 1000
 
@@ -57,6 +57,9 @@ def fit(
     stick_the_landing: bool = False,
     seed: int = 0,
     progress: bool = True,
+    estimator: str = "auto",
+    rao_blackwell: bool = True,
+    control_variate: bool | str = True,
 ) -> Result:
     """Fit a Gaussian variational approximation to the posterior of ``model``.
 
@@ -64,7 +67,10 @@ def fit(
         model: a NumPyro model function, called as ``model(**data)``, or a
             :class:`viax.Model` wrapping a plain log joint.
         data: keyword arguments of the model (arrays, lists or scalars).
-        method: ``"advi"``.
+        method: ``"advi"``, or ``"bbvi"`` (black-box VI: mean-field q with discrete
+            factors for discrete latents, score-function gradients; see
+            :func:`viax.infer.bbvi.fit_bbvi`; optimizer ``None``/"adagrad", "stan" or
+            optax; num_particles default 16).
         family: ``"meanfield"``, ``"fullrank"`` or ``"lowrank"`` (with ``rank``).
         optimizer: ``None``/``"dadvi"`` (default, robust): MAP + Laplace
             preconditioning + deterministic ADVI by L-BFGS on ``num_draws`` fixed,
@@ -80,6 +86,12 @@ def fit(
         stick_the_landing: drop the score term of log q (stochastic optimisers).
         seed: integer seed; the same seed gives the same numbers.
         progress: show a progress bar with the running ELBO.
+        estimator: bbvi only: ``"auto"`` (reparameterisation for continuous sites, score
+            function for discrete ones), ``"score"`` or ``"reparam"``.
+        rao_blackwell: bbvi only: each factor's score-function cost keeps only its
+            Markov blanket.
+        control_variate: bbvi only: ``True`` (leave-one-out a_i), ``"ema"`` (baseline)
+            or ``False``.
 
     Returns:
         A :class:`~viax.result.Result`.
@@ -93,6 +105,27 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if method == "bbvi":
+        from viax.infer.bbvi import fit_bbvi
+
+        result = fit_bbvi(
+            model,
+            data,
+            family=family,
+            optimizer=None if optimizer == "dadvi" else optimizer,
+            num_steps=_check_positive_int("num_steps", num_steps),
+            num_particles=num_particles,
+            tol_rel_obj=_check_positive_float("tol_rel_obj", tol_rel_obj),
+            eval_elbo=_check_positive_int("eval_elbo", eval_elbo),
+            eta=None if eta is None else _check_positive_float("eta", eta),
+            estimator=estimator,
+            rao_blackwell=rao_blackwell,
+            control_variate=control_variate,
+            seed=_check_positive_int("seed", seed, minimum=0),
+            progress=progress,
+        )
+        _warn_untrusted(result)
+        return result
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
     if optimizer is None:
@@ -174,17 +207,21 @@ def fit(
         info=info,
         khat=khat,
     )
+    _warn_untrusted(result)
+    return result
+
+
+def _warn_untrusted(result: Result) -> None:
     if not result.converged:
-        warnings.warn(f"viax.fit did not converge: {result.message}", RuntimeWarning, stacklevel=2)
-    if not khat < KHAT_USABLE:
+        warnings.warn(f"viax.fit did not converge: {result.message}", RuntimeWarning, stacklevel=3)
+    if not result.khat < KHAT_USABLE:
         warnings.warn(
-            f"viax.fit: PSIS k-hat = {khat:.2f} > {KHAT_USABLE}: q is too far from the "
+            f"viax.fit: PSIS k-hat = {result.khat:.2f} > {KHAT_USABLE}: q is too far from the "
             "posterior for its draws or ELBO to be trusted (Yao et al. 2018); try "
             "family='fullrank' or check the model",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return result
 
 
 def _fit_dadvi(
