@@ -27,6 +27,7 @@ from viax.conjugate.engine import (
     make_sampler,
     to_numpy_tree,
 )
+from viax.conjugate.svi import _init_globals
 from viax.result import Result
 
 __all__ = ["naive"]
@@ -101,7 +102,7 @@ def naive(
     batch = data if isinstance(data, dict) and "mask" in data else model.prepare(data)
     if init is None:
         key_g, key_l = jax.random.split(jax.random.PRNGKey(seed))
-        global_natural = jax.jit(model.init_globals)(key_g, batch)
+        global_natural = _init_globals(key_g, model, batch)
         local_natural = model.init_locals(key_l, batch, global_means(model, global_natural))
     else:
         global_natural, local_natural = init

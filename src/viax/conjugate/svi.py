@@ -82,6 +82,8 @@ def svi_step(model: ConjugateModel, state: SviState, batch, num_data, offset, de
 
 
 _step_compiled = compiled(svi_step)
+# Module-level, the model an argument: a refit reuses the compiled initialisation.
+_init_globals = jax.jit(lambda key, model, batch: model.init_globals(key, batch))
 
 
 def _local_terms_chunk(model, global_natural, batch):
@@ -222,13 +224,11 @@ def svi(
             except StopIteration:
                 raise ValueError("no batches: the data or the iterator is empty") from None
             batches = itertools.chain([first], batches)
-            global_natural = jax.jit(model.init_globals)(
-                init_key, model.prepare(first, pad_to=batch_size)
-            )
+            global_natural = _init_globals(init_key, model, model.prepare(first, pad_to=batch_size))
         else:
             global_natural = jax.tree.map(jnp.asarray, init)
         step0 = 0
-    expected = jax.tree.map(jnp.shape, jax.jit(model.prior)())
+    expected = jax.tree.map(lambda x: x.shape, jax.eval_shape(model.prior))
     if jax.tree.map(jnp.shape, global_natural) != expected:
         raise ValueError("the starting global parameters do not match the model's shapes")
 
