@@ -356,9 +356,12 @@ def leave_one_out_control_variate(f: dict, h: dict, elem_ndim: int) -> dict:
     """``f − a h`` with ``a = Σ_d Cov(f^d, h^d) / Σ_d Var(h^d)`` per element, estimated for
     draw s from the other S − 1 draws.  ``f``, ``h``: dicts of (S, *element, *extra);
     d runs over the dict's leaves and the extra (e.g. category) dims."""
-    num, den = 0.0, 0.0
+    num, den, scale = 0.0, 0.0, 0.0
     for key in f:
-        fl, hl = f[key], h[key]
+        # Cov and Var are shift-invariant: centring on the mean of all draws only
+        # reduces cancellation, a_i stays a function of the other draws.
+        fl = f[key] - jnp.mean(f[key], 0)
+        hl = h[key] - jnp.mean(h[key], 0)
         n = fl.shape[0] - 1
         extra = tuple(range(1 + elem_ndim, fl.ndim))
         mfh = (jnp.sum(fl * hl, 0) - fl * hl) / n
@@ -367,7 +370,10 @@ def leave_one_out_control_variate(f: dict, h: dict, elem_ndim: int) -> dict:
         mhh = (jnp.sum(hl * hl, 0) - hl * hl) / n
         num = num + jnp.sum(mfh - mf * mh, axis=extra)
         den = den + jnp.sum(mhh - mh * mh, axis=extra)
-    ok = den > 1e-20
+        scale = scale + jnp.sum(mhh, axis=extra)
+    # When the other draws of h are all equal, Var is 0 up to rounding: a_i = 0 then
+    # (an a_i of rounding noise over rounding noise would be huge and random).
+    ok = den > 1e-8 * scale + 1e-300
     a = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
     return {key: f[key] - _expand(a, h[key]) * h[key] for key in f}
 
