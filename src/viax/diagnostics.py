@@ -21,6 +21,8 @@ PSIS and k̂ come from ArviZ (``arviz.psislw``).
 
 from __future__ import annotations
 
+import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -39,6 +41,26 @@ __all__ = [
 ]
 
 KHAT_GOOD, KHAT_USABLE = 0.5, 0.7
+
+_ARVIZ_IMPORT: threading.Thread | None = None
+
+
+def prefetch_arviz() -> None:
+    """Start importing ArviZ in a background thread.  The import takes seconds; started
+    when a fit starts, it overlaps with tracing and compilation, so the k̂ at the end of
+    the fit does not wait for it (``import arviz`` there joins this import)."""
+    global _ARVIZ_IMPORT
+    if _ARVIZ_IMPORT is not None or "arviz" in sys.modules:
+        return
+
+    def load():
+        try:
+            import arviz  # noqa: F401
+        except Exception:  # noqa: BLE001  the foreground import will report it
+            pass
+
+    _ARVIZ_IMPORT = threading.Thread(target=load, name="viax-import-arviz", daemon=True)
+    _ARVIZ_IMPORT.start()
 
 
 def psis(log_weights: np.ndarray) -> tuple[np.ndarray, float]:

@@ -164,7 +164,8 @@ def build_stochastic(
 
         return jax.vmap(one)(etas, jax.random.split(rng_key, etas.shape[0]))
 
-    return Stochastic(init, step, jit_once(elbo), jit_once(trials))
+    # The ELBO check runs every eval_elbo steps for the whole run: compile it fully.
+    return Stochastic(init, step, jax.jit(elbo), jit_once(trials))
 
 
 def adapt_eta(algo: Stochastic, params, rng_key, data, grid=ETA_GRID) -> tuple[float, dict]:
@@ -193,6 +194,7 @@ class StanConvergence:
         self.window: deque[float] = deque(maxlen=size)
         self.previous = initial_elbo
         self.history: list[tuple[int, float]] = []
+        self.warned = False  # the "may be diverging" warning is given once per run
 
     def update(self, elbo: float, step: int) -> tuple[bool, str]:
         rel = abs((elbo - self.previous) / elbo) if elbo != 0 else np.inf
@@ -204,7 +206,8 @@ class StanConvergence:
             return True, f"mean relative ELBO change {mean:.2g} < tol_rel_obj {self.tol}"
         if median < self.tol:
             return True, f"median relative ELBO change {median:.2g} < tol_rel_obj {self.tol}"
-        if step > 10 * self.eval_elbo and mean > 0.5 and median > 0.5:
+        if step > 10 * self.eval_elbo and mean > 0.5 and median > 0.5 and not self.warned:
+            self.warned = True
             warnings.warn(
                 f"ADVI: relative ELBO change still {median:.2g} at step {step}; the "
                 "optimisation may be diverging, proceed with caution",

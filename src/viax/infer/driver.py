@@ -99,18 +99,24 @@ class RunOutput(NamedTuple):
     num_backoffs: int
 
 
-_CHUNK_FNS: dict[Callable, Callable] = {}
+_CHUNK_FNS: dict[tuple[Callable, bool], Callable] = {}
 
 
-def chunk_fn(step_fn: Callable) -> Callable:
-    """``jit(scan(step))`` cached per step function, so refits reuse compiled code."""
-    fn = _CHUNK_FNS.get(step_fn)
+def chunk_fn(step_fn: Callable, fast_compile: bool = False) -> Callable:
+    """``jit(scan(step))`` cached per step function, so refits reuse compiled code.
+
+    ``fast_compile`` trades run time for compile time: right for an algorithm that
+    converges in tens of steps (the deterministic default), wrong for the thousands of
+    steps of a stochastic one, whose per-step cost is three times higher at XLA's
+    optimisation level 0."""
+    key = (step_fn, fast_compile)
+    fn = _CHUNK_FNS.get(key)
     if fn is None:
 
         def run_chunk(state, keys, data):
             return jax.lax.scan(lambda s, k: step_fn(s, k, data), state, keys)
 
-        fn = _CHUNK_FNS[step_fn] = jit_once(run_chunk)
+        fn = _CHUNK_FNS[key] = (jit_once if fast_compile else jax.jit)(run_chunk)
     return fn
 
 
@@ -127,6 +133,7 @@ def run(
     description: str = "viax",
     max_backoffs: int = 5,
     objective_name: str = "elbo",
+    fast_compile: bool = False,
 ) -> RunOutput:
     """Run ``step_fn`` for up to ``num_steps`` steps in chunks of ``chunk_size``.
 
@@ -134,7 +141,7 @@ def run(
     stacked Info of its steps; it returns ``None`` to go on, or ``(converged, message)``
     to stop: converged, or stuck with no hope of progress.
     """
-    run_chunk = chunk_fn(step_fn)
+    run_chunk = chunk_fn(step_fn, fast_compile)
     chunk_size = max(1, min(chunk_size, num_steps))
     traces, steps_done, backoffs = [], 0, 0
     converged, message = False, f"reached the maximum of {num_steps} steps"
