@@ -67,7 +67,7 @@ def test_optax_optimizer_runs_the_fixed_budget():
         normal_model,
         {"y": Y},
         family="meanfield",
-        optimizer=optax.adam(0.05),
+        optimizer=optax.adam(optax.exponential_decay(0.05, 1000, 0.1)),
         num_steps=3000,
         num_particles=4,
         seed=1,
@@ -75,7 +75,9 @@ def test_optax_optimizer_runs_the_fixed_budget():
     )
     assert result.algorithm == "optax" and result.num_steps == 3000
     assert len(result.elbo_trace) == 3000
-    assert abs(result.mean_unconstrained[0] - mean) < 0.2 * sd
+    # The rate decays to 0.05 · 0.1³: the last iterate's noise is a few % of an sd.
+    assert abs(result.mean_unconstrained[0] - mean) < 0.1 * sd
+    assert result.converged
 
 
 # A Gaussian q in the unconstrained space has lighter tails than this posterior, so the
