@@ -8,7 +8,8 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-from viax import diagnostics  # noqa: E402
+from viax import conjugate, diagnostics  # noqa: E402
+from viax.conjugate import cavi, naive, svi  # noqa: E402
 from viax.diagnostics import Evidence, khat_verdict  # noqa: E402
 from viax.families import FAMILIES, FullRank, LowRank, MeanField, make_family  # noqa: E402
 from viax.fit import METHODS, OPTIMIZERS, fit  # noqa: E402
@@ -32,11 +33,15 @@ __all__ = [
     "Model",
     "ModelError",
     "Result",
+    "cavi",
+    "conjugate",
     "diagnostics",
     "fit",
     "gradient_variance",
     "khat_verdict",
     "make_family",
+    "naive",
     "scale_by_stan_advi",
     "stan_advi",
+    "svi",
 ]
