@@ -210,7 +210,8 @@ class Result:
                 (
                     "log p(x)",
                     f"{ev.log_p:.4f} ± {ev.log_p_se:.2g}",
-                    f"PSIS, defensive proposal, {ev.num_samples} draws, k-hat {ev.khat:.2f}",
+                    f"PSIS, {'defensive proposal' if self.target is not None else 'draws of q'}, "
+                    f"{ev.num_samples} draws, k-hat {ev.khat:.2f}",
                 )
             )
             for k, (value, se) in ev.iwae.items():
