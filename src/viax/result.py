@@ -147,25 +147,26 @@ class Result:
 
     # -- importance weights, evidence, trust -------------------------------
     def _draws_and_log_weights(self, num_samples: int, seed: int, keep_positions: bool):
-        """Unconstrained draws (or None) and log weights, in chunks of ≤ 10⁴ draws so
-        that 10⁶ draws fit in memory."""
+        """Unconstrained draws (or None) and log weights of ``num_samples`` draws of q."""
         if self.target is None:
             if self.log_weights_fn is None:
                 raise NotImplementedError(
                     f"method {self.method!r} provides no log weights for evidence estimates"
                 )
             return None, np.asarray(self.log_weights_fn(num_samples, seed), dtype=float)
+        chunks = self._in_chunks(log_weights_fn, num_samples, seed)
+        weights = np.concatenate([np.asarray(lw) for _, lw in chunks])[:num_samples]
+        if not keep_positions:
+            return None, weights
+        return np.concatenate([np.asarray(z) for z, _ in chunks])[:num_samples], weights
+
+    def _in_chunks(self, make_fn, num_samples: int, seed: int) -> list:
+        """``make_fn(target, family, chunk)(params, key, data)`` for ⌈num_samples/chunk⌉
+        keys, chunk ≤ 10⁴, so that 10⁶ draws fit in memory."""
         chunk = int(min(num_samples, _CHUNK))
-        fn = log_weights_fn(self.target, self.family, chunk)
-        positions, weights = [], []
+        fn = make_fn(self.target, self.family, chunk)
         keys = jax.random.split(jax.random.PRNGKey(seed), -(-num_samples // chunk))
-        for key in keys:
-            z, lw = fn(self.params, key, self.data)
-            weights.append(np.asarray(lw))
-            if keep_positions:
-                positions.append(np.asarray(z))
-        weights = np.concatenate(weights)[:num_samples]
-        return (np.concatenate(positions)[:num_samples] if keep_positions else None), weights
+        return [fn(self.params, key, self.data) for key in keys]
 
     def log_weights(self, num_samples: int = 1000, seed: int = 0) -> np.ndarray:
         """log p(x, z) − log q(z) for z ~ q, shape (num_samples,)."""
@@ -178,11 +179,8 @@ class Result:
 
         defensive = None
         if self.target is not None and self.target.dim <= _MAX_DENSE_DIM:
-            fn = defensive_log_weights_fn(self.target, self.family, int(min(num_samples, _CHUNK)))
-            keys = jax.random.split(jax.random.PRNGKey(seed + 7919), -(-num_samples // _CHUNK))
-            defensive = np.concatenate(
-                [np.asarray(fn(self.params, key, self.data)) for key in keys]
-            )[:num_samples]
+            chunks = self._in_chunks(defensive_log_weights_fn, num_samples, seed + 7919)
+            defensive = np.concatenate([np.asarray(lw) for lw in chunks])[:num_samples]
         return evidence_from_log_weights(
             self.log_weights(num_samples, seed), proposal_log_weights=defensive
         )
