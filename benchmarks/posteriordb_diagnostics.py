@@ -10,29 +10,21 @@ writes benchmarks/results/posteriordb_diagnostics.json and .md.
 from __future__ import annotations
 
 import datetime
-import importlib.util
 import json
 import sys
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _models():
-    spec = importlib.util.spec_from_file_location(
-        "posteriordb_models", ROOT / "examples" / "posteriordb_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from _common import RESULTS_DIR as RESULTS  # noqa: E402  (also puts examples/ on sys.path)
 
 
 def main() -> None:
+    import posteriordb_models as pdb
+
     import viax
 
-    pdb = _models()
     rows = []
     for name in pdb.MODELS:
         model, data, reference = pdb.load(name)

@@ -1,5 +1,7 @@
-"""Shared fixtures: float64 on (importing viax does it), the shared data folder."""
+"""Shared fixtures: float64 on (importing viax does it), the shared data folder, the
+examples on sys.path."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,11 @@ import pytest
 import viax  # noqa: F401  (turns on float64 before any test builds arrays)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Tests import the example models as a user would run them: `import eight_schools`.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
 
 
 @pytest.fixture(scope="session")

@@ -1,22 +1,9 @@
 """Full-rank fits of real posteriors against posteriordb's NUTS reference moments."""
 
-import importlib.util
-from pathlib import Path
-
+import posteriordb_models as pdb
 import pytest
 
 import viax
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _models():
-    spec = importlib.util.spec_from_file_location(
-        "posteriordb_models", ROOT / "examples" / "posteriordb_models.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -31,7 +18,6 @@ def _models():
     ],
 )
 def test_fullrank_means_within_tolerance_of_reference(shared_data, name, tolerance):
-    pdb = _models()
     model, data, reference = pdb.load(name)
     result = viax.fit(model, data, family="fullrank", seed=0, progress=False)
     assert result.converged, result.message

@@ -113,20 +113,20 @@ def test_eta_search_error_when_all_diverge():
 def test_stan_fullrank_eight_schools_stays_sane():
     # Regression: log q at the draws of an exploded trial q once made η = 10 look best,
     # and the full-rank fit ended 10⁸ sds away.
-    import importlib.util
     import json
     from pathlib import Path
+
+    import eight_schools
 
     import viax
 
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("es", root / "examples" / "eight_schools.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     data = json.loads((root / "examples" / "data" / "eight_schools.json").read_text())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*k-hat", category=RuntimeWarning)
-        result = viax.fit(module.model, data, family="fullrank", optimizer="stan", progress=False)
+        result = viax.fit(
+            eight_schools.model, data, family="fullrank", optimizer="stan", progress=False
+        )
     assert result.info["eta"] <= 1.0
     trials = result.info["eta_trials"]
     assert trials[10.0] < trials[result.info["eta"]]
