@@ -179,6 +179,7 @@ def fit(
             progress,
         )
     params, run_output, algorithm, info = output
+    info["seconds_per_step"] = run_output.seconds_per_step
     if "elbo_terms" in info:
         log_weights = info.pop("elbo_terms")
     else:

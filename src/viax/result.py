@@ -47,7 +47,9 @@ class Result:
         converged, message: the convergence verdict and why.
         num_steps, wall_time, compile_time: steps taken, seconds in all, seconds
             spent compiling.
-        info: algorithm details (chosen η, MAP / preconditioner, Monte Carlo error).
+        info: algorithm details (chosen η, MAP / preconditioner, Monte Carlo error;
+            ``seconds_per_step``: steady cost of a step, progress bar and convergence
+            check included, the median over the chunks after the first).
     """
 
     method: str

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["Family", "FullRank", "LowRank", "MeanField", "make_family", "FAMILIES"]
 
@@ -108,11 +109,16 @@ class FullRank(Family):
         chol = jnp.eye(self.dim) if cov is None else jnp.linalg.cholesky(cov)
         return {"loc": loc, "tril": jnp.tril(chol, -1), "log_diag": jnp.log(jnp.diagonal(chol))}
 
+    def _strict_lower(self, params):
+        # A constant mask and a select: jnp.tril/jnp.diag lower to scatters, which
+        # cost more than the rest of a step on CPU.
+        return jnp.where(np.tri(self.dim, k=-1, dtype=bool), params["tril"], 0.0)
+
     def scale_tril(self, params):
-        return jnp.tril(params["tril"], -1) + jnp.diag(jnp.exp(params["log_diag"]))
+        return self._strict_lower(params) + np.eye(self.dim) * jnp.exp(params["log_diag"])
 
     def transform(self, params, eps):
-        return params["loc"] + self.scale_tril(params) @ eps
+        return params["loc"] + self._strict_lower(params) @ eps + jnp.exp(params["log_diag"]) * eps
 
     def log_prob(self, params, z):
         chol = self.scale_tril(params)

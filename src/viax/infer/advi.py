@@ -133,15 +133,15 @@ def build_stochastic(
             return -elbo_from_noise(family, log_density_fn, params, eps, stick_the_landing)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updates = jax.tree_util.tree_map(lambda u: state.guard.step_scale * u, updates)
-        new_params = optax.apply_updates(state.params, updates)
+
+        def apply(old):
+            params, opt_state = old
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates = jax.tree_util.tree_map(lambda u: state.guard.step_scale * u, updates)
+            return optax.apply_updates(params, updates), opt_state
+
         (params, opt_state), guard, _ = guarded_update(
-            state.guard,
-            loss,
-            grads["loc"],
-            (new_params, opt_state),
-            (state.params, state.opt_state),
+            state.guard, loss, grads["loc"], apply, (state.params, state.opt_state)
         )
         return ADVIState(params, opt_state, guard), ADVIInfo(objective=-loss)
 

@@ -134,9 +134,13 @@ def build_bbvi(
         grads, estimator_state, info = grad_estimator.grad(
             state.params, state.estimator_state, rng_key, data
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        updates = jax.tree_util.tree_map(lambda u: state.guard.step_scale * u, updates)
-        new_params = optax.apply_updates(state.params, updates)
+
+        def apply(old):
+            params, opt_state, _ = old
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            updates = jax.tree_util.tree_map(lambda u: state.guard.step_scale * u, updates)
+            return optax.apply_updates(params, updates), opt_state, estimator_state
+
         # One entry per site, so a non-finite gradient is reported by site name.
         per_site = jnp.stack(
             [sum(jnp.sum(g) for g in jax.tree_util.tree_leaves(grads[n])) for n in names]
@@ -145,7 +149,7 @@ def build_bbvi(
             state.guard,
             info.objective,
             per_site,
-            (new_params, opt_state, estimator_state),
+            apply,
             (state.params, state.opt_state, state.estimator_state),
         )
         return BBVIState(params, opt_state, estimator_state, guard), BBVIInfo(*info)
@@ -304,6 +308,7 @@ def fit_bbvi(
         "num_impossible": int(np.sum([np.sum(x) for x in impossible])),
         "elbo_evaluations": rule.history,
         "num_backoffs": output.num_backoffs,
+        "seconds_per_step": output.seconds_per_step,
         "discrete_sites": structure.discrete_sites,
     }
     return Result(

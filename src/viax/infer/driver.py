@@ -69,14 +69,16 @@ def guard_init(dim: int, step_scale: float = 1.0) -> Guard:
     )
 
 
-def guarded_update(guard: Guard, value, flat_grad, new, old):
-    """Keep ``old`` (a pytree) where the step is not finite; return (chosen, guard, finite)."""
+def guarded_update(guard: Guard, value, flat_grad, apply_fn: Callable, old):
+    """``apply_fn(old)`` where the step is finite, else ``old``: (chosen, guard, finite).
+
+    ``value`` is the step's objective and ``flat_grad`` its gradient (one entry per
+    coordinate or site).  The update runs under ``lax.cond``, so a finite step pays
+    only for the update: a ``where`` over the whole state cost more than the full-rank
+    family's gradient."""
     grad_finite = jnp.isfinite(flat_grad)
     finite = jnp.isfinite(value) & jnp.all(grad_finite)
-    finite = finite & jnp.all(
-        jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new)])
-    )
-    chosen = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+    chosen = jax.lax.cond(finite, apply_fn, lambda o: o, old)
     guard = guard._replace(
         step=guard.step + 1,
         num_nonfinite=guard.num_nonfinite + (~finite).astype(jnp.int32),
@@ -97,6 +99,7 @@ class RunOutput(NamedTuple):
     wall_time: float
     compile_time: float
     num_backoffs: int
+    seconds_per_step: float  # steady cost: median over chunks after the first, loop included
 
 
 _CHUNK_FNS: dict[tuple[Callable, bool], Callable] = {}
@@ -145,7 +148,7 @@ def run(
     chunk_size = max(1, min(chunk_size, num_steps))
     traces, steps_done, backoffs = [], 0, 0
     converged, message = False, f"reached the maximum of {num_steps} steps"
-    durations: list[float] = []  # seconds per step of each chunk
+    durations: list[float] = []  # seconds per step of each chunk, bar and check included
     start = time.perf_counter()
     with tqdm(total=num_steps, desc=description, disable=not progress, leave=False) as bar:
         while steps_done < num_steps:
@@ -155,7 +158,6 @@ def run(
             t0 = time.perf_counter()
             new_state, info = run_chunk(state, keys, data)
             objective = np.asarray(info.objective)
-            durations.append((time.perf_counter() - t0) / n)
             if int(new_state.guard.num_nonfinite) > int(state.guard.num_nonfinite):
                 backoffs += 1
                 if backoffs > max_backoffs:
@@ -172,6 +174,7 @@ def run(
             bar.update(n)
             bar.set_postfix_str(f"{objective_name} {objective[-1]:.4g}")
             verdict = check_fn(state, info, steps_done) if check_fn is not None else None
+            durations.append((time.perf_counter() - t0) / n)
             if verdict is not None:
                 converged, message = verdict
                 break
@@ -181,7 +184,7 @@ def run(
     compile_time = max(0.0, (durations[0] - steady) * chunk_size) if durations else 0.0
     trace = np.concatenate(traces) if traces else np.zeros(0)
     return RunOutput(
-        state, trace, steps_done, converged, message, wall_time, compile_time, backoffs
+        state, trace, steps_done, converged, message, wall_time, compile_time, backoffs, steady
     )
 
 
