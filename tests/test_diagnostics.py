@@ -181,3 +181,32 @@ def test_plot_with_reference_moments(tmp_path):
     fig = result.plot(reference=reference, path=str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
     assert any(line.get_label() == "reference" for ax in fig.axes for line in ax.lines)
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [
+        lambda rng: rng.standard_normal(4000),  # light tail
+        lambda rng: np.log(rng.pareto(1.5, 4000) + 1),  # k = 1/1.5
+        lambda rng: st.t.logpdf(rng.standard_normal(1000), df=3) - st.norm.logpdf(0),
+        lambda rng: np.where(rng.random(2000) < 0.1, -np.inf, rng.gumbel(size=2000)),
+    ],
+)
+def test_psis_matches_arviz(draw):
+    # viax's NumPy PSIS is ArviZ's algorithm without the import cost: same numbers.
+    import arviz as az
+
+    log_weights = draw(np.random.default_rng(3))
+    smoothed, khat = psis(log_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, expected_khat = az.psislw(log_weights.copy(), normalize=False)
+    np.testing.assert_allclose(khat, float(expected_khat), rtol=1e-12)
+    np.testing.assert_allclose(smoothed, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_psis_recovers_a_known_pareto_tail():
+    # Weights w = 1 + Pareto(α) have a generalised Pareto tail with k = 1/α.
+    rng = np.random.default_rng(0)
+    ks = [psis(np.log1p(rng.pareto(2.0, 20_000)))[1] for _ in range(5)]
+    assert abs(np.mean(ks) - 0.5) < 0.05

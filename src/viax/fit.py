@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import optax
 
-from viax.diagnostics import KHAT_USABLE, prefetch_arviz, psis
+from viax.diagnostics import KHAT_USABLE, psis
 from viax.families.gaussian import FAMILIES, Family, make_family
 from viax.infer import advi, dadvi
 from viax.infer.driver import DivergenceError, run
@@ -149,7 +149,6 @@ def fit(
         eta = _check_positive_float("eta", eta)
     seed = _check_positive_int("seed", seed, minimum=0)
 
-    prefetch_arviz()
     target, arrays, init_position = build_target(model, data, seed=seed)
     if target.discrete_sites:
         raise ModelError(
