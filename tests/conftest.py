@@ -1,12 +1,16 @@
 """Shared fixtures: float64 on (importing viax does it), the shared data folder, the
 examples on sys.path."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-import viax  # noqa: F401  (turns on float64 before any test builds arrays)
+# Every test compiles afresh (tests/test_cache.py checks the on-disk cache itself).
+os.environ["VIAX_CACHE_DIR"] = "off"
+
+import viax  # noqa: E402, F401  (turns on float64 before any test builds arrays)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,12 +1,18 @@
 """viax: variational inference on JAX.
 
 Importing viax turns on JAX's float64 mode: ill-conditioned posteriors (unscaled
-regressions) need it, and Stan and PyMC work in float64 too.
+regressions) need it, and Stan and PyMC work in float64 too.  It also keeps compiled
+programs on disk (:mod:`viax.cache`; ``VIAX_CACHE_DIR=off`` turns that off), so a
+fresh process refits a model it has seen without compiling.
 """
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
+
+from viax import cache  # noqa: E402
+
+cache._enable_on_import()
 
 from viax import conjugate, diagnostics  # noqa: E402
 from viax.conjugate import cavi, naive, svi  # noqa: E402
@@ -33,6 +39,7 @@ __all__ = [
     "Model",
     "ModelError",
     "Result",
+    "cache",
     "cavi",
     "conjugate",
     "diagnostics",

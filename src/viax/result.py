@@ -394,7 +394,10 @@ _CHUNK = 10_000
 
 
 @functools.lru_cache(maxsize=128)
+@functools.lru_cache(maxsize=128)
 def log_weights_fn(target: Target, family: Family, num_samples: int):
+    """Compiled ``(params, key, data) -> (z (S, D), log p̃(z) − log q(z) (S,))``."""
+
     def run(params, key, data):
         z, log_q = family.sample_and_log_prob(params, key, num_samples)
         return z, jax.vmap(lambda x: target.log_density(x, data))(z) - log_q

@@ -40,6 +40,9 @@ def test_log_prob_entropy_covariance_match_numpyro(family):
     np.testing.assert_allclose(family.entropy(params), ref.entropy(), rtol=1e-10)
     np.testing.assert_allclose(family.covariance(params), ref.covariance_matrix, rtol=1e-10)
     np.testing.assert_allclose(family.stddev(params), jnp.sqrt(jnp.diag(ref.covariance_matrix)))
+    # Draws with their log density (computed from the base noise where the map is square).
+    draws, log_q = family.sample_and_log_prob(params, jax.random.PRNGKey(4), 5)
+    np.testing.assert_allclose(log_q, ref.log_prob(draws), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("family", [MeanField(DIM), FullRank(DIM), LowRank(DIM, 2)])

@@ -61,6 +61,13 @@ class Family:
         z = self.sample(params, rng_key, num_samples)
         return z, jax.vmap(lambda x: self.log_prob(params, x))(z)
 
+    def _affine_sample_and_log_prob(self, params, rng_key, num_samples, log_det):
+        # z = m + A ε with A square: log q(z) = log N(ε; 0, I) − log|det A|, no solve.
+        eps = jax.random.normal(rng_key, (num_samples, self.noise_dim))
+        z = jax.vmap(lambda e: self.transform(params, e))(eps)
+        log_q = -0.5 * jnp.sum(eps**2, axis=1) - log_det - 0.5 * self.dim * _LOG_2PI
+        return z, log_q
+
     def affine(self, params, center, scale):
         """Params of the pushforward of q under z ↦ center + scale ⊙ z (scale (D,))."""
         raise NotImplementedError
@@ -85,6 +92,10 @@ class MeanField(Family):
 
     def entropy(self, params):
         return jnp.sum(params["log_scale"]) + 0.5 * self.dim * (1.0 + _LOG_2PI)
+
+    def sample_and_log_prob(self, params, rng_key, num_samples: int):
+        log_det = jnp.sum(params["log_scale"])
+        return self._affine_sample_and_log_prob(params, rng_key, num_samples, log_det)
 
     def covariance(self, params):
         return jnp.diag(jnp.exp(2 * params["log_scale"]))
@@ -127,6 +138,10 @@ class FullRank(Family):
 
     def entropy(self, params):
         return jnp.sum(params["log_diag"]) + 0.5 * self.dim * (1.0 + _LOG_2PI)
+
+    def sample_and_log_prob(self, params, rng_key, num_samples: int):
+        log_det = jnp.sum(params["log_diag"])
+        return self._affine_sample_and_log_prob(params, rng_key, num_samples, log_det)
 
     def covariance(self, params):
         chol = self.scale_tril(params)

@@ -92,7 +92,8 @@ def build_setup(target: Target, family: Family, num_draws: int, max_steps: int =
         hess = 0.5 * (hess + hess.T)
         eigval, eigvec = jnp.linalg.eigh(hess)
         ok = (
-            jnp.all(jnp.isfinite(center))
+            jnp.isfinite(state.value)
+            & jnp.all(jnp.isfinite(center))
             & jnp.all(jnp.isfinite(hess))
             & (eigval[0] > 1e-10 * jnp.abs(eigval[-1]))
             & (jnp.max(jnp.abs(state.grad)) < 1e-3)
@@ -138,8 +139,10 @@ class DADVIInfo(NamedTuple):
 
 class DADVI(NamedTuple):
     setup: Callable  # (init_position, data, rng_key) -> (Setup, DADVIState), one compile
+    # setup and finalize derive their keys from the fit's key with fold_in 0 and 1.
     step: Callable  # (state, rng_key, inputs) -> (state, info); inputs = (data, setup)
     finalize: Callable  # (params_w, inputs, rng_key) -> (params, elbo terms)
+    initial: Callable  # inputs -> (loss, grad) at the start, for error reports only
 
 
 def _fixed_draw_elbo(target, family, params, data, draws, precond: Preconditioner):
@@ -164,8 +167,9 @@ def build_dadvi(
     prepare = build_setup(target, family, num_draws)
 
     def setup(init_position, data, rng_key):
-        # MAP, preconditioner and the first L-BFGS state in one compiled program.
-        setup = prepare(init_position, data, rng_key)
+        # MAP and preconditioner in one compiled program; the L-BFGS state is fresh
+        # (its first step evaluates the objective), so the ELBO is compiled once.
+        setup = prepare(init_position, data, jax.random.fold_in(rng_key, 0))
         state = DADVIState(lbfgs_init(family.init(), (data, setup)), guard_init(target.dim))
         return setup, state
 
@@ -177,9 +181,13 @@ def build_dadvi(
     def finalize(params_w, inputs, rng_key):
         data, setup = inputs
         params = setup.preconditioner.push(family, params_w)
+        key = jax.random.fold_in(rng_key, 1)
         terms = elbo_terms(
-            family, lambda z: target.log_density(z, data), params, rng_key, num_final_draws
+            family, lambda z: target.log_density(z, data), params, key, num_final_draws
         )
         return params, terms
 
-    return DADVI(jit_once(setup), step, jit_once(finalize))
+    def initial(inputs):
+        return jax.value_and_grad(loss_fn)(family.init(), inputs)
+
+    return DADVI(jit_once(setup), step, jit_once(finalize), jit_once(initial))

@@ -36,9 +36,9 @@ __all__ = [
 _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def jit_once(fn: Callable) -> Callable:
+def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     """``jax.jit`` tuned for compile time: setup, finalisation, sampling."""
-    return jax.jit(fn, compiler_options=_FAST_COMPILE)
+    return jax.jit(fn, compiler_options=_FAST_COMPILE, **jit_kwargs)
 
 
 class DivergenceError(RuntimeError):
@@ -116,10 +116,13 @@ def chunk_fn(step_fn: Callable, fast_compile: bool = False) -> Callable:
     fn = _CHUNK_FNS.get(key)
     if fn is None:
 
-        def run_chunk(state, keys, data):
+        def run_chunk(state, rng_key, chunk_index, num_steps, data):
+            # Keys are derived inside the program: eager jax.random calls would each
+            # compile a program of their own.
+            keys = jax.random.split(jax.random.fold_in(rng_key, chunk_index), num_steps)
             return jax.lax.scan(lambda s, k: step_fn(s, k, data), state, keys)
 
-        fn = _CHUNK_FNS[key] = (jit_once if fast_compile else jax.jit)(run_chunk)
+        fn = _CHUNK_FNS[key] = (jit_once if fast_compile else jax.jit)(run_chunk, static_argnums=3)
     return fn
 
 
@@ -146,17 +149,16 @@ def run(
     """
     run_chunk = chunk_fn(step_fn, fast_compile)
     chunk_size = max(1, min(chunk_size, num_steps))
-    traces, steps_done, backoffs = [], 0, 0
+    traces, steps_done, backoffs, chunk_index = [], 0, 0, 0
     converged, message = False, f"reached the maximum of {num_steps} steps"
     durations: list[float] = []  # seconds per step of each chunk, bar and check included
     start = time.perf_counter()
     with tqdm(total=num_steps, desc=description, disable=not progress, leave=False) as bar:
         while steps_done < num_steps:
             n = min(chunk_size, num_steps - steps_done)
-            rng_key, sub = jax.random.split(rng_key)
-            keys = jax.random.split(sub, n)
             t0 = time.perf_counter()
-            new_state, info = run_chunk(state, keys, data)
+            new_state, info = run_chunk(state, rng_key, np.int32(chunk_index), n, data)
+            chunk_index += 1
             objective = np.asarray(info.objective)
             if int(new_state.guard.num_nonfinite) > int(state.guard.num_nonfinite):
                 backoffs += 1
