@@ -562,7 +562,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--problem", action="append", choices=PROBLEMS)
     parser.add_argument("--part", choices=("whole", "steady", "both"), default="both")
-    parser.add_argument("--skip", action="append", default=[], help="skip a tool: pymc, ...")
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="skip a tool: pymc, numpyro, viax, or numpyro-bar (NumPyro's progress-bar runs)",
+    )
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument(
         "--report-only", action="store_true", help="redo targets and tables from speed.json"
@@ -590,7 +595,12 @@ def main(argv=None) -> dict:
         configs += whole_fit_configs(problems)
     if args.part in ("steady", "both"):
         configs += steady_configs(problems)
-    configs = [c for c in configs if c["tool"] not in args.skip]
+    configs = [
+        c
+        for c in configs
+        if c["tool"] not in args.skip
+        and not ("numpyro-bar" in args.skip and c["tool"] == "numpyro" and c.get("progress"))
+    ]
     runs: dict[str, list] = {_key(c): [] for c in configs}
     for repeat in range(args.repeats):
         # Interleaved: every contender once per round, so load drifts hit all alike.
