@@ -181,16 +181,21 @@ def fit(
     info["seconds_per_step"] = run_output.seconds_per_step
     if "elbo_terms" in info:
         log_weights = info.pop("elbo_terms")
+        draw_log_weights = info.pop("draw_log_weights")
     else:
-        key = jax.random.PRNGKey(seed + 1)
-        _, log_weights = log_weights_fn(target, fam, _NUM_ELBO_DRAWS)(params, key, arrays)
+        sampler = log_weights_fn(target, fam, _NUM_ELBO_DRAWS)
+
+        def draw_log_weights(key):
+            return sampler(params, key, arrays)[1]
+
+        log_weights = draw_log_weights(jax.random.PRNGKey(seed + 1))
     # The draws of the final ELBO estimate double as importance draws for k̂.
     log_weights = np.asarray(log_weights)
     khat = psis(log_weights)[1] if not np.isnan(log_weights).any() else float("nan")
     if khat >= KHAT_USABLE:
         # From 1000 draws k̂ is noisy and biased upwards (a q whose k̂ is 0.25 from 20,000
         # draws scores up to 0.76 from 1000): confirm on ten times as many before warning.
-        log_weights = _more_log_weights(target, fam, params, arrays, seed, log_weights)
+        log_weights = _more_log_weights(draw_log_weights, seed, log_weights)
         khat = psis(log_weights)[1] if not np.isnan(log_weights).any() else float("nan")
     info["num_khat_draws"] = log_weights.size
     elbo, elbo_se = mean_and_se(log_weights)
@@ -218,13 +223,13 @@ def fit(
     return result
 
 
-def _more_log_weights(target, family, params, data, seed, log_weights, batches: int = 9):
-    """``log_weights`` (S,) and ``batches`` more batches of S, one compiled program."""
-    sampler = log_weights_fn(target, family, log_weights.size)
-    key = jax.random.PRNGKey(seed + 2)
-    more = [
-        np.asarray(sampler(params, jax.random.fold_in(key, i), data)[1]) for i in range(batches)
-    ]
+def _more_log_weights(draw_log_weights, seed, log_weights, batches: int = 9):
+    """``log_weights`` (S,) and ``batches`` more batches from ``draw_log_weights(key)``,
+    the program that drew the first (no new compile, no eager key arithmetic)."""
+    more = []
+    for i in range(batches):
+        key = np.random.default_rng([seed, i]).integers(0, 2**32, 2, dtype=np.uint32)
+        more.append(np.asarray(draw_log_weights(key)))
     return np.concatenate([log_weights, *more])
 
 
@@ -300,6 +305,7 @@ def _fit_dadvi(
     params_w = output.state.optimizer.position
     params, terms = algo.finalize(params_w, inputs, rng_key)
     info["elbo_terms"] = np.asarray(terms)
+    info["draw_log_weights"] = lambda key: algo.finalize(params_w, inputs, key)[1]
     info["fixed_draw_elbo"] = float(output.trace[-1]) if len(output.trace) else float("nan")
     info["init_position"] = init_position
     info["max_steps"] = max_steps
