@@ -38,6 +38,7 @@ objective, and that draw contributes no pathwise gradient; such draws are counte
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ from viax.families.discrete import (
     MeanFieldProduct,
     Normal,
     Poisson,
+    _sum_last,
+    standard_normal_quantile,
 )
 from viax.infer.driver import jit_once
 from viax.model import ModelError, Target
@@ -352,30 +355,93 @@ def _expand(cost, leaf):
     return jnp.reshape(cost, cost.shape + (1,) * (leaf.ndim - cost.ndim))
 
 
+# XLA on CPU fuses a reduction into the elementwise loop that consumes it and then
+# recomputes the reduction for every element of the consumer: a per-draw sum over
+# 1000 log-prob terms broadcast over the (S, 1000, K) scores cost 30 ms a step.  Sums
+# that feed larger arrays are therefore written as products with a vector of ones,
+# which XLA never fuses that way; sums over a few entries are added slice by slice,
+# which is cheap to recompute.
+
+
+def _sum_draws(x):
+    """``jnp.sum(x, 0)`` as a dot (see above)."""
+    return jnp.tensordot(jnp.ones(x.shape[0], x.dtype), x, axes=1)
+
+
+def _sum_trailing(x, ndim: int):
+    """Sum of ``x`` over its dims after the first ``ndim`` (see above)."""
+    if x.ndim == ndim:
+        return x
+    x = jnp.reshape(x, x.shape[:ndim] + (-1,))
+    if x.shape[-1] <= 16:
+        return _sum_last(x)
+    return x @ jnp.ones(x.shape[-1], x.dtype)
+
+
+def _sum_axes(x, axes: tuple[int, ...]):
+    """``jnp.sum(x, axes, keepdims=True)`` (see above)."""
+    if not axes:
+        return x
+    keep = [a for a in range(x.ndim) if a not in axes]
+    moved = jnp.transpose(x, keep + list(axes))
+    total = _sum_trailing(moved, len(keep))
+    return jnp.reshape(total, tuple(1 if a in axes else n for a, n in enumerate(x.shape)))
+
+
+def _materialise(x):
+    """``x``, computed once: a dot's output is never recomputed by its consumers (see
+    above), so an expensive per-draw value is not re-evaluated for every element of
+    the (S, *element, K) arrays it feeds."""
+    if 2 <= x.shape[-1] <= 16:
+        return x @ jnp.eye(x.shape[-1], dtype=x.dtype)
+    return jnp.stack([x, jnp.zeros_like(x)], axis=-1) @ jnp.ones(2, x.dtype)
+
+
+def _mean_and_variance_sum(x):
+    """Mean over draws, and Σ over components of the variance over draws (ddof 1),
+    from Σ_s x_s and Σ_s,d x_sd²: reductions of x itself, which XLA fuses with the
+    work that makes x (centring first would add a pass over x).  The one-pass formula
+    loses digits only where a component's mean dwarfs its spread, and this sum only
+    reports the variance."""
+    num_draws = x.shape[0]
+    mean = jnp.sum(x, axis=0) / num_draws
+    spread = jnp.sum(jnp.square(x)) - num_draws * jnp.sum(jnp.square(mean))
+    return mean, jnp.maximum(spread, 0.0) / (num_draws - 1)
+
+
 def leave_one_out_control_variate(f: dict, h: dict, elem_ndim: int) -> dict:
     """``f − a h`` with ``a = Σ_d Cov(f^d, h^d) / Σ_d Var(h^d)`` per element, estimated for
     draw s from the other S − 1 draws.  ``f``, ``h``: dicts of (S, *element, *extra);
     d runs over the dict's leaves and the extra (e.g. category) dims."""
-    num, den, scale = 0.0, 0.0, 0.0
+    a = _leave_one_out_coefficient(f, h, elem_ndim)
+    return {key: f[key] - _expand(a, h[key]) * h[key] for key in f}
+
+
+def _leave_one_out_coefficient(f: dict, h: dict, elem_ndim: int):
+    """a_s, (S, *element), of :func:`leave_one_out_control_variate`.
+
+    With f̃, h̃ centred on the mean of all S draws (Cov and Var are shift-invariant,
+    and centring only reduces cancellation), the leave-one-out moments of draw s are
+    ``Cov₋ₛ = (A − c P_s) / n`` and ``Var₋ₛ = (B − c Q_s) / n`` with n = S − 1,
+    c = 1 + 1/n, ``P_s = Σ_d f̃_s^d h̃_s^d``, ``Q_s = Σ_d (h̃_s^d)²``, A = Σ_s P_s,
+    B = Σ_s Q_s: O(S) work per element, and a_s stays a function of the other draws."""
+    num_draws = next(iter(f.values())).shape[0]
+    n = num_draws - 1
+    products, squares = 0.0, 0.0
     for key in f:
-        # Cov and Var are shift-invariant: centring on the mean of all draws only
-        # reduces cancellation, a_i stays a function of the other draws.
-        fl = f[key] - jnp.mean(f[key], 0)
-        hl = h[key] - jnp.mean(h[key], 0)
-        n = fl.shape[0] - 1
-        extra = tuple(range(1 + elem_ndim, fl.ndim))
-        mfh = (jnp.sum(fl * hl, 0) - fl * hl) / n
-        mf = (jnp.sum(fl, 0) - fl) / n
-        mh = (jnp.sum(hl, 0) - hl) / n
-        mhh = (jnp.sum(hl * hl, 0) - hl * hl) / n
-        num = num + jnp.sum(mfh - mf * mh, axis=extra)
-        den = den + jnp.sum(mhh - mh * mh, axis=extra)
-        scale = scale + jnp.sum(mhh, axis=extra)
+        fl = f[key] - _sum_draws(f[key]) / num_draws
+        hl = h[key] - _sum_draws(h[key]) / num_draws
+        products = products + _sum_trailing(fl * hl, 1 + elem_ndim)
+        squares = squares + _sum_trailing(hl * hl, 1 + elem_ndim)
+    sum_products, sum_squares = _sum_draws(products), _sum_draws(squares)
+    c = 1.0 + 1.0 / n
+    num = sum_products - c * products
+    den = sum_squares - c * squares
+    scale = sum_squares - squares  # n × the other draws' mean of h̃², Σ over d
     # When the other draws of h are all equal, Var is 0 up to rounding: a_i = 0 then
     # (an a_i of rounding noise over rounding noise would be huge and random).
     ok = den > 1e-8 * scale + 1e-300
-    a = jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
-    return {key: f[key] - _expand(a, h[key]) * h[key] for key in f}
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
 def score_estimator(
@@ -394,6 +460,12 @@ def score_estimator(
         rao_blackwell: each factor's cost keeps only its Markov blanket.
         control_variate: ``True``/``"loo"`` (leave-one-out a_i), ``"ema"``
             (moving-average baseline) or ``False``.
+
+    The S draws of each site are made at once, the model's log-prob terms are
+    evaluated once per draw (vmapped; with their gradient for the reparameterised
+    sites), and each factor's score ∇λ log q comes in closed form from the family:
+    every Rao-Blackwellised cost is a slice of the same per-draw terms, so RB and the
+    control variates add O(S × elements) arithmetic and no model evaluations.
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
@@ -415,55 +487,53 @@ def score_estimator(
     score_sites = tuple(s for s in sites if s.name in score_names)
     path_sites = tuple(s for s in sites if s.name not in score_names)
 
-    def particle(params, rng_key, data):
-        frozen = jax.lax.stop_gradient(params)
+    def log_joint(path_latents, fixed, data):
+        """One draw: Σ log-prob terms, and (floored terms, whether any was not finite)."""
+        terms, _ = structure.log_terms({**fixed, **path_latents}, data)
+        clean = {k: jnp.where(jnp.isfinite(t), t, IMPOSSIBLE_LOG_PROB) for k, t in terms.items()}
+        # Each term's floored sum and its count of non-finite entries in one dot.
+        sums = [
+            jnp.stack([jnp.ravel(clean[k]), jnp.ravel(~jnp.isfinite(t)).astype(t.dtype)])
+            @ jnp.ones(t.size, t.dtype)
+            if t.size > 1
+            else jnp.stack([jnp.ravel(clean[k])[0], (~jnp.isfinite(t)).astype(t.dtype).sum()])
+            for k, t in terms.items()
+        ]
+        total, num_bad = sum(sums)
+        return total, (clean, num_bad > 0)
+
+    def blanket_cost(spec, terms):
+        """(S, *cell_shape): the log-joint terms in the site's Markov blanket, per draw."""
+        cell = jnp.zeros((num_particles, *spec.cell_shape))
+        for term, axes, aligned in structure.plan[spec.name]:
+            part = _sum_axes(terms[term], tuple(a + 1 for a in axes))
+            cell = cell + jnp.reshape(part, (num_particles, *aligned))
+        return cell
+
+    # Every site with an inverse CDF takes its draws from one block of uniforms: one
+    # call of the random number generator per step (each call is a threefry loop whose
+    # fixed cost exceeded the arithmetic of a small site).
+    by_uniform = tuple(s for s in sites if hasattr(s.factor, "quantile"))
+    by_key = tuple(s for s in sites if not hasattr(s.factor, "quantile"))
+    offsets = np.cumsum([0] + [math.prod(s.factor.shape) for s in by_uniform])
+
+    def draw(params, rng_key):
+        """{site: (S, *shape)} draws, and {site: ε} for the reparameterised sites."""
+        keys = jax.random.split(rng_key, 1 + len(by_key)) if by_key else [rng_key]
+        # Materialised: otherwise every consumer of a draw re-derives it from the
+        # random bits.
+        u = _materialise(jax.random.uniform(keys[0], (num_particles, int(offsets[-1]))))
         latents, eps = {}, {}
-        for spec, key in zip(sites, jax.random.split(rng_key, len(sites)), strict=True):
+        for i, spec in enumerate(by_uniform):
+            block = u[:, offsets[i] : offsets[i + 1]].reshape(num_particles, *spec.factor.shape)
             if spec.name in score_names:
-                latents[spec.name] = spec.factor.sample(frozen[spec.name], key, 1)[0]
+                latents[spec.name] = spec.factor.quantile(params[spec.name], block)
             else:
-                eps[spec.name] = jax.random.normal(key, spec.factor.shape)
-                latents[spec.name] = spec.factor.transform(frozen[spec.name], eps[spec.name])
-        fixed = {n: latents[n] for n in score_names}
-
-        def log_joint(path_latents):
-            terms, _ = structure.log_terms({**fixed, **path_latents}, data)
-            bad = jnp.any(jnp.asarray([~jnp.all(jnp.isfinite(t)) for t in terms.values()]))
-            clean = {
-                k: jnp.where(jnp.isfinite(t), t, IMPOSSIBLE_LOG_PROB) for k, t in terms.items()
-            }
-            return sum(jnp.sum(t) for t in clean.values()), (clean, bad)
-
-        path_latents = {s.name: latents[s.name] for s in path_sites}
-        if path_sites:
-            (total, (terms, bad)), grad_u = jax.value_and_grad(log_joint, has_aux=True)(
-                path_latents
-            )
-        else:
-            (total, (terms, bad)), grad_u = log_joint({}), {}
-        log_q = {s.name: s.factor.log_prob(frozen[s.name], latents[s.name]) for s in sites}
-        total_log_q = sum(jnp.sum(v) for v in log_q.values())
-        contributions = {}
-        for spec in path_sites:
-            g = jnp.where(bad, 0.0, grad_u[spec.name])
-            sigma = jnp.exp(frozen[spec.name]["log_scale"])
-            # pathwise term plus ∂H/∂log_scale = 1 (closed-form Gaussian entropy)
-            contributions[spec.name] = {"loc": g, "log_scale": g * sigma * eps[spec.name] + 1.0}
-        scores, costs = {}, {}
-        for spec in score_sites:
-            value = latents[spec.name]
-            scores[spec.name] = jax.grad(
-                lambda p, f=spec.factor, z=value: jnp.sum(f.log_prob(p, z))
-            )(frozen[spec.name])
-            if rao_blackwell:
-                cell = jnp.zeros(spec.cell_shape)
-                for term, axes, aligned in structure.plan[spec.name]:
-                    part = jnp.sum(terms[term], axis=axes, keepdims=True)
-                    cell = cell + jnp.reshape(part, aligned)
-                costs[spec.name] = cell - log_q[spec.name]
-            else:
-                costs[spec.name] = jnp.broadcast_to(total - total_log_q, value.shape)
-        return contributions, scores, costs, total - total_log_q, bad
+                eps[spec.name] = standard_normal_quantile(block)
+                latents[spec.name] = spec.factor.transform(params[spec.name], eps[spec.name])
+        for spec, key in zip(by_key, keys[1:], strict=True):
+            latents[spec.name] = spec.factor.sample(params[spec.name], key, num_particles)
+        return latents, eps
 
     def init(params) -> ScoreEstimatorState:
         del params
@@ -471,32 +541,51 @@ def score_estimator(
         return ScoreEstimatorState(baseline, jnp.asarray(0, jnp.int32))
 
     def grad(params, state: ScoreEstimatorState, rng_key, data):
-        keys = jax.random.split(rng_key, num_particles)
-        contributions, scores, costs, elbos, bad = jax.vmap(particle, in_axes=(None, 0, None))(
-            params, keys, data
-        )
+        params = jax.lax.stop_gradient(params)
+        latents, eps = draw(params, rng_key)
+        fixed = {n: latents[n] for n in score_names}
+        path_latents = {s.name: latents[s.name] for s in path_sites}
+        if path_sites:
+            value_and_grad = jax.value_and_grad(log_joint, has_aux=True)
+            (total, (terms, bad)), grad_u = jax.vmap(value_and_grad, in_axes=(0, 0, None))(
+                path_latents, fixed, data
+            )
+        else:
+            total, (terms, bad) = jax.vmap(log_joint, in_axes=(None, 0, None))({}, fixed, data)
+        log_q = {s.name: s.factor.log_prob(params[s.name], latents[s.name]) for s in sites}
+        elbos = total - sum(_sum_trailing(v, 1) for v in log_q.values())
+        contributions = {}
+        for spec in path_sites:
+            g = jnp.where(_expand(bad, grad_u[spec.name]), 0.0, grad_u[spec.name])
+            sigma = jnp.exp(params[spec.name]["log_scale"])
+            # pathwise term plus ∂H/∂log_scale = 1 (closed-form Gaussian entropy)
+            contributions[spec.name] = {"loc": g, "log_scale": g * sigma * eps[spec.name] + 1.0}
         baseline = dict(state.baseline)
         for spec in score_sites:
-            name, h, cost = spec.name, scores[spec.name], costs[spec.name]
+            name, value = spec.name, latents[spec.name]
+            h = {k: _materialise(v) for k, v in spec.factor.score(params[name], value).items()}
+            if rao_blackwell:
+                cost = _materialise(blanket_cost(spec, terms) - log_q[name])
+            else:
+                cost = jnp.broadcast_to(_expand(_materialise(elbos), value), value.shape)
             if cv == "ema":
-                adjusted = cost - state.baseline[name]
-                mean_cost = jnp.mean(cost, axis=0)
+                mean_cost = _sum_draws(cost) / num_particles
                 baseline[name] = jnp.where(
                     state.count == 0,
                     mean_cost,
                     _EMA_DECAY * state.baseline[name] + (1 - _EMA_DECAY) * mean_cost,
                 )
-            else:
-                adjusted = cost
-            f = {k: hl * _expand(adjusted, hl) for k, hl in h.items()}
+                cost = cost - state.baseline[name]
             if cv == "loo":
-                f = leave_one_out_control_variate(f, h, cost.ndim - 1)
-            contributions[name] = f
-        grads = jax.tree_util.tree_map(lambda x: -jnp.mean(x, axis=0), contributions)
-        variance = sum(
-            jnp.sum(jnp.var(x, axis=0, ddof=1)) / num_particles
-            for x in jax.tree_util.tree_leaves(contributions)
-        )
+                f = {k: hl * _expand(cost, hl) for k, hl in h.items()}
+                # f − a h = h (cost − a): the corrected terms without f
+                cost = cost - _leave_one_out_coefficient(f, h, cost.ndim - 1)
+            contributions[name] = {k: hl * _expand(cost, hl) for k, hl in h.items()}
+        moments = jax.tree_util.tree_map(_mean_and_variance_sum, contributions)
+        is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
+        grads = jax.tree_util.tree_map(lambda m: -m[0], moments, is_leaf=is_pair)
+        variance = sum(m[1] for m in jax.tree_util.tree_leaves(moments, is_leaf=is_pair))
+        variance = variance / num_particles
         info = GradientInfo(
             objective=jnp.mean(elbos),
             grad_variance=variance,

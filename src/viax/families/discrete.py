@@ -3,7 +3,11 @@
 Each factor is a frozen dataclass holding only static configuration (the site's
 shape); its parameters are a dict of arrays.  ``log_prob`` is *elementwise*: it
 returns an array of the site's shape, one log density per independent element, which
-is what Rao-Blackwellisation and per-element control variates need.
+is what Rao-Blackwellisation and per-element control variates need.  ``score`` is
+∇λ log q(z; λ) in closed form, a dict like the params; both take ``z`` with any
+number of leading draw dimensions.  ``quantile(params, u)`` maps uniforms on [0, 1)
+of shape (..., *shape) to draws (the inverse CDF; Poisson has none), so a caller can
+draw every site's uniforms in one call of the random number generator.
 
 * ``Bernoulli``:    q(z) = Bern(σ(ℓ)),                   params {logits (*shape,)}
 * ``Categorical``:  q(z = low + k) = softmax(ℓ)_k,      params {logits (*shape, K)}
@@ -20,8 +24,10 @@ Example:
     >>> f = Bernoulli((3,))
     >>> p = f.init()
     >>> z = f.sample(p, jax.random.PRNGKey(0), 5)   # (5, 3) of 0/1
-    >>> f.log_prob(p, z[0]).shape
-    (3,)
+    >>> f.log_prob(p, z).shape
+    (5, 3)
+    >>> f.score(p, z)["logits"].shape   # z − σ(ℓ)
+    (5, 3)
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.special import gammaln
+from jax.scipy.special import erfinv, gammaln
 
 __all__ = [
     "SUPPORTED_DISCRETE",
@@ -40,6 +46,7 @@ __all__ = [
     "MeanFieldProduct",
     "Normal",
     "Poisson",
+    "standard_normal_quantile",
 ]
 
 SUPPORTED_DISCRETE = (
@@ -52,6 +59,24 @@ _LOG_2PI = math.log(2 * math.pi)
 # Logit of a category that the site's support excludes: exp(-1e9) is exactly 0, so the
 # category is never drawn and its score (one-hot − softmax) is exactly 0.
 _EXCLUDED_LOGIT = -1e9
+
+
+def _sum_last(x):
+    """``jnp.sum(x, -1)``: by slices when the axis is short, because XLA on CPU sums a
+    short minor axis several times slower than it adds its slices."""
+    if x.shape[-1] > 16 or x.shape[-1] == 0:
+        return jnp.sum(x, axis=-1)
+    total = x[..., 0].astype(jnp.int32) if x.dtype == bool else x[..., 0]
+    for k in range(1, x.shape[-1]):
+        total = total + x[..., k]
+    return total
+
+
+def standard_normal_quantile(u):
+    """Φ⁻¹(u) for u uniform on [0, 1), as ``jax.random.normal`` computes it from its
+    uniforms: √2 erf⁻¹ of a uniform on [nextafter(−1, 0), 1)."""
+    low = jnp.nextafter(jnp.asarray(-1.0, u.dtype), jnp.asarray(0.0, u.dtype))
+    return jnp.sqrt(2.0).astype(u.dtype) * erfinv(jnp.maximum(low, low + (1.0 - low) * u))
 
 
 @dataclass(frozen=True)
@@ -67,12 +92,18 @@ class Bernoulli:
         return {"logits": jnp.log(probs) - jnp.log1p(-probs)}
 
     def sample(self, params, rng_key, num_samples: int):
-        probs = jax.nn.sigmoid(params["logits"])
-        return jax.random.bernoulli(rng_key, probs, (num_samples, *self.shape)).astype(jnp.int64)
+        u = jax.random.uniform(rng_key, (num_samples, *self.shape))
+        return self.quantile(params, u)
+
+    def quantile(self, params, u):
+        return (u < jax.nn.sigmoid(params["logits"])).astype(jnp.int64)
 
     def log_prob(self, params, z):
         logits = params["logits"]
         return z * logits - jax.nn.softplus(logits)
+
+    def score(self, params, z) -> dict:
+        return {"logits": z - jax.nn.sigmoid(params["logits"])}
 
     def entropy(self, params):
         logits = params["logits"]
@@ -102,13 +133,33 @@ class Categorical:
         return {"logits": logits}
 
     def sample(self, params, rng_key, num_samples: int):
-        index = jax.random.categorical(rng_key, params["logits"], shape=(num_samples, *self.shape))
-        return index.astype(jnp.int64) + self.low
+        u = jax.random.uniform(rng_key, (num_samples, *self.shape))
+        return self.quantile(params, u)
+
+    def quantile(self, params, u):
+        """Inverse CDF: one uniform per element (``jax.random.categorical`` draws K
+        Gumbels and takes 2K logs per element, which dominated a BBVI step)."""
+        probs = jax.nn.softmax(params["logits"], axis=-1)
+        cdf = jnp.cumsum(probs[..., :-1], axis=-1)
+        # z = #{k < K−1 : u ≥ cdf_k}: an excluded category (probability exactly 0) has
+        # an empty interval [cdf_(k−1), cdf_k) and is never drawn.
+        index = _sum_last(u[..., None] >= cdf).astype(jnp.int64)
+        # Rounding can leave cdf_(K−2) a hair below 1 when the last categories are
+        # excluded: clamp to the last category with positive probability.
+        last = self.num_categories - 1 - jnp.argmax(probs[..., ::-1] > 0, axis=-1)
+        return jnp.minimum(index, last) + self.low
 
     def log_prob(self, params, z):
         log_probs = jax.nn.log_softmax(params["logits"], axis=-1)
         index = jnp.asarray(z - self.low, jnp.int32)[..., None]
+        log_probs = jnp.broadcast_to(log_probs, index.shape[:-1] + log_probs.shape[-1:])
         return jnp.take_along_axis(log_probs, index, axis=-1)[..., 0]
+
+    def score(self, params, z) -> dict:
+        """one-hot(z) − softmax(ℓ); exactly 0 for an excluded category."""
+        probs = jax.nn.softmax(params["logits"], axis=-1)
+        one_hot = jax.nn.one_hot(z - self.low, self.num_categories, dtype=probs.dtype)
+        return {"logits": one_hot - probs}
 
     def entropy(self, params):
         log_probs = jax.nn.log_softmax(params["logits"], axis=-1)
@@ -138,6 +189,9 @@ class Poisson:
         eta = params["log_rate"]
         return z * eta - jnp.exp(eta) - gammaln(z + 1.0)
 
+    def score(self, params, z) -> dict:
+        return {"log_rate": z - jnp.exp(params["log_rate"])}
+
     def entropy(self, params):
         return None  # no closed form
 
@@ -163,11 +217,18 @@ class Normal:
 
     def sample(self, params, rng_key, num_samples: int):
         eps = jax.random.normal(rng_key, (num_samples, *self.shape))
-        return jax.vmap(lambda e: self.transform(params, e))(eps)
+        return self.transform(params, eps)
+
+    def quantile(self, params, u):
+        return self.transform(params, standard_normal_quantile(u))
 
     def log_prob(self, params, z):
         r = (z - params["loc"]) * jnp.exp(-params["log_scale"])
         return -0.5 * r**2 - params["log_scale"] - 0.5 * _LOG_2PI
+
+    def score(self, params, z) -> dict:
+        r = (z - params["loc"]) * jnp.exp(-params["log_scale"])
+        return {"loc": r * jnp.exp(-params["log_scale"]), "log_scale": r**2 - 1.0}
 
     def entropy(self, params):
         return params["log_scale"] + 0.5 * (1.0 + _LOG_2PI)
