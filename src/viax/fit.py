@@ -237,10 +237,16 @@ def _warn_untrusted(result: Result) -> None:
     if not result.converged:
         warnings.warn(f"viax.fit did not converge: {result.message}", RuntimeWarning, stacklevel=3)
     if not result.khat < KHAT_USABLE:
+        family = getattr(result.family, "name", result.family)
+        if result.method == "advi" and result.algorithm in ("stan", "optax"):
+            advice = "try the default optimizer (MAP + Laplace + DADVI)"
+        elif family in ("meanfield", "lowrank"):
+            advice = "try family='fullrank'"
+        else:
+            advice = "the posterior is far from Gaussian where q lives: check the model"
         warnings.warn(
             f"viax.fit: PSIS k-hat = {result.khat:.2f} > {KHAT_USABLE}: q is too far from the "
-            "posterior for its draws or ELBO to be trusted (Yao et al. 2018); try "
-            "family='fullrank' or check the model",
+            f"posterior for its draws or ELBO to be trusted (Yao et al. 2018); {advice}",
             RuntimeWarning,
             stacklevel=3,
         )

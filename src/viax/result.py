@@ -387,7 +387,10 @@ def mean_and_se(values: np.ndarray) -> tuple[float, float]:
     values = np.asarray(values)
     if not np.all(np.isfinite(values)):
         return float("-inf"), float("nan")
-    return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
+    # Log weights of an exploded q reach 1e300: their squares overflow to inf, which is
+    # the honest standard error, without NumPy's overflow warning.
+    with np.errstate(over="ignore"):
+        return float(values.mean()), float(values.std(ddof=1) / np.sqrt(values.size))
 
 
 _CHUNK = 10_000
