@@ -20,6 +20,10 @@ REFERENCE_DIR = BENCH_DIR / "reference"
 SHARED_DATA_DIR = REPO_DIR.parent / "shared" / "data"
 POSTERIORDB_DIR = SHARED_DATA_DIR / "posteriordb"
 
+# Benchmarks time compilation honestly: viax's on-disk compiled-code cache is off unless
+# a benchmark turns it on for a run it labels as such (speed.py's "rerun" rows).
+os.environ.setdefault("VIAX_CACHE_DIR", "off")
+
 for _path in (str(REPO_DIR / "examples"), str(BENCH_DIR)):
     if _path not in sys.path:
         sys.path.insert(0, _path)

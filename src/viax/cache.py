@@ -6,7 +6,9 @@ viax points JAX's persistent compilation cache at ``$VIAX_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/viax/jax``, else ``~/.cache/viax/jax``), keeping every program
 that took at least 0.1 s to compile.  Entries are keyed by the program, the compile
 options, the JAX version and the device, so a stale entry is never used; they are
-small (tens of kB per model) and safe to delete at any time.
+small (tens of kB per model) and safe to delete at any time.  The cache is bounded
+(1 GiB, least recently used entries evicted first), and with a bound JAX reads and
+writes it under a file lock, so processes running side by side share it safely.
 
 Turn it off with ``VIAX_CACHE_DIR=off`` in the environment (before importing viax)
 or :func:`set_cache_dir` ``(None)``.  A cache directory the user configured for JAX
@@ -23,6 +25,7 @@ import jax
 __all__ = ["cache_dir", "default_cache_dir", "set_cache_dir"]
 
 _MIN_COMPILE_SECONDS = 0.1
+_MAX_BYTES = 1 << 30
 _OFF = {"", "0", "off", "false", "no", "none"}
 _SET_BY_VIAX = False
 
@@ -61,6 +64,7 @@ def set_cache_dir(path: str | os.PathLike | None) -> Path | None:
         return cache_dir()
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECONDS)
+    jax.config.update("jax_compilation_cache_max_size", _MAX_BYTES)
     _SET_BY_VIAX = True
     return path
 
