@@ -8,7 +8,9 @@ that took at least 0.1 s to compile.  Entries are keyed by the program, the comp
 options, the JAX version and the device, so a stale entry is never used; they are
 small (tens of kB per model) and safe to delete at any time.  The cache is bounded
 (1 GiB, least recently used entries evicted first), and with a bound JAX reads and
-writes it under a file lock, so processes running side by side share it safely.
+writes it under a file lock, so processes running side by side share it safely.  Give
+it a directory of its own: JAX's eviction expects every entry to carry the access-time
+file it writes beside it, which entries from an unbounded JAX cache lack.
 
 Turn it off with ``VIAX_CACHE_DIR=off`` in the environment (before importing viax)
 or :func:`set_cache_dir` ``(None)``.  A cache directory the user configured for JAX
