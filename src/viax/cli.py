@@ -65,7 +65,13 @@ def main():
     show_default=True,
     help="Name of the model function in MODEL_FILE.",
 )
-@click.option("--method", default="advi", show_default=True)
+@click.option(
+    "--method",
+    default="advi",
+    show_default=True,
+    help="advi or bbvi for a NumPyro model; cavi, svi or naive for a conjugate model "
+    "(then MODEL_FILE's model returns (conjugate model, data to fit)).",
+)
 @click.option(
     "--family", default="meanfield", show_default=True, help="meanfield, fullrank or lowrank."
 )
@@ -76,7 +82,13 @@ def main():
     show_default=True,
     help="dadvi (robust default) or stan (Stan's stochastic ADVI).",
 )
-@click.option("--num-steps", type=int, default=None, help="Maximum number of steps.")
+@click.option(
+    "--num-steps",
+    type=int,
+    default=None,
+    help="Maximum number of steps (cavi: sweeps; svi: passes over the data).",
+)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="svi minibatch.")
 @click.option(
     "--num-samples",
     type=int,
@@ -102,6 +114,7 @@ def fit_command(
     rank,
     optimizer,
     num_steps,
+    batch_size,
     num_samples,
     seed,
     out_dir,
@@ -117,17 +130,20 @@ def fit_command(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         try:
-            result = viax.fit(
-                model,
-                data,
-                method=method,
-                family=family,
-                rank=rank,
-                optimizer=optimizer,
-                num_steps=num_steps,
-                seed=seed,
-                progress=not no_progress,
-            )
+            if method in CONJUGATE_METHODS:
+                result = fit_conjugate(model, data, method, num_steps, batch_size, seed)
+            else:
+                result = viax.fit(
+                    model,
+                    data,
+                    method=method,
+                    family=family,
+                    rank=rank,
+                    optimizer=optimizer,
+                    num_steps=num_steps,
+                    seed=seed,
+                    progress=not no_progress,
+                )
         except (ValueError, TypeError, viax.DivergenceError, FloatingPointError) as err:
             raise click.ClickException(str(err)) from err
     for w in caught:
@@ -141,10 +157,10 @@ def fit_command(
     click.echo(
         f"\n{verdict}: {result.message}\n"
         f"ELBO {result.elbo:.4f} ± {result.elbo_se:.2g} after {result.num_steps} steps "
-        f"({result.algorithm}, {result.family.name}) in {result.wall_time:.2f}s "
+        f"({result.algorithm}, {family_name(result)}) in {result.wall_time:.2f}s "
         f"(compile {result.compile_time:.2f}s)"
     )
-    mc_error = result.monte_carlo_error()
+    mc_error = result.monte_carlo_error() if result.target is not None else None
     if mc_error is not None:
         sd = np.asarray(result.family.stddev(result.params))
         se = np.concatenate([np.ravel(mc_error[s.name]) for s in result.target.sites])
@@ -161,7 +177,7 @@ def fit_command(
             bold=True,
             err=True,
         )
-    if result.khat_verdict == "do not trust":
+    if result.khat_verdict == "do not trust" and not np.isnan(result.khat):
         click.secho(
             f"\nWARNING: PSIS k-hat = {result.khat:.2f} > 0.7: q is too far from the posterior "
             "for its draws or ELBO to be trusted (try --family fullrank).",
@@ -180,13 +196,44 @@ def fit_command(
         click.echo(f"wrote summary.csv, elbo.png, marginals.png, posterior.nc, report.md to {out}")
 
 
+CONJUGATE_METHODS = ("cavi", "svi", "naive")
+
+
+def family_name(result) -> str:
+    return getattr(result.family, "name", result.family)
+
+
+def fit_conjugate(model_fn, data: dict, method: str, num_steps, batch_size: int, seed: int):
+    """``model_fn(**data) -> (conjugate model, data to fit)``, fitted by ``method``."""
+    from viax import conjugate
+
+    built = model_fn(**data)
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise click.ClickException(
+            f"--method {method}: the model function must return (conjugate model, data to "
+            f"fit), got {type(built).__name__}"
+        )
+    cmodel, fit_data = built
+    if not isinstance(cmodel, conjugate.ConjugateModel):
+        raise click.ClickException(
+            f"--method {method}: {type(cmodel).__name__} is not a viax.conjugate model"
+        )
+    if method == "cavi":
+        return conjugate.cavi(cmodel, fit_data, max_iter=num_steps or 200, seed=seed)
+    if method == "svi":
+        return conjugate.svi(
+            cmodel, fit_data, batch_size=batch_size, num_epochs=num_steps or 10, seed=seed
+        )
+    return conjugate.naive(cmodel, fit_data, num_steps=num_steps or 5000, seed=seed)
+
+
 def write_report(path: Path, model_file, result, summary, diagnostics) -> None:
     """A markdown report: the verdicts first, then the tables and the plots."""
     verdict = "converged" if result.converged else "**NOT converged**"
     lines = [
         f"# viax fit of `{Path(model_file).name}`",
         "",
-        f"- method: {result.method} / {result.algorithm}, family {result.family.name}",
+        f"- method: {result.method} / {result.algorithm}, family {family_name(result)}",
         f"- convergence: {verdict} ({result.message})",
         f"- PSIS k-hat: {result.khat:.3f}, verdict: **{result.khat_verdict}**",
         f"- ELBO: {result.elbo:.4f} ± {result.elbo_se:.2g}",

@@ -195,12 +195,20 @@ class Result:
 
     def diagnostics(self, num_samples: int = 10_000, seed: int = 0) -> pd.DataFrame:
         """One table: convergence, steps, ELBO ± se, k̂ and its verdict, log p(x)."""
+        exact = self.method in ("cavi", "svi", "naive") and self.elbo_se == 0
         rows = [
             ("converged", self.converged, self.message),
             ("steps", self.num_steps, f"{self.method} / {self.algorithm}"),
-            ("ELBO", f"{self.elbo:.4f} ± {self.elbo_se:.2g}", "final q, 1000 fresh draws"),
-            ("k-hat", f"{self.khat:.3f}", _khat_note(self.khat_verdict)),
+            (
+                "ELBO",
+                f"{self.elbo:.4f}" if exact else f"{self.elbo:.4f} ± {self.elbo_se:.2g}",
+                "closed form" if exact else "final q, Monte Carlo over its draws",
+            ),
         ]
+        if np.isnan(self.khat) and self.target is None and self.log_weights_fn is None:
+            rows.append(("k-hat", "n/a", "this model supplies no importance weights"))
+        else:
+            rows.append(("k-hat", f"{self.khat:.3f}", _khat_note(self.khat_verdict)))
         try:
             ev = self.log_evidence(num_samples, seed)
         except NotImplementedError:
