@@ -151,15 +151,20 @@ class Categorical:
 
     def log_prob(self, params, z):
         log_probs = jax.nn.log_softmax(params["logits"], axis=-1)
+        if self.num_categories <= 16:
+            # a select per category: XLA's gather is slower than this on CPU
+            return _sum_last(jnp.where(self._one_hot(z), log_probs, 0.0))
         index = jnp.asarray(z - self.low, jnp.int32)[..., None]
         log_probs = jnp.broadcast_to(log_probs, index.shape[:-1] + log_probs.shape[-1:])
         return jnp.take_along_axis(log_probs, index, axis=-1)[..., 0]
 
+    def _one_hot(self, z):
+        return (z - self.low)[..., None] == jnp.arange(self.num_categories)
+
     def score(self, params, z) -> dict:
         """one-hot(z) − softmax(ℓ); exactly 0 for an excluded category."""
         probs = jax.nn.softmax(params["logits"], axis=-1)
-        one_hot = jax.nn.one_hot(z - self.low, self.num_categories, dtype=probs.dtype)
-        return {"logits": one_hot - probs}
+        return {"logits": self._one_hot(z).astype(probs.dtype) - probs}
 
     def entropy(self, params):
         log_probs = jax.nn.log_softmax(params["logits"], axis=-1)
