@@ -12,6 +12,7 @@ ten times smaller; after ``max_backoffs`` such retries it raises
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,7 +28,10 @@ __all__ = [
     "RunOutput",
     "guard_init",
     "guarded_update",
+    "abstract",
+    "chunk_fn",
     "jit_once",
+    "precompile",
     "run",
 ]
 
@@ -39,6 +43,30 @@ _FAST_COMPILE = {"xla_backend_optimization_level": 0}
 def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     """``jax.jit`` tuned for compile time: setup, finalisation, sampling."""
     return jax.jit(fn, compiler_options=_FAST_COMPILE, **jit_kwargs)
+
+
+def precompile(jitted: Callable, *args) -> threading.Thread:
+    """Compile ``jitted`` for ``args`` (arrays or ``jax.ShapeDtypeStruct``s; static
+    arguments as values) in a background thread, and return the thread.
+
+    XLA compiles with the GIL released, so a program compiled here overlaps with the
+    caller's own compile; the later call of ``jitted`` finds it in JAX's cache.  A
+    failure is dropped: the call compiles afresh and reports it."""
+
+    def work():
+        try:
+            jitted.lower(*args).compile()
+        except Exception:  # noqa: BLE001  the foreground call raises it properly
+            pass
+
+    thread = threading.Thread(target=work, name="viax-precompile", daemon=True)
+    thread.start()
+    return thread
+
+
+def abstract(tree):
+    """``jax.ShapeDtypeStruct`` leaves for a pytree of arrays or of lowering out_info."""
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 
 class DivergenceError(RuntimeError):

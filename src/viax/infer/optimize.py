@@ -163,4 +163,4 @@ def minimize(fun, position, *args, max_steps: int = 1000, tol: float = 1e-8, mem
         state, k = carry
         return step(state, *args)[0], k + 1
 
-    return jax.lax.while_loop(cond, body, (init(position, *args), jnp.asarray(0)))
+    return jax.lax.while_loop(cond, body, (init(position, *args), jnp.asarray(0, jnp.int32)))
