@@ -264,18 +264,13 @@ def _fit_dadvi(
     lowered = algo.setup.lower(init_position, data, rng_key)
     setup_out, state_out = abstract(lowered.out_info)
     key_aval = abstract(rng_key)
-    chunk_compile, final_compile = (
-        precompile(
+    inputs_out = (abstract(data), setup_out)
+    background = precompile(
+        (
             chunk_fn(algo.step, True),
-            state_out,
-            key_aval,
-            np.int32(0),
-            min(_DADVI_CHUNK, max_steps),
-            (abstract(data), setup_out),
+            (state_out, key_aval, np.int32(0), min(_DADVI_CHUNK, max_steps), inputs_out),
         ),
-        precompile(
-            algo.finalize, state_out.optimizer.position, (abstract(data), setup_out), key_aval
-        ),
+        (algo.finalize, (state_out.optimizer.position, inputs_out, key_aval)),
     )
     setup, state = algo.setup(init_position, data, rng_key)
     inputs = (data, setup)
@@ -314,7 +309,7 @@ def _fit_dadvi(
             return True, "L-BFGS: fixed-draw ELBO unchanged (relative 1e-12) over 10 steps"
         return None
 
-    chunk_compile.join()  # never compile the same program twice at once
+    background.join()  # never compile the same program twice at once
     output = run(
         algo.step,
         state,
@@ -329,7 +324,6 @@ def _fit_dadvi(
         fast_compile=True,
     )
     params_w = output.state.optimizer.position
-    final_compile.join()
     params, terms = algo.finalize(params_w, inputs, rng_key)
     info["elbo_terms"] = np.asarray(terms)
     info["draw_log_weights"] = lambda key: algo.finalize(params_w, inputs, key)[1]

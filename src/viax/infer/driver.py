@@ -45,19 +45,38 @@ def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     return jax.jit(fn, compiler_options=_FAST_COMPILE, **jit_kwargs)
 
 
-def precompile(jitted: Callable, *args) -> threading.Thread:
-    """Compile ``jitted`` for ``args`` (arrays or ``jax.ShapeDtypeStruct``s; static
-    arguments as values) in a background thread, and return the thread.
+def precompile(*jobs: tuple[Callable, tuple]) -> threading.Thread:
+    """Compile each ``(jitted, args)`` of ``jobs`` (args: arrays or
+    ``jax.ShapeDtypeStruct``s; static arguments as values) in the background; return
+    the thread to join before the first call.
 
-    XLA compiles with the GIL released, so a program compiled here overlaps with the
-    caller's own compile; the later call of ``jitted`` finds it in JAX's cache.  A
-    failure is dropped: the call compiles afresh and reports it."""
+    XLA compiles with the GIL released, so these compiles overlap with the caller's own;
+    the later calls find the programs in JAX's cache.  Tracing runs the model through
+    NumPyro's effect handlers, whose stack is a process-wide global, so the jobs are
+    traced one after another in this one thread (the caller must not trace a model
+    meanwhile); only their compiles run side by side.  A failure is dropped: the call
+    compiles afresh and reports it."""
 
-    def work():
+    def compile_quietly(lowered):
         try:
-            jitted.lower(*args).compile()
+            lowered.compile()
         except Exception:  # noqa: BLE001  the foreground call raises it properly
             pass
+
+    def work():
+        lowered = []
+        for jitted, args in jobs:
+            try:
+                lowered.append(jitted.lower(*args))
+            except Exception:  # noqa: BLE001
+                pass
+        others = [threading.Thread(target=compile_quietly, args=(low,)) for low in lowered[1:]]
+        for thread in others:
+            thread.start()
+        if lowered:
+            compile_quietly(lowered[0])
+        for thread in others:
+            thread.join()
 
     thread = threading.Thread(target=work, name="viax-precompile", daemon=True)
     thread.start()
