@@ -200,3 +200,34 @@ def test_other_families_fit_normal_normal(family):
     )
     np.testing.assert_allclose(result.mean_unconstrained, [mean], atol=1e-6)
     assert abs(result.elbo - log_evidence) < 0.05
+
+
+def test_cold_dadvi_fit_compiles_each_program_once_and_in_the_background(caplog):
+    import logging
+
+    import jax
+
+    # A model function no other test has compiled.
+    def fresh_model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 3.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    # Set globally: jax.log_compiles() as a context manager is thread-local.
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            data = {"y": np.array([0.3, -0.1, 0.8])}
+            viax.fit(fresh_model, data, family="fullrank", progress=False)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiles = [
+        (r.threadName, r.getMessage().split("compilation of ")[1].split(" ")[0])
+        for r in caplog.records
+        if "Finished XLA compilation of" in r.getMessage()
+    ]
+    names = [name for _, name in compiles]
+    for program in ("jit(setup)", "jit(run_chunk)", "jit(finalize)"):
+        assert names.count(program) == 1, compiles  # a mismatched aval would compile twice
+    threads = dict((name, thread) for thread, name in compiles)
+    assert threads["jit(setup)"] == "MainThread"
+    assert threads["jit(run_chunk)"] != "MainThread" and threads["jit(finalize)"] != "MainThread"
