@@ -51,6 +51,14 @@ __all__ = [
     "scale_by_bbvi_adagrad",
 ]
 
+# AdaGrad's η, measured (2 seeds each, fixed budgets): on the tests' 10-binary model
+# (3000 steps) the gap to the best mean-field ELBO is 0.001-0.003 nats at η = 0.1-0.25,
+# 0.004-0.007 at 0.5, 0.008-0.017 at 1, 0.02-0.05 at 2, 0.15 at 5 and 2.6 at 10; the
+# 200-point Bernoulli mixture ends within 0.2 nats for every η in 0.1-2.  0.5 sits in
+# the range that converges everywhere with room both ways.  No η makes AdaGrad
+# reliable on the posteriordb mixture with 1000 assignments (2000 steps; one run of
+# fourteen, η from 0.1 to 10, found the means, at η = 2): its first, large gradients
+# shrink every later step; Adam is the choice there (README).
 DEFAULT_ETA = 0.5
 DEFAULT_NUM_PARTICLES = 16
 _NUM_ELBO_DRAWS = 1000
