@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -31,6 +32,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+# Cold times include compilation: viax's on-disk compiled-code cache stays off unless
+# the caller sets VIAX_CACHE_DIR (as benchmarks/_common.py does for the core ones).
+os.environ.setdefault("VIAX_CACHE_DIR", "off")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

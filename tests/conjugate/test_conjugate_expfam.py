@@ -144,3 +144,18 @@ def test_samples_have_the_right_moments():
     # E[Λ] = νW: 20000 draws give a Monte Carlo error of about 1% of the entries.
     np.testing.assert_allclose(draws["precision"].mean(0), mean_stats[2], rtol=0.05, atol=0.05)
     np.testing.assert_allclose(draws["mean"].mean(0), [[0.5, -1.0, 2.0]], atol=0.05)
+
+
+def test_cholesky_and_inverse_match_lapack():
+    # expfam factors SPD matrices with its own loops (LAPACK's batched potrf can
+    # deadlock XLA's CPU thread pool): same numbers as numpy, NaN where not SPD.
+    from viax.conjugate.expfam import _chol_logdet, _cholesky, _spd_inv
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3, 7, 7))
+    a = a @ np.swapaxes(a, 1, 2) + 0.1 * np.eye(7)
+    chol, logdet = jax.jit(_chol_logdet)(jnp.asarray(a))
+    np.testing.assert_allclose(chol, np.linalg.cholesky(a), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logdet, np.linalg.slogdet(a)[1], rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(_spd_inv)(jnp.asarray(a)), np.linalg.inv(a), rtol=1e-10)
+    assert np.isnan(np.asarray(_cholesky(jnp.asarray(-np.eye(2))))).any()

@@ -67,16 +67,57 @@ def _sym(a):
     return 0.5 * (a + jnp.swapaxes(a, -1, -2))
 
 
+# Cholesky factors and triangular inverses are written out in JAX (a loop over the
+# columns, each step batched over the leading axes) instead of calling LAPACK: on CPU,
+# jaxlib runs a batched potrf/trsm as tasks on XLA's intra-op thread pool and waits for
+# them from a thread of that same pool, so two such calls running side by side on a
+# 2-core machine (a pool of two threads) can block each other for good — CAVI on the
+# digits GMM hung in ~1 of 3 runs.  For the small matrices of conjugate models
+# (D ≲ 100) the loop costs well under a millisecond and compiles to a few ops.
+
+
+def _cholesky(a):
+    """Lower Cholesky factor of a batch of SPD matrices (NaN where not SPD), by the
+    left-looking column algorithm: column j = (a_j − L L_jᵀ) / sqrt(pivot)."""
+    d = a.shape[-1]
+    rows = jnp.arange(d)
+
+    def column(j, chol):
+        # Columns ≥ j of chol are still zero, so chol @ chol[j] sums over k < j only.
+        residual = a[..., :, j] - jnp.einsum("...ik,...k->...i", chol, chol[..., j, :])
+        pivot = jnp.sqrt(residual[..., j])
+        col = jnp.where(rows >= j, residual / pivot[..., None], 0.0)
+        return chol.at[..., :, j].set(col)
+
+    return jax.lax.fori_loop(0, d, column, jnp.zeros_like(a))
+
+
+def _tril_inverse(chol):
+    """L⁻¹ of a batch of lower-triangular matrices, row by row (forward substitution):
+    row i = (e_i − L_i X) / L_ii, rows ≥ i of X still zero."""
+    d = chol.shape[-1]
+    eye = jnp.eye(d, dtype=chol.dtype)
+
+    def row(i, inv):
+        value = (eye[i] - jnp.einsum("...k,...kj->...j", chol[..., i, :], inv)) / chol[
+            ..., i, i, None
+        ]
+        return inv.at[..., i, :].set(value)
+
+    return jax.lax.fori_loop(0, d, row, jnp.zeros_like(chol))
+
+
 def _chol_logdet(a):
     """(cholesky, log|a|) of a batch of SPD matrices."""
-    chol = jnp.linalg.cholesky(_sym(a))
+    chol = _cholesky(_sym(a))
     return chol, 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
 
 
 def _spd_inv(a):
+    """a⁻¹ = L⁻ᵀ L⁻¹ for SPD a."""
     chol, _ = _chol_logdet(a)
-    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
-    return _sym(jax.scipy.linalg.cho_solve((chol, True), eye))
+    inv_chol = _tril_inverse(chol)
+    return _sym(jnp.swapaxes(inv_chol, -1, -2) @ inv_chol)
 
 
 def _mvdigamma(a, d: int):
@@ -553,10 +594,15 @@ class NormalWishart(Factor):
         )
 
     def _mean(self, natural):
-        d = natural[0].shape[-1]
-        s = self.to_standard(natural)
-        m, beta, scale, df = s["mean"], s["mean_precision"], s["scale"], s["df"]
-        _, logdet_scale = _chol_logdet(scale)
+        n1, n2, _, n4 = natural
+        d = n1.shape[-1]
+        beta, df = -2.0 * n2, 2.0 * n4 + d
+        m = n1 / beta[..., None]
+        # One Cholesky factor of W⁻¹ gives both W and log|W| = −log|W⁻¹|.
+        chol, logdet_scale_inv = _chol_logdet(self._scale_inv(natural))
+        inv_chol = _tril_inverse(chol)
+        scale = _sym(jnp.swapaxes(inv_chol, -1, -2) @ inv_chol)
+        logdet_scale = -logdet_scale_inv
         precision = df[..., None, None] * scale  # E[Λ]
         prec_m = jnp.einsum("...ij,...j->...i", precision, m)
         return (
