@@ -36,6 +36,9 @@ import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+# Cold times include compilation: viax's on-disk compiled-code cache stays off unless
+# the caller sets VIAX_CACHE_DIR (as benchmarks/_common.py does for the core ones).
+os.environ.setdefault("VIAX_CACHE_DIR", "off")
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import jax  # noqa: E402

@@ -87,6 +87,8 @@ class ConjugateModel:
     # convergence site's natural parameters is below local_tol for every point.
     max_local_iter: int = 1
     local_tol: float = 0.0
+    # The dtype of the local sweeps (None: that of the local parameters).
+    local_dtype = None
 
     def global_factors(self) -> dict[str, Factor]:
         raise NotImplementedError
@@ -106,14 +108,28 @@ class ConjugateModel:
         """Σ_{n in batch} E_q[log p(x_n, z_n | β)] in (weighted) mean parameters."""
         raise NotImplementedError
 
+    def local_objective(self, global_mean, batch) -> Callable[[Natural], jax.Array]:
+        """``local_mean -> F`` with the globals fixed, for the local sweeps: by default
+        ``local_log_joint``; a model may precompute what depends on the globals only (and
+        use ``local_dtype``), as long as its gradients are those of ``local_log_joint``."""
+        return lambda local_mean: self.local_log_joint(global_mean, local_mean, batch)
+
     def init_locals(self, rng_key, batch, global_mean) -> Natural:
         """Starting local natural parameters (``rng_key`` None: deterministic)."""
         return {}
 
     def prepare(self, data, pad_to: int | None = None):
         """Validate raw data (numpy / scipy.sparse) and turn it into a batch pytree of
-        arrays with a ``mask`` of real points, padded to ``pad_to`` rows."""
+        arrays with a ``mask`` of real points, padded to ``pad_to`` rows.  A model whose
+        batches also have a ragged part (LDA's words) takes ``extent=``: pad that part
+        to at least this length."""
         raise NotImplementedError
+
+    def batch_extent(self, data) -> int | None:
+        """The length of the ragged part of ``prepare(data)`` (None: no ragged part).
+        The loops over batches pad every batch to the largest extent, so that one shape
+        is compiled."""
+        return None
 
     def sample_sites(self, global_natural, rng_key, num_samples: int) -> dict[str, jax.Array]:
         """Draws of the global latents from q, keyed by site name."""
@@ -185,46 +201,76 @@ def elbo(model: ConjugateModel, global_natural, local_natural, batch, scale=1.0)
 def fit_locals(model: ConjugateModel, global_mean, local_natural, batch):
     """Coordinate ascent over the local factors, globals fixed.
 
-    Each local update is ``η_l ← ∂F/∂μ_l``.  Returns (local_natural, num_sweeps)."""
+    Each local update is ``η_l ← ∂F/∂μ_l``, the gradient of ``model.local_objective``
+    (built once per call, so whatever it precomputes from the globals stays out of the
+    loop).  Each point stops on its own, as sklearn's and gensim's E-steps do: once the
+    mean absolute change of its convergence-site parameters falls below ``local_tol``
+    its factors are frozen; the loop ends when every point has stopped or after
+    ``max_local_iter`` sweeps.  The sweeps run in ``model.local_dtype`` (the result is
+    cast back).  Returns (local_natural, num_sweeps)."""
     factors = model.local_factors(batch)
     if not factors:
         return local_natural, jnp.asarray(0, jnp.int32)
+    out_dtypes = jax.tree.map(lambda x: x.dtype, local_natural)
+    if model.local_dtype is not None:
+        local_natural = jax.tree.map(lambda x: x.astype(model.local_dtype), local_natural)
+        factors = {
+            name: factor
+            if factor.weights is None
+            else dataclasses.replace(factor, weights=factor.weights.astype(model.local_dtype))
+            for name, factor in factors.items()
+        }
+    objective = model.local_objective(global_mean, batch)
 
     def one_sweep(nat):
         for name in model.local_order:
             mean = local_means(factors, nat)
 
             def f(m, name=name, mean=mean):
-                return model.local_log_joint(global_mean, {**mean, name: m}, batch)
+                return objective({**mean, name: m})
 
-            grad = jax.grad(f)(mean[name])
-            nat = {**nat, name: factors[name].normalize(grad)}
+            grad = factors[name].normalize(jax.grad(f)(mean[name]))
+            nat = {
+                **nat,
+                name: tuple(g.astype(x.dtype) for g, x in zip(grad, nat[name], strict=True)),
+            }
         return nat
 
+    def cast_back(nat):
+        return jax.tree.map(lambda x, dtype: x.astype(dtype), nat, out_dtypes)
+
     if model.max_local_iter <= 1:
-        return one_sweep(local_natural), jnp.asarray(1, jnp.int32)
+        return cast_back(one_sweep(local_natural)), jnp.asarray(1, jnp.int32)
 
     site = model.convergence_site or model.local_order[0]
     event = factors[site].event_ndims[0]
 
     def change(new, old):
         diff = jnp.abs(new[site][0] - old[site][0])
-        per_point = jnp.mean(diff, axis=tuple(range(-event, 0))) if event else diff
-        return jnp.max(per_point)
+        return jnp.mean(diff, axis=tuple(range(-event, 0))) if event else diff
+
+    def freeze(active, new, old):
+        def pick(a, b):
+            mask = active.reshape(active.shape + (1,) * (a.ndim - active.ndim))
+            return jnp.where(mask, a, b)
+
+        return jax.tree.map(pick, new, old)
 
     def cond(carry):
-        _, i, delta = carry
-        return (i < model.max_local_iter) & (delta >= model.local_tol)
+        _, i, active = carry
+        return (i < model.max_local_iter) & jnp.any(active)
 
     def body(carry):
-        nat, i, _ = carry
+        nat, i, active = carry
         new = one_sweep(nat)
-        return new, i + 1, change(new, nat)
+        # sklearn keeps the update that brought the change under the tolerance.
+        return freeze(active, new, nat), i + 1, active & (change(new, nat) >= model.local_tol)
 
+    active = jnp.ones(factors[site].batch_shape(local_natural[site]), bool)
     nat, sweeps, _ = jax.lax.while_loop(
-        cond, body, (local_natural, jnp.asarray(0, jnp.int32), jnp.asarray(jnp.inf))
+        cond, body, (local_natural, jnp.asarray(0, jnp.int32), active)
     )
-    return nat, sweeps
+    return cast_back(nat), sweeps
 
 
 def update_globals(
@@ -271,6 +317,26 @@ def update_globals(
 # ----------------------------------------------------------------------------------
 # Shared helpers for the algorithms
 # ----------------------------------------------------------------------------------
+
+
+def prepare_all(model: ConjugateModel, raw_batches, pad_to: int | None, extent: int | None = None):
+    """``model.prepare`` over an iterable of raw batches, each padded to ``pad_to``
+    points and to the largest ragged extent so far (at least ``extent``): the extent
+    only grows, so a stream of batches compiles few shapes; give the maximum over the
+    data as ``extent`` to compile one."""
+    for raw in raw_batches:
+        size = model.batch_extent(raw)
+        if size is None:
+            yield model.prepare(raw, pad_to=pad_to)
+        else:
+            extent = max(size, extent or 0)
+            yield model.prepare(raw, pad_to=pad_to, extent=extent)
+
+
+def max_extent(model: ConjugateModel, raw_batches) -> int | None:
+    """The largest ``batch_extent`` over raw batches (None for models without one)."""
+    sizes = [model.batch_extent(raw) for raw in raw_batches]
+    return None if not sizes or sizes[0] is None else max(sizes)
 
 
 def to_numpy_tree(tree):

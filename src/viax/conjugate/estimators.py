@@ -17,7 +17,15 @@ import scipy.sparse as sp
 from jax.scipy.special import digamma
 
 from viax.conjugate.cavi import cavi
-from viax.conjugate.engine import compiled, fit_locals, global_means, global_terms, local_terms
+from viax.conjugate.engine import (
+    compiled,
+    fit_locals,
+    global_means,
+    global_terms,
+    local_terms,
+    max_extent,
+    prepare_all,
+)
 from viax.conjugate.expfam import Beta, Dirichlet, NormalGamma, NormalWishart
 from viax.conjugate.models._base import (
     EstimatorMixin,
@@ -384,8 +392,10 @@ class LDA(EstimatorMixin):
         n = X.shape[0]
         gammas, total = [], 0.0
         size = max(self.batch_size, 256)
-        for start in range(0, n, size):
-            batch = self.model_.prepare(X[start : start + size], pad_to=size)
+        starts = range(0, n, size)
+        chunks = [X[start : start + size] for start in starts]
+        batches = prepare_all(self.model_, chunks, size, max_extent(self.model_, chunks))
+        for start, batch in zip(starts, batches, strict=True):
             (gamma, value), _ = _transform_compiled(self.model_, self.global_natural_, batch)
             gammas.append(np.asarray(gamma)[: min(size, n - start)])
             total += float(value)

@@ -38,6 +38,9 @@ from viax.conjugate.engine import (
     global_terms,
     local_terms,
     make_sampler,
+    max_extent,
+    prepare_all,
+    prior_log_normalizer,
     to_numpy_tree,
     update_globals,
 )
@@ -68,14 +71,20 @@ def check_learning_rate(learning_decay: float, learning_offset: float) -> None:
         raise ValueError(f"learning_offset (τ) must be >= 0, got {learning_offset}")
 
 
-def svi_step(model: ConjugateModel, state: SviState, batch, num_data, offset, decay):
-    """One SVI step on a prepared batch; pure and compiled by :func:`svi`."""
+def svi_step(
+    model: ConjugateModel, state: SviState, batch, num_data, offset, decay, prior_constant=None
+):
+    """One SVI step on a prepared batch; pure and compiled by :func:`svi`.
+    ``prior_constant``: Σ_g A(η0_g) (:func:`prior_log_normalizer`), computed once by
+    :func:`svi` rather than in every step (for LDA it is a log-gamma over K × V)."""
     gm = global_means(model, state.global_natural)
     key = jax.random.fold_in(state.rng_key, state.step)
     local = model.init_locals(key, batch, gm)
     local, sweeps = fit_locals(model, gm, local, batch)
     scale = num_data / jnp.sum(batch["mask"])
-    target, _, estimate, _ = update_globals(model, state.global_natural, gm, local, batch, scale)
+    target, _, estimate, _ = update_globals(
+        model, state.global_natural, gm, local, batch, scale, prior_constant
+    )
     rho = (state.step + 1.0 + offset) ** (-decay)
     new = jax.tree.map(lambda old, tgt: (1.0 - rho) * old + rho * tgt, state.global_natural, target)
     return SviState(new, state.step + 1, state.rng_key), SviInfo(estimate, rho, sweeps)
@@ -94,6 +103,7 @@ def _local_terms_chunk(model, global_natural, batch):
 
 
 _chunk_compiled = compiled(_local_terms_chunk)
+_prior_constant = jax.jit(prior_log_normalizer)
 _global_terms_jit = jax.jit(lambda model, g: global_terms(model, g, global_means(model, g)))
 
 
@@ -101,9 +111,14 @@ def local_chunks(model: ConjugateModel, global_natural, data, chunk_size: int):
     """Fit the locals of ``data`` in chunks of ``chunk_size`` rows (deterministic start);
     yields (local_terms, local_natural, num_rows) per chunk."""
     n = _num_rows(data)
-    for start in range(0, n, chunk_size):
-        raw = _take_rows(data, np.arange(start, min(n, start + chunk_size)))
-        batch = model.prepare(raw, pad_to=chunk_size)
+    starts = range(0, n, chunk_size)
+
+    def raw_chunks():
+        return (_take_rows(data, np.arange(start, min(n, start + chunk_size))) for start in starts)
+
+    extent = max_extent(model, raw_chunks())
+    batches = prepare_all(model, raw_chunks(), chunk_size, extent)
+    for start, batch in zip(starts, batches, strict=True):
         (value, local), _ = _chunk_compiled(model, global_natural, batch)
         yield value, local, min(n, start + chunk_size) - start
 
@@ -195,10 +210,13 @@ def svi(
         if num_data == 0:
             raise ValueError("empty data: no rows")
         batches: Iterable = _array_batches(data, batch_size, num_epochs, seed, shuffle)
+        # Every batch padded to the largest one: one compiled shape.
+        extent = max_extent(model, _array_batches(data, batch_size, num_epochs, seed, shuffle))
     else:
         if num_data is None:
             raise ValueError("num_data (the data-set size N) is required when data is an iterator")
         batches = iter(data)
+        extent = None
     if not num_data >= 1:
         raise ValueError(f"num_data must be >= 1, got {num_data}")
 
@@ -236,10 +254,12 @@ def svi(
     offset = jnp.asarray(learning_offset, jnp.float64)
     decay = jnp.asarray(learning_decay, jnp.float64)
     total = jnp.asarray(num_data, jnp.float64)
+    prior_constant = _prior_constant(model)
     estimates, compile_time = [], 0.0
-    for raw in batches:
-        batch = model.prepare(raw, pad_to=batch_size)
-        (state, info), seconds = _step_compiled(model, state, batch, total, offset, decay)
+    for batch in prepare_all(model, batches, batch_size, extent):
+        (state, info), seconds = _step_compiled(
+            model, state, batch, total, offset, decay, prior_constant
+        )
         compile_time += seconds
         estimates.append(info.elbo_estimate)
         step = step0 + len(estimates)

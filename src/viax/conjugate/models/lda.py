@@ -21,10 +21,17 @@ counts.  Written with exp(E log θ) and exp(E log β) as sklearn and gensim do, 
 formed beyond one product per (document, word) entry.  The ELBO this yields is sklearn's
 ``_approx_bound`` exactly, hence the same perplexity.
 
-Batches are flat lists of the nonzero (document, word, count) entries — no padding of
-documents to a common length, so cost follows the number of distinct words:
-``{"docs": (T,) int32, "ids": (T,) int32, "counts": (T,), "mask": (B,)}``, T rounded up
-(with count-0 entries) to within 12.5% so that few shapes are compiled.
+Batches hold each document's nonzero (word, count) entries cut into *rows* of
+``ROW_LENGTH`` entries (a document of n distinct words takes ⌈n / ROW_LENGTH⌉ rows, the
+last one padded with count-0 entries): ``{"row_docs": (R,) int32, "ids": (R, L) int32,
+"counts": (R, L), "mask": (B,)}``, rows grouped by document, R rounded up (with empty
+rows) to within 12.5% so that few shapes are compiled.  The cost follows the number of
+distinct words, as with a flat list of entries, but a sweep of the E-step is two small
+dense contractions per row, ``Σ_k exp(E log θ_dk) exp(E log β_kw)`` and its transpose,
+instead of a gather and a scatter of every entry: 5–10× faster on CPU.  The rows of
+exp(E log β) are gathered once per batch (:meth:`LDAModel.local_objective`), and the
+E-step runs in float32 (``local_dtype``), its result used by the float64 ELBO and
+global update.
 """
 
 from __future__ import annotations
@@ -39,19 +46,35 @@ from viax.conjugate.engine import ConjugateModel, conjugate_model, static
 from viax.conjugate.expfam import Dirichlet
 from viax.conjugate.models._base import check_positive_int
 
-__all__ = ["LDAModel", "prepare_documents"]
+__all__ = ["ROW_LENGTH", "LDAModel", "num_rows", "prepare_documents"]
 
 
-def _bucket(n: int, minimum: int = 256) -> int:
+ROW_LENGTH = 32
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
     """n rounded up to a multiple of 2^(⌈log2 n⌉ − 3): at most 12.5% padding, and
     batches of similar size share one compiled shape."""
     step = max(minimum, 1 << max(0, int(np.ceil(np.log2(max(n, 1)))) - 3))
     return -(-n // step) * step
 
 
-def prepare_documents(X, n_features: int | None = None, pad_to: int | None = None) -> dict:
-    """Check a document-term matrix (dense or scipy.sparse) and flatten it into
-    ``{"docs", "ids", "counts", "mask"}``.
+def _rows_per_document(X) -> np.ndarray:
+    lengths = np.diff(X.indptr) if sp.issparse(X) else np.count_nonzero(np.asarray(X), axis=1)
+    return -(-np.asarray(lengths) // ROW_LENGTH)
+
+
+def num_rows(X) -> int:
+    """The number of rows :func:`prepare_documents` makes of X (padding included)."""
+    return _bucket(int(_rows_per_document(X).sum()))
+
+
+def prepare_documents(
+    X, n_features: int | None = None, pad_to: int | None = None, extent: int | None = None
+) -> dict:
+    """Check a document-term matrix (dense or scipy.sparse) and cut its nonzero entries
+    into rows: ``{"row_docs", "ids", "counts", "mask"}`` (see the module docstring),
+    ``pad_to`` documents and at least ``extent`` rows.
 
     Raises ValueError for negative, non-integer or non-finite counts, an empty
     document, an empty batch or a vocabulary size that does not match."""
@@ -87,22 +110,57 @@ def prepare_documents(X, n_features: int | None = None, pad_to: int | None = Non
             f"{empty.size} empty document(s) (no words), the first at row {empty[0]}; "
             "drop them before fitting"
         )
-    rows = max(num_docs, pad_to or 0)
-    size = _bucket(data.size)
-    docs = np.zeros(size, np.int32)
-    ids = np.zeros(size, np.int32)
-    counts = np.zeros(size)
-    docs[: data.size] = np.repeat(np.arange(num_docs, dtype=np.int32), lengths)
-    ids[: data.size] = X.indices
-    counts[: data.size] = data
-    mask = np.zeros(rows)
+    rows_per_doc = -(-lengths // ROW_LENGTH)
+    first_row = np.concatenate([[0], np.cumsum(rows_per_doc)[:-1]])
+    position = np.arange(data.size) - np.repeat(X.indptr[:-1], lengths)
+    row = np.repeat(first_row, lengths) + position // ROW_LENGTH
+    column = position % ROW_LENGTH
+    size = max(_bucket(int(rows_per_doc.sum())), extent or 0)
+    # Empty rows belong to the last document: row_docs stays sorted, counts are 0.
+    row_docs = np.full(size, num_docs - 1, np.int32)
+    row_docs[: rows_per_doc.sum()] = np.repeat(np.arange(num_docs, dtype=np.int32), rows_per_doc)
+    ids = np.zeros((size, ROW_LENGTH), np.int32)
+    counts = np.zeros((size, ROW_LENGTH))
+    ids[row, column] = X.indices
+    counts[row, column] = data
+    mask = np.zeros(max(num_docs, pad_to or 0))
     mask[:num_docs] = 1.0
     return {
-        "docs": jnp.asarray(docs),
+        "row_docs": jnp.asarray(row_docs),
         "ids": jnp.asarray(ids),
         "counts": jnp.asarray(counts),
         "mask": jnp.asarray(mask),
     }
+
+
+def _gamma_draws(rng_key, shape_parameter: float, shape, rounds: int = 4):
+    """Gamma(a, 1) draws, a ≥ 1, by Marsaglia & Tsang (2000) with Box–Muller normals.
+
+    ``jax.random.gamma`` compiles in seconds (a rejection loop per element, the normal
+    quantile function); this takes ``rounds`` proposals per element at once and keeps
+    the first accepted.  For a = 100 a proposal is rejected with probability ~1e-4, so
+    all four are with ~1e-16, when the last is kept."""
+    d = shape_parameter - 1.0 / 3.0
+    c = 1.0 / np.sqrt(9.0 * d)
+    u1, u2, u3 = jax.random.uniform(rng_key, (3, rounds, *shape), minval=1e-300)
+    x = jnp.sqrt(-2.0 * jnp.log(u1)) * jnp.cos(2.0 * np.pi * u2)
+    v = (1.0 + c * x) ** 3
+    log_v = jnp.log(jnp.where(v > 0, v, 1.0))
+    accept = (v > 0) & (jnp.log(u3) < 0.5 * x * x + d - d * v + d * log_v)
+    accept = accept.at[-1].set(True)
+    first = jnp.argmax(accept, axis=0)
+    return d * jnp.take_along_axis(v, first[None], axis=0)[0]
+
+
+def _beta_rows(global_mean, batch, dtype=None):
+    """exp(E log β) at each row's words, (R, K, L): the contraction over K is then a
+    batched matrix-vector product with the row's L entries contiguous.  Gathered from
+    the (V, K) transpose, so that the gradient's scatter-add into the topics adds
+    contiguous K-vectors."""
+    exp_beta = jnp.exp(global_mean["topics"][0]).T  # (V, K)
+    if dtype is not None:
+        exp_beta = exp_beta.astype(dtype)
+    return exp_beta[batch["ids"]].transpose(0, 2, 1)
 
 
 @conjugate_model
@@ -115,6 +173,9 @@ class LDAModel(ConjugateModel):
     n_features: int = static()
     max_local_iter: int = static(100)  # sklearn's max_doc_update_iter
     local_tol: float = static(1e-3)  # sklearn's mean_change_tol
+    # The E-step's dtype: float32 halves its cost; γ then carries ~1e-7 relative
+    # rounding, far below mean_change_tol's 1e-3.
+    local_dtype: str = static("float32")
 
     name = "lda"
     local_order = ("doc_topics",)
@@ -162,22 +223,38 @@ class LDAModel(ConjugateModel):
         return {"doc_topics": Dirichlet(weights=batch["mask"])}
 
     def local_log_joint(self, global_mean, local_mean, batch):
+        return self._log_joint(_beta_rows(global_mean, batch), local_mean, batch)
+
+    def local_objective(self, global_mean, batch):
+        dtype = self.local_dtype
+        exp_beta = _beta_rows(global_mean, batch, dtype)
+        rows = {**batch, "counts": batch["counts"].astype(dtype)}
+        return lambda local_mean: self._log_joint(exp_beta, local_mean, rows)
+
+    def _log_joint(self, exp_beta_rows, local_mean, batch):
+        """F over the batch, given exp(E log β) gathered into rows (R, K, L)."""
         elog_theta = local_mean["doc_topics"][0]  # (B, K), zero rows for padding
-        elog_beta = global_mean["topics"][0]  # (K, V)
+        dtype = exp_beta_rows.dtype
+        elog_theta = elog_theta.astype(dtype)
         alpha, k = self.doc_topic_prior, self.n_components
         log_norm = k * gammaln(alpha) - gammaln(k * alpha)
-        prior_part = (alpha - 1.0) * jnp.sum(elog_theta) - log_norm * jnp.sum(batch["mask"])
-        exp_beta = jnp.exp(elog_beta).T[batch["ids"]]  # (T, K)
-        # Entries are grouped by document: a sorted gather, whose transpose (the
-        # gradient's scatter-add into γ) XLA lowers far faster than an unsorted one.
-        exp_theta = jnp.exp(elog_theta).at[batch["docs"]].get(indices_are_sorted=True)  # (T, K)
-        norm = jnp.sum(exp_theta * exp_beta, -1)
+        mask = batch["mask"].astype(dtype)
+        prior_part = (alpha - 1.0).astype(dtype) * jnp.sum(elog_theta) - log_norm.astype(
+            dtype
+        ) * jnp.sum(mask)
+        # Rows are grouped by document: a sorted gather, whose transpose (the gradient's
+        # scatter-add into γ) XLA lowers far faster than an unsorted one.
+        exp_theta = jnp.exp(elog_theta).at[batch["row_docs"]].get(indices_are_sorted=True)
+        norm = jnp.einsum("rk,rkl->rl", exp_theta, exp_beta_rows)
+        # Padding entries (count 0) may have norm 0 in float32, where exp(E log β)
+        # underflows: the tiny floor keeps 0 · log(norm) at 0.
+        norm = jnp.maximum(norm, jnp.finfo(dtype).tiny)
         return prior_part + jnp.sum(batch["counts"] * jnp.log(norm))
 
     def init_globals(self, rng_key, batch=None):
         # sklearn's and Hoffman's start: λ ~ Gamma(100, 1/100) elementwise.
         shape = (self.n_components, self.n_features)
-        return {"topics": (jax.random.gamma(rng_key, 100.0, shape) / 100.0 - 1.0,)}
+        return {"topics": (_gamma_draws(rng_key, 100.0, shape) / 100.0 - 1.0,)}
 
     def init_locals(self, rng_key, batch, global_mean):
         # γ = 1 (sklearn's transform).  sklearn and Hoffman draw γ ~ Gamma(100, 1/100)
@@ -185,8 +262,11 @@ class LDAModel(ConjugateModel):
         # sampler in the step would double its compile time.
         return {"doc_topics": (jnp.zeros((batch["mask"].shape[0], self.n_components)),)}
 
-    def prepare(self, data, pad_to=None):
-        return prepare_documents(data, self.n_features, pad_to)
+    def prepare(self, data, pad_to=None, extent=None):
+        return prepare_documents(data, self.n_features, pad_to, extent)
+
+    def batch_extent(self, data):
+        return num_rows(data)
 
     def sample_sites(self, global_natural, rng_key, num_samples):
         return {
