@@ -131,6 +131,18 @@ class ConjugateModel:
         is compiled."""
         return None
 
+    def active_extent(self, batch, active) -> tuple[jax.Array, int] | None:
+        """(how much of the prepared batch's ragged part the points with ``active`` True
+        use, its whole length); None when the model does not compact (:meth:`compact`)."""
+        return None
+
+    def compact(self, batch, active, extent: int):
+        """The batch with its ragged part cut down to the active points' share, padded to
+        ``extent`` (static), points and their order unchanged: the local sweeps over
+        the last, slow points then cost a fraction of a full sweep.  Only called when
+        ``active_extent(batch, active) <= extent``."""
+        raise NotImplementedError
+
     def sample_sites(self, global_natural, rng_key, num_samples: int) -> dict[str, jax.Array]:
         """Draws of the global latents from q, keyed by site name."""
         raise NotImplementedError
@@ -222,7 +234,7 @@ def fit_locals(model: ConjugateModel, global_mean, local_natural, batch):
         }
     objective = model.local_objective(global_mean, batch)
 
-    def one_sweep(nat):
+    def one_sweep(objective, nat):
         for name in model.local_order:
             mean = local_means(factors, nat)
 
@@ -240,7 +252,7 @@ def fit_locals(model: ConjugateModel, global_mean, local_natural, batch):
         return jax.tree.map(lambda x, dtype: x.astype(dtype), nat, out_dtypes)
 
     if model.max_local_iter <= 1:
-        return cast_back(one_sweep(local_natural)), jnp.asarray(1, jnp.int32)
+        return cast_back(one_sweep(objective, local_natural)), jnp.asarray(1, jnp.int32)
 
     site = model.convergence_site or model.local_order[0]
     event = factors[site].event_ndims[0]
@@ -256,21 +268,42 @@ def fit_locals(model: ConjugateModel, global_mean, local_natural, batch):
 
         return jax.tree.map(pick, new, old)
 
-    def cond(carry):
-        _, i, active = carry
-        return (i < model.max_local_iter) & jnp.any(active)
+    def sweeps(objective, carry, stage_batch, next_extent):
+        """Sweeps until every point has stopped or max_local_iter, or (``next_extent``
+        given) until the points still going fit in that much of the ragged part."""
 
-    def body(carry):
-        nat, i, active = carry
-        new = one_sweep(nat)
-        # sklearn keeps the update that brought the change under the tolerance.
-        return freeze(active, new, nat), i + 1, active & (change(new, nat) >= model.local_tol)
+        def cond(carry):
+            _, i, active = carry
+            going = (i < model.max_local_iter) & jnp.any(active)
+            if next_extent is not None:
+                used, _ = model.active_extent(stage_batch, active)
+                going = going & (used > next_extent)
+            return going
+
+        def body(carry):
+            nat, i, active = carry
+            new = one_sweep(objective, nat)
+            # sklearn keeps the update that brought the change under the tolerance.
+            return freeze(active, new, nat), i + 1, active & (change(new, nat) >= model.local_tol)
+
+        return jax.lax.while_loop(cond, body, carry)
 
     active = jnp.ones(factors[site].batch_shape(local_natural[site]), bool)
-    nat, sweeps, _ = jax.lax.while_loop(
-        cond, body, (local_natural, jnp.asarray(0, jnp.int32), active)
-    )
-    return cast_back(nat), sweeps
+    carry = (local_natural, jnp.asarray(0, jnp.int32), active)
+    extent = model.active_extent(batch, active)
+    # Stages over ever smaller shares (1, 1/4, 1/16, …) of a ragged batch: a stage runs
+    # until the points still going fit in the next, which then sweeps only their part.
+    stages = [None] if extent is None else [extent[1]]
+    while stages[-1] is not None and stages[-1] // 4 >= 16:
+        stages.append(stages[-1] // 4)
+    stage_batch = batch
+    for number, next_extent in enumerate([*stages[1:], None]):
+        if number > 0:
+            stage_batch = model.compact(batch, carry[2], stages[number])
+            objective = model.local_objective(global_mean, stage_batch)
+        carry = sweeps(objective, carry, stage_batch, next_extent)
+    nat, count, _ = carry
+    return cast_back(nat), count
 
 
 def update_globals(

@@ -152,6 +152,11 @@ def _gamma_draws(rng_key, shape_parameter: float, shape, rounds: int = 4):
     return d * jnp.take_along_axis(v, first[None], axis=0)[0]
 
 
+def _active_rows(batch, active):
+    """Rows of documents still going (empty padding rows excluded)."""
+    return active[batch["row_docs"]] & (batch["counts"][:, 0] > 0)
+
+
 def _beta_rows(global_mean, batch, dtype=None):
     """exp(E log β) at each row's words, (R, K, L): the contraction over K is then a
     batched matrix-vector product with the row's L entries contiguous.  Gathered from
@@ -267,6 +272,23 @@ class LDAModel(ConjugateModel):
 
     def batch_extent(self, data):
         return num_rows(data)
+
+    def active_extent(self, batch, active):
+        return jnp.sum(_active_rows(batch, active)), batch["row_docs"].shape[0]
+
+    def compact(self, batch, active, extent):
+        # The active documents' rows first, in their order (so still grouped by
+        # document); empty rows of the last document fill up to ``extent``.
+        keep = _active_rows(batch, active)
+        order = jnp.argsort(~keep, stable=True)[:extent]
+        valid = jnp.arange(extent) < jnp.sum(keep)
+        last = batch["mask"].shape[0] - 1
+        return {
+            "row_docs": jnp.where(valid, batch["row_docs"][order], last),
+            "ids": batch["ids"][order],
+            "counts": jnp.where(valid[:, None], batch["counts"][order], 0.0),
+            "mask": batch["mask"],
+        }
 
     def sample_sites(self, global_natural, rng_key, num_samples):
         return {
