@@ -26,7 +26,7 @@ from viax.conjugate.engine import (
     max_extent,
     prepare_all,
 )
-from viax.conjugate.expfam import Beta, Dirichlet, NormalGamma, NormalWishart
+from viax.conjugate.expfam import Beta, Dirichlet, NormalGamma
 from viax.conjugate.models._base import (
     EstimatorMixin,
     check_finite_2d,
@@ -144,11 +144,16 @@ class GaussianMixture(EstimatorMixin):
     def fit(self, X, y=None, *, initial_resp=None):
         """Fit by CAVI.  ``initial_resp`` (N, K): start from these responsibilities
         (sklearn's M-step on them) instead of ``init_params``."""
-        self.fit_predict(X, initial_resp=initial_resp)
+        self._fit(check_finite_2d(X), initial_resp)
         return self
 
     def fit_predict(self, X, y=None, *, initial_resp=None):
+        """Fit, then the labels of ``X`` under the fitted model (sklearn's fit_predict)."""
         X = check_finite_2d(X)
+        self._fit(X, initial_resp)
+        return self.predict(X)
+
+    def _fit(self, X, initial_resp):
         model = self._make_model(X)
         batch = model.prepare(X)
         best = None
@@ -175,7 +180,6 @@ class GaussianMixture(EstimatorMixin):
             if best is None or result.elbo > best.elbo:
                 best = result
         self._set_fitted(model, best, X.shape[1])
-        return self.predict(X)
 
     def _set_fitted(self, model, result, n_features):
         self.model_ = model
@@ -183,20 +187,27 @@ class GaussianMixture(EstimatorMixin):
         self.n_features_in_ = n_features
         globals_ = result.params["global"]
         self.global_natural_ = jax.tree.map(jnp.asarray, globals_)
-        comp = NormalWishart.to_standard(self.global_natural_["components"])
-        self.means_ = np.asarray(comp["mean"])
-        self.mean_precision_ = np.asarray(comp["mean_precision"])
-        self.degrees_of_freedom_ = np.asarray(comp["df"])
-        self.precisions_ = self.degrees_of_freedom_[:, None, None] * np.asarray(comp["scale"])
+        # numpy, not NormalWishart.to_standard: JAX ops run eagerly here would each be
+        # compiled on a first fit (seconds for the Cholesky loops), for a few K×D×D.
+        n1, n2, n3, n4 = (np.asarray(x) for x in globals_["components"])
+        beta = -2.0 * n2
+        scale_inv = -2.0 * n3 - n1[:, :, None] * n1[:, None, :] / beta[:, None, None]
+        scale = np.linalg.inv(scale_inv)
+        self.means_ = n1 / beta[:, None]
+        self.mean_precision_ = beta
+        self.degrees_of_freedom_ = 2.0 * n4 + n1.shape[1]
+        self.precisions_ = self.degrees_of_freedom_[:, None, None] * scale
+        self.precisions_ = 0.5 * (self.precisions_ + np.swapaxes(self.precisions_, 1, 2))
         self.covariances_ = np.linalg.inv(self.precisions_)
         self.precisions_cholesky_ = np.linalg.cholesky(self.precisions_)
+        weights_natural = tuple(np.asarray(x) for x in globals_["weights"])
         if model.dirichlet_process:
-            w = Beta.to_standard(self.global_natural_["weights"])
-            a, b = np.asarray(w["a"]), np.asarray(w["b"])
+            w = Beta.to_standard(weights_natural)
+            a, b = w["a"], w["b"]
             self.weight_concentration_ = (a, b)
             weights = a / (a + b) * np.concatenate([[1.0], np.cumprod(b / (a + b))[:-1]])
         else:
-            a = np.asarray(Dirichlet.to_standard(self.global_natural_["weights"])["concentration"])
+            a = Dirichlet.to_standard(weights_natural)["concentration"]
             self.weight_concentration_ = a
             weights = a
         self.weights_ = weights / weights.sum()
