@@ -211,7 +211,16 @@ def write_markdown() -> None:
                 f"| {r['data']} | {r['train_docs']} | {r['library']} | {r['docs_per_s']:.0f} "
                 f"| {r['perplexity']:.1f} | {r['perplexity_docs']:.1f} |"
             )
+        ratios = []
+        for data in dict.fromkeys(r["data"] for r in payload["rows"]):
+            rate = {r["library"]: r["docs_per_s"] for r in payload["rows"] if r["data"] == data}
+            if "viax SVI (warm)" in rate and "gensim LdaModel" in rate:
+                warm = rate["viax SVI (warm)"] / rate["gensim LdaModel"]
+                cold = rate["viax SVI (cold: incl. compile)"] / rate["gensim LdaModel"]
+                ratios.append(f"{data} {warm:.1f}× warm, {cold:.2f}× cold")
         lines += ["", payload.get("note", ""), ""]
+        if ratios:
+            lines += ["viax documents/s ÷ gensim's: " + "; ".join(ratios) + ".", ""]
     (RESULTS / "conjugate.md").write_text("\n".join(lines))
 
 
