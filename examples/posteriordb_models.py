@@ -120,6 +120,19 @@ def low_dim_gauss_mix(y, **kwargs):
     numpyro.factor("y", jax.nn.logsumexp(log_components, axis=-1).sum())
 
 
+def low_dim_gauss_mix_assignments(N, y, **kwargs):
+    """:func:`low_dim_gauss_mix` with the assignments as explicit Categorical latents
+    ``z[n]`` (N discrete sites in a plate) instead of summed out: the black-box VI test
+    and benchmark model."""
+    mu = numpyro.sample("mu", _flat(constraints.ordered_vector, (2,)))
+    numpyro.factor("mu_prior", dist.Normal(0.0, 2.0).log_prob(mu).sum())
+    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0).expand([2]).to_event(1))
+    theta = numpyro.sample("theta", dist.Beta(5.0, 5.0))
+    with numpyro.plate("n", N):
+        z = numpyro.sample("z", dist.Categorical(probs=jnp.stack([theta, 1.0 - theta])))
+        numpyro.sample("y", dist.Normal(mu[z], sigma[z]), obs=y)
+
+
 def arma11(y, **kwargs):
     """``mu ~ N(0, 10)``, ``phi ~ N(0, 2)``, ``theta ~ N(0, 2)``,
     ``sigma ~ HalfCauchy(2.5)``; ``err_1 = y_1 - (mu + phi mu)``,

@@ -9,6 +9,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import optax
+import posteriordb_models
 import pytest
 from numpyro.distributions import constraints
 
@@ -94,14 +95,7 @@ def test_ten_binary_latents_against_enumeration():
     assert best <= log_evidence
 
 
-def gmm(N, y):
-    mu = numpyro.sample("mu", dist.ImproperUniform(constraints.ordered_vector, (), (2,)))
-    numpyro.factor("mu_prior", jnp.sum(dist.Normal(0.0, 2.0).log_prob(mu)))
-    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0).expand([2]).to_event(1))
-    theta = numpyro.sample("theta", dist.Beta(5.0, 5.0))
-    with numpyro.plate("n", N):
-        z = numpyro.sample("z", dist.Categorical(probs=jnp.stack([theta, 1.0 - theta])))
-        numpyro.sample("y", dist.Normal(mu[z], sigma[z]), obs=y)
+gmm = posteriordb_models.low_dim_gauss_mix_assignments
 
 
 @pytest.mark.slow
