@@ -23,10 +23,7 @@ def points(tmp_path):
 
 
 def test_cavi_from_the_shell_matches_the_functional_call(points, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(EXAMPLE.parent))
-    import gaussian_mixture
+    import gaussian_mixture  # examples/ is on sys.path (conftest)
 
     x, path = points
     out = tmp_path / "run"
