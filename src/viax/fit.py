@@ -13,10 +13,10 @@ import numpy as np
 import optax
 
 from viax.diagnostics import KHAT_USABLE, psis
-from viax.families.gaussian import FAMILIES, Family, make_family
+from viax.families.gaussian import FAMILIES, Family, FullRank, make_family
 from viax.infer import advi, dadvi
 from viax.infer.driver import DivergenceError, abstract, chunk_fn, precompile, run
-from viax.model import Model, ModelError, Target, build_target
+from viax.model import Model, ModelError, Target, _log_density_jit, build_target
 from viax.result import Result, log_weights_fn, mean_and_se
 
 __all__ = ["METHODS", "OPTIMIZERS", "fit", "refit_dadvi_means"]
@@ -25,6 +25,14 @@ METHODS = ("advi", "bbvi")
 OPTIMIZERS = ("dadvi", "stan")
 _NUM_ELBO_DRAWS = 1000
 _DADVI_CHUNK = 10  # L-BFGS steps per compiled chunk
+# Default DADVI draws: as many as fit a budget of about 2^25 flop-equivalents per
+# objective evaluation (one model evaluation costs its XLA flops plus 20 per
+# transcendental, plus the family's transform), between 64 and 1024.  The fixed draws'
+# error in the means shrinks as 1/sqrt(M): on eight schools (mean-field) the worst mean
+# error spreads 0.14-0.26 sd over seeds with 64 draws and 0.20-0.21 with 1024, which
+# costs a cheap model nothing; a 569 x 31 logistic regression gets 448.
+_DRAW_BUDGET = 2.0**25
+_MIN_DRAWS, _MAX_DRAWS = 64, 1024
 
 
 def _check_positive_int(name, value, minimum=1):
@@ -81,7 +89,9 @@ def fit(
         num_steps: maximum steps (L-BFGS iterations for dadvi; default 1000 for
             dadvi, 10000 for the stochastic optimisers).
         num_particles: draws per stochastic gradient (default 1, as Stan).
-        num_draws: fixed base draws for dadvi (default max(64, D + 2), at most 512).
+        num_draws: fixed base draws for dadvi.  Default: as many as a compute budget
+            of about 2^25 flops per objective evaluation allows (from XLA's cost
+            analysis of the model), between max(64, D + 2) and 1024.
         tol_rel_obj, eval_elbo: Stan's convergence rule (stochastic optimisers).
         eta: Stan step size; ``None`` searches {100, 10, 1, 0.1, 0.01}.
         stick_the_landing: drop the score term of log q (stochastic optimisers).
@@ -257,7 +267,7 @@ def _fit_dadvi(
     target: Target, family: Family, data, init_position, rng_key, max_steps, num_draws, progress
 ):
     start = time.perf_counter()
-    num_draws = num_draws or int(min(max(64, family.noise_dim + 2), 512))
+    num_draws = num_draws or default_num_draws(target, family, data, init_position)
     algo = dadvi.build_dadvi(target, family, num_draws)
     # A cold fit is mostly compilation: while this thread compiles and runs the setup
     # (MAP, Laplace), the L-BFGS chunk and the finalisation compile on the other core.
@@ -331,6 +341,25 @@ def _fit_dadvi(
     info["init_position"] = init_position
     info["max_steps"] = max_steps
     return params, output, "dadvi", info
+
+
+def default_num_draws(target: Target, family: Family, data, position) -> int:
+    """DADVI's fixed draws for this model: the budget above, at least D + 2 (up to 512)
+    so that the draws can be moment-matched."""
+    floor = int(min(max(_MIN_DRAWS, family.noise_dim + 2), 512))
+    try:
+        # The log density is already compiled (the finiteness check at the initial
+        # point), so its lowering is cached; the cost analysis takes milliseconds.
+        cost = _log_density_jit(target).lower(position, data).cost_analysis()
+        if isinstance(cost, list | tuple):
+            cost = cost[0]
+        per_draw = float(cost.get("flops", 0.0)) + 20.0 * float(cost.get("transcendentals", 0.0))
+    except Exception:  # noqa: BLE001  no cost model on this backend: the floor
+        return floor
+    dim = family.noise_dim  # the transform: L @ eps for full rank, elementwise otherwise
+    per_draw += dim * dim if isinstance(family, FullRank) else 4.0 * dim
+    budget = int(_DRAW_BUDGET / max(per_draw, 1.0)) // 32 * 32
+    return int(max(floor, min(budget, _MAX_DRAWS)))
 
 
 def refit_dadvi_means(result: Result, num_repeats: int, seed: int) -> np.ndarray:
