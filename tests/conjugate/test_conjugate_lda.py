@@ -63,6 +63,37 @@ def test_batch_cavi_matches_sklearn_perplexity():
     assert np.exp(-at_sklearn / X.sum()) == pytest.approx(sk.perplexity(X), rel=1e-6)
 
 
+def test_online_pass_equals_sklearns_from_the_same_random_state():
+    """Online LDA draws its start λ0 as sklearn does (RandomState(random_state)), so
+    the same seed gives sklearn's topics: exactly (float32 E-step round-off) against an
+    sklearn that starts each E-step from γ = 1 as viax does, and within the spread of
+    sklearn's own random γ start otherwise."""
+    pytest.importorskip("sklearn")
+    from sklearn.decomposition import LatentDirichletAllocation
+
+    class ConstantStart(LatentDirichletAllocation):
+        def _e_step(self, X, cal_sstats, random_init, parallel=None):
+            return super()._e_step(X, cal_sstats, False, parallel)
+
+    K, V = 5, 100
+    X, _ = lda_corpus(600, V, K, seed=1, alpha=0.3)
+    settings = dict(
+        doc_topic_prior=0.3,
+        topic_word_prior=0.05,
+        learning_method="online",
+        batch_size=64,
+        max_iter=1,
+        random_state=4,
+    )
+    ours = LDA(K, **settings).fit(X)
+    same_start = ConstantStart(K, total_samples=600, **settings).fit(X)
+    scale = same_start.components_.max()
+    assert np.max(np.abs(ours.components_ - same_start.components_)) < 1e-5 * scale
+    assert ours.perplexity(X) == pytest.approx(same_start.perplexity(X), rel=1e-6)
+    sk = LatentDirichletAllocation(K, total_samples=600, **settings).fit(X)
+    assert ours.perplexity(X) == pytest.approx(sk.perplexity(X), rel=0.02)
+
+
 @pytest.mark.slow
 def test_svi_recovers_true_topics():
     K, V = 5, 200
