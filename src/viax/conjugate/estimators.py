@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
-from jax.scipy.special import digamma
+from scipy.special import digamma
 
 from viax.conjugate.cavi import cavi
 from viax.conjugate.engine import (

@@ -272,7 +272,7 @@ def svi(
         raise ValueError("no batches: the data or the iterator is empty")
     if checkpoint_path is not None and num_steps % checkpoint_every != 0:
         save_checkpoint(checkpoint_path, state.global_natural, num_steps, rng_key, model.name)
-    trace = np.asarray(jnp.stack(estimates)) if estimates else np.zeros(0)
+    trace = np.asarray(jax.device_get(estimates), np.float64) if estimates else np.zeros(0)
     if not np.all(np.isfinite(trace)):
         raise FloatingPointError("SVI produced a non-finite ELBO estimate")
     global_natural = state.global_natural
