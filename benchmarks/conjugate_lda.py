@@ -10,7 +10,8 @@ decay=0.7), at most 100 E-step iterations per document with tolerance 1e-3.
 Documents/s = training documents / wall time of the fit (gensim: the LdaModel
 constructor, which trains; its bag-of-words conversion is not timed).  viax is timed
 cold (its first fit, XLA compilation included) and warm (a second fit, compiled code
-reused).  Held-out perplexity: every library's topics λ are scored by the same code
+reused); every timing but the cold one is the fastest of 2 fits (a shared machine).
+Held-out perplexity: every library's topics λ are scored by the same code
 (viax's LDA.perplexity, which is sklearn's bound: E-step from γ = 1, exp(−ELBO / words))
 on a fixed 10% of documents (a seeded permutation); sklearn's own ``perplexity`` is
 recorded beside it as a cross-check.
@@ -49,6 +50,9 @@ from viax.conjugate import LDA, LDAModel  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "nyt" / "nyt.ldac"
 RESULTS = ROOT / "benchmarks" / "results"
 K, ALPHA, ETA, BATCH = 20, 0.1, 0.01, 256
+# Timed fits per library (the fastest kept): the machine is shared, and one fit's time
+# varied by up to 1.7x between runs under the same nominal load.
+REPEATS = 2
 
 
 def load_ldac(path: Path) -> sp.csr_matrix:
@@ -94,7 +98,7 @@ def perplexity(components: np.ndarray, held_out) -> tuple[float, float]:
     return scorer.perplexity(held_out), float(np.exp(-local_total / held_out.sum()))
 
 
-def run_viax(train, held_out, seed: int = 0):
+def run_viax(train, held_out, seed: int = 0, repeats: int = REPEATS):
     def fit():
         t0 = time.perf_counter()
         lda = LDA(
@@ -109,7 +113,9 @@ def run_viax(train, held_out, seed: int = 0):
         return time.perf_counter() - t0, lda
 
     cold, first = fit()
-    warm, lda = fit()
+    warm, lda = min(
+        (fit() for _ in range(repeats)), key=lambda pair: pair[0], default=(cold, first)
+    )
     return {
         "cold_s": cold,
         "warm_s": warm,
@@ -118,7 +124,7 @@ def run_viax(train, held_out, seed: int = 0):
     }
 
 
-def run_sklearn(train, held_out, own_perplexity: bool, seed: int = 0):
+def run_sklearn(train, held_out, own_perplexity: bool, seed: int = 0, repeats: int = REPEATS):
     from sklearn.decomposition import LatentDirichletAllocation
 
     lda = LatentDirichletAllocation(
@@ -131,40 +137,46 @@ def run_sklearn(train, held_out, own_perplexity: bool, seed: int = 0):
         total_samples=train.shape[0],
         random_state=seed,
     )
-    t0 = time.perf_counter()
-    lda.fit(train)
-    seconds = time.perf_counter() - t0
+    seconds = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        lda.fit(train)
+        seconds.append(time.perf_counter() - t0)
+    seconds = min(seconds)
     row = {"s": seconds, "perplexity": perplexity(lda.components_, held_out)}
     if own_perplexity:
         row["sklearn_own_perplexity"] = float(lda.perplexity(held_out))
     return row
 
 
-def run_gensim(train, held_out, seed: int = 0):
+def run_gensim(train, held_out, seed: int = 0, repeats: int = REPEATS):
     from gensim.models import LdaModel
 
     corpus = [
         list(zip(train.indices[a:b].tolist(), train.data[a:b].tolist(), strict=True))
         for a, b in zip(train.indptr[:-1], train.indptr[1:], strict=True)
     ]
-    t0 = time.perf_counter()
-    lda = LdaModel(
-        corpus=corpus,
-        num_topics=K,
-        id2word={i: str(i) for i in range(train.shape[1])},
-        chunksize=BATCH,
-        passes=1,
-        update_every=1,
-        alpha=np.full(K, ALPHA),
-        eta=ETA,
-        decay=0.7,
-        offset=10.0,
-        iterations=100,
-        gamma_threshold=1e-3,
-        eval_every=None,
-        random_state=seed,
-    )
-    seconds = time.perf_counter() - t0
+    seconds = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        lda = LdaModel(
+            corpus=corpus,
+            num_topics=K,
+            id2word={i: str(i) for i in range(train.shape[1])},
+            chunksize=BATCH,
+            passes=1,
+            update_every=1,
+            alpha=np.full(K, ALPHA),
+            eta=ETA,
+            decay=0.7,
+            offset=10.0,
+            iterations=100,
+            gamma_threshold=1e-3,
+            eval_every=None,
+            random_state=seed,
+        )
+        seconds.append(time.perf_counter() - t0)
+    seconds = min(seconds)
     return {"s": seconds, "perplexity": perplexity(lda.state.get_lambda(), held_out)}
 
 
@@ -227,9 +239,9 @@ def seed_spread(X: sp.csr_matrix, seeds=(0, 1, 2)) -> dict:
     train, held_out = split(X)
     spread = {"viax": [], "sklearn": [], "gensim": []}
     for seed in seeds:
-        spread["viax"].append(run_viax(train, held_out, seed)["perplexity"][0])
-        spread["sklearn"].append(run_sklearn(train, held_out, False, seed)["perplexity"][0])
-        spread["gensim"].append(run_gensim(train, held_out, seed)["perplexity"][0])
+        spread["viax"].append(run_viax(train, held_out, seed, 0)["perplexity"][0])
+        spread["sklearn"].append(run_sklearn(train, held_out, False, seed, 1)["perplexity"][0])
+        spread["gensim"].append(run_gensim(train, held_out, seed, 1)["perplexity"][0])
         print(" seed", seed, {k: round(v[-1], 1) for k, v in spread.items()}, flush=True)
     return {"seeds": list(seeds), **spread}
 
