@@ -270,7 +270,7 @@ def main(argv=None) -> int:
             "Perplexities of all three libraries are computed by the same code on the same "
             "held-out documents (sklearn's bound); lower is better."
             + (
-                " NYT, sklearn's perplexity over seeds "
+                " NYT held-out perplexity (sklearn's bound) with seeds "
                 + ", ".join(map(str, spread["seeds"]))
                 + " (the same seed starts all three from the same topics λ0): "
                 + "; ".join(
