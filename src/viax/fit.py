@@ -16,6 +16,7 @@ from viax.diagnostics import KHAT_USABLE, psis
 from viax.families.gaussian import FAMILIES, Family, FullRank, make_family
 from viax.infer import advi, dadvi
 from viax.infer.driver import DivergenceError, abstract, chunk_fn, precompile, run
+from viax.infer.optimize import minimize_on_host
 from viax.model import Model, ModelError, Target, _log_density_jit, build_target
 from viax.result import Result, log_weights_fn, mean_and_se
 
@@ -25,6 +26,7 @@ METHODS = ("advi", "bbvi")
 OPTIMIZERS = ("dadvi", "stan")
 _NUM_ELBO_DRAWS = 1000
 _DADVI_CHUNK = 10  # L-BFGS steps per compiled chunk
+_MAP_STEPS = 1000
 # Default DADVI draws: as many as fit a budget of about 2^25 flop-equivalents per
 # objective evaluation (one model evaluation costs its XLA flops plus 20 per
 # transcendental, plus the family's transform), between 64 and 1024.  The fixed draws'
@@ -269,9 +271,13 @@ def _fit_dadvi(
     start = time.perf_counter()
     num_draws = num_draws or default_num_draws(target, family, data, init_position)
     algo = dadvi.build_dadvi(target, family, num_draws)
-    # A cold fit is mostly compilation: while this thread compiles and runs the setup
-    # (MAP, Laplace), the L-BFGS chunk and the finalisation compile on the other core.
-    lowered = algo.setup.lower(init_position, data, rng_key)
+    # A cold fit is mostly compilation: while this thread finds the MAP and compiles
+    # and runs the rest of the setup (Laplace), the L-BFGS chunk and the finalisation
+    # compile on the other core.  Everything is traced first: NumPyro's handler stack
+    # is global, so no two threads may trace a model at once.
+    algo.map_objective.lower(init_position, data)
+    map_steps0 = np.int32(0)
+    lowered = algo.setup.lower(init_position, map_steps0, init_position, data, rng_key)
     setup_out, state_out = abstract(lowered.out_info)
     key_aval = abstract(rng_key)
     inputs_out = (abstract(data), setup_out)
@@ -282,7 +288,10 @@ def _fit_dadvi(
         ),
         (algo.finalize, (state_out.optimizer.position, inputs_out, key_aval)),
     )
-    setup, state = algo.setup(init_position, data, rng_key)
+    center, _, _, map_steps = minimize_on_host(
+        lambda u: algo.map_objective(u, data), np.asarray(init_position), _MAP_STEPS, 1e-6
+    )
+    setup, state = algo.setup(center, np.int32(map_steps), init_position, data, rng_key)
     inputs = (data, setup)
     info: dict[str, Any] = {
         "num_draws": num_draws,

@@ -5,7 +5,9 @@ posteriors (a regression on unscaled predictors has a posterior covariance with 
 condition number of 10⁶ or more), so a fixed budget of Adam or Stan-ADVI steps ends
 many posterior sds away.  Here instead:
 
-1. **MAP** of log p̃(u) by L-BFGS in the unconstrained space, float64.
+1. **MAP** of log p̃(u) by L-BFGS in the unconstrained space, float64, run on the
+   host around a compiled gradient (compiling the whole loop took longer than running
+   it).
 2. **Laplace preconditioner** from the Hessian H at the MAP: the fit runs in
    whitened coordinates ``u = c + A w`` with A = chol(H⁻¹) (full rank) or
    A = diag(H)^(−1/2) (mean-field, low rank), where the posterior is close to
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 from viax.estimators.reparam import elbo_from_noise, elbo_terms
 from viax.families.gaussian import Family, FullRank
 from viax.infer.driver import Guard, guard_init, jit_once
-from viax.infer.optimize import LBFGSState, lbfgs, minimize
+from viax.infer.optimize import LBFGSState, lbfgs
 from viax.model import Target
 
 __all__ = [
@@ -79,27 +81,31 @@ class Setup(NamedTuple):
     hessian_min_eig: jax.Array
 
 
-def build_setup(target: Target, family: Family, num_draws: int, max_steps: int = 1000):
-    """MAP by L-BFGS, Hessian, preconditioner, base draws (traceable)."""
+def build_setup(target: Target, family: Family, num_draws: int):
+    """``(map_objective, prepare)``: the negative log density and its gradient
+    ``(u, data) -> (value, grad)`` for the MAP search (run on the host by
+    :func:`~viax.infer.optimize.minimize_on_host`), and the traceable rest of the setup
+    from the MAP: Hessian, preconditioner, base draws."""
 
-    def setup(init_position, data, rng_key) -> Setup:
+    def map_objective(position, data):
+        return jax.value_and_grad(lambda u: -target.log_density(u, data))(position)
+
+    def prepare(center, map_steps, init_position, data, rng_key) -> Setup:
         dim = init_position.shape[0]
-        state, num_steps = minimize(
-            lambda u: -target.log_density(u, data), init_position, max_steps=max_steps, tol=1e-6
-        )
-        center = state.position
+        value, grad = map_objective(center, data)
         # Forward-over-reverse columns H e_i: compiles faster than jax.hessian here.
         grad_fn = jax.grad(lambda u: -target.log_density(u, data))
         hess = jax.vmap(lambda v: jax.jvp(grad_fn, (center,), (v,))[1])(jnp.eye(dim))
         hess = 0.5 * (hess + hess.T)
         eigval, eigvec = jnp.linalg.eigh(hess)
         ok = (
-            jnp.isfinite(state.value)
+            jnp.isfinite(value)
             & jnp.all(jnp.isfinite(center))
             & jnp.all(jnp.isfinite(hess))
             & (eigval[0] > 1e-10 * jnp.abs(eigval[-1]))
-            & (jnp.max(jnp.abs(state.grad)) < 1e-3)
+            & (jnp.max(jnp.abs(grad)) < 1e-3)
         )
+        map_position = center
         center = jnp.where(ok, center, init_position)
         if isinstance(family, FullRank):
             cov = (eigvec / eigval) @ eigvec.T
@@ -112,9 +118,9 @@ def build_setup(target: Target, family: Family, num_draws: int, max_steps: int =
             scale = jnp.where(ok, 1.0 / jnp.sqrt(jnp.abs(jnp.diagonal(hess))), 1.0)
             precond = Preconditioner(center, None, scale, jnp.sum(jnp.log(scale)))
         draws = base_draws(rng_key, num_draws, family.noise_dim)
-        return Setup(precond, draws, state.position, num_steps, ok, eigval[0])
+        return Setup(precond, draws, map_position, map_steps, ok, eigval[0])
 
-    return setup
+    return map_objective, prepare
 
 
 def base_draws(rng_key, num_draws: int, noise_dim: int) -> jax.Array:
@@ -140,7 +146,9 @@ class DADVIInfo(NamedTuple):
 
 
 class DADVI(NamedTuple):
-    setup: Callable  # (init_position, data, rng_key) -> (Setup, DADVIState), one compile
+    map_objective: Callable  # (u, data) -> (−log p̃(u), gradient), for the host L-BFGS
+    # (center, map_steps, init_position, data, rng_key) -> (Setup, DADVIState)
+    setup: Callable
     # setup and finalize derive their keys from the fit's key with fold_in 0 and 1.
     step: Callable  # (state, rng_key, inputs) -> (state, info); inputs = (data, setup)
     finalize: Callable  # (params_w, inputs, rng_key) -> (params, elbo terms)
@@ -166,12 +174,12 @@ def build_dadvi(
         return -_fixed_draw_elbo(target, family, params, data, setup.draws, setup.preconditioner)
 
     lbfgs_init, lbfgs_step = lbfgs(loss_fn)
-    prepare = build_setup(target, family, num_draws)
+    map_objective, prepare = build_setup(target, family, num_draws)
 
-    def setup(init_position, data, rng_key):
-        # MAP and preconditioner in one compiled program; the L-BFGS state is fresh
+    def setup(center, map_steps, init_position, data, rng_key):
+        # Preconditioner from the MAP in one compiled program; the L-BFGS state is fresh
         # (its first step evaluates the objective), so the ELBO is compiled once.
-        setup = prepare(init_position, data, jax.random.fold_in(rng_key, 0))
+        setup = prepare(center, map_steps, init_position, data, jax.random.fold_in(rng_key, 0))
         state = DADVIState(lbfgs_init(family.init(), (data, setup)), guard_init(target.dim))
         return setup, state
 
@@ -192,4 +200,6 @@ def build_dadvi(
     def initial(inputs):
         return jax.value_and_grad(loss_fn)(family.init(), inputs)
 
-    return DADVI(jit_once(setup), step, jit_once(finalize), jit_once(initial))
+    return DADVI(
+        jit_once(map_objective), jit_once(setup), step, jit_once(finalize), jit_once(initial)
+    )
