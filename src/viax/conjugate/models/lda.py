@@ -262,7 +262,7 @@ class LDAModel(ConjugateModel):
         # γ = 1 (sklearn's transform).  sklearn and Hoffman draw γ ~ Gamma(100, 1/100)
         # when training; the random topics already break the symmetry.  Measured on NYT
         # (one pass, K = 20): from the same λ0, sklearn with γ = 1 gives viax's held-out
-        # perplexity to 5 digits, and the random start moves it by −2%…+1.3% (8 paired
+        # perplexity to 5 digits, and the random start moves it by −2.2%…+1.4% (8 paired
         # seeds, mean −0.4%) against a seed-to-seed spread of ±10%; a sampler in the
         # step cost 0.35 s of compilation and ~10% of the step.
         return {"doc_topics": (jnp.zeros((batch["mask"].shape[0], self.n_components)),)}
