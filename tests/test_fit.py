@@ -264,11 +264,12 @@ def test_default_draws_follow_the_cost_of_the_model():
 def test_default_draws_shrink_the_monte_carlo_error():
     # The Beta(5, 10) posterior in logit space is skewed, so fixed draws leave an error in
     # the fitted mean that falls as 1/sqrt(M): 1024 default draws against 64 should
-    # cut the refit spread about fourfold; 2x allows for the 5-refit sd estimate.
+    # cut the refit spread about fourfold; 2x allows for the 20-refit sd estimates
+    # (each ~16% relative error; the ratio measured 3.8 and 4.7 for refit seeds 1, 2).
     data = {"x": np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])}
     default = viax.fit(beta_bernoulli, data, family="meanfield", seed=0, progress=False)
     few = viax.fit(beta_bernoulli, data, family="meanfield", seed=0, num_draws=64, progress=False)
     assert default.info["num_draws"] == 1024
-    se_default = default.monte_carlo_error(num_repeats=5)["p"]
-    se_few = few.monte_carlo_error(num_repeats=5)["p"]
+    se_default = default.monte_carlo_error(num_repeats=20)["p"]
+    se_few = few.monte_carlo_error(num_repeats=20)["p"]
     assert se_default < se_few / 2

@@ -270,14 +270,15 @@ def _fit_dadvi(
 ):
     start = time.perf_counter()
     num_draws = num_draws or default_num_draws(target, family, data, init_position)
-    algo = dadvi.build_dadvi(target, family, num_draws)
+    algo = dadvi.build_dadvi(target, family)
+    draws = dadvi.base_draws(rng_key, num_draws, family.noise_dim)
     # A cold fit is mostly compilation: while this thread finds the MAP and compiles
     # and runs the rest of the setup (Laplace), the L-BFGS chunk and the finalisation
     # compile on the other core.  Everything is traced first: NumPyro's handler stack
     # is global, so no two threads may trace a model at once.
     algo.map_objective.lower(init_position, data)
     map_steps0 = np.int32(0)
-    lowered = algo.setup.lower(init_position, map_steps0, init_position, data, rng_key)
+    lowered = algo.setup.lower(init_position, map_steps0, init_position, data, draws)
     setup_out, state_out = abstract(lowered.out_info)
     key_aval = abstract(rng_key)
     inputs_out = (abstract(data), setup_out)
@@ -291,7 +292,7 @@ def _fit_dadvi(
     center, _, _, map_steps = minimize_on_host(
         lambda u: algo.map_objective(u, data), np.asarray(init_position), _MAP_STEPS, 1e-6
     )
-    setup, state = algo.setup(center, np.int32(map_steps), init_position, data, rng_key)
+    setup, state = algo.setup(center, np.int32(map_steps), init_position, data, draws)
     inputs = (data, setup)
     info: dict[str, Any] = {
         "num_draws": num_draws,
