@@ -27,13 +27,14 @@ OPTIMIZERS = ("dadvi", "stan")
 _NUM_ELBO_DRAWS = 1000
 _DADVI_CHUNK = 10  # L-BFGS steps per compiled chunk
 _MAP_STEPS = 1000
-# Default DADVI draws: as many as fit a budget of about 2^25 flop-equivalents per
+# Default DADVI draws: as many as fit a budget of about 2^27 flop-equivalents per
 # objective evaluation (one model evaluation costs its XLA flops plus 20 per
-# transcendental, plus the family's transform), between 64 and 1024.  The fixed draws'
-# error in the means shrinks as 1/sqrt(M): on eight schools (mean-field) the worst mean
-# error spreads 0.14-0.26 sd over seeds with 64 draws and 0.20-0.21 with 1024, which
-# costs a cheap model nothing; a 569 x 31 logistic regression gets 448.
-_DRAW_BUDGET = 2.0**25
+# transcendental, plus the family's transform; ~10 ms on one core), between 64 and
+# 1024.  The fixed draws' error in the means shrinks as 1/sqrt(M): on eight schools
+# (mean-field) the worst mean error spreads 0.14-0.26 sd over seeds with 64 draws and
+# 0.19-0.22 with 1024, which costs a cheap model nothing; on the 569 x 31 logistic
+# regression it spread 0.18-0.23 with 448 draws and 0.19-0.21 with 1024 (0.5 s).
+_DRAW_BUDGET = 2.0**27
 _MIN_DRAWS, _MAX_DRAWS = 64, 1024
 
 
@@ -92,7 +93,7 @@ def fit(
             dadvi, 10000 for the stochastic optimisers).
         num_particles: draws per stochastic gradient (default 1, as Stan).
         num_draws: fixed base draws for dadvi.  Default: as many as a compute budget
-            of about 2^25 flops per objective evaluation allows (from XLA's cost
+            of about 2^27 flops per objective evaluation allows (from XLA's cost
             analysis of the model), between max(64, D + 2) and 1024.
         tol_rel_obj, eval_elbo: Stan's convergence rule (stochastic optimisers).
         eta: Stan step size; ``None`` searches {100, 10, 1, 0.1, 0.01}.
