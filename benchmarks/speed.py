@@ -491,7 +491,6 @@ def markdown(payload) -> str:
         "",
         "Commands: " + "; ".join(f"`{command}` ({date})" for command, date in commands) + " — "
         f"{payload['machine'].get('cpu_count')} CPU cores, float64, "
-        f"{payload['machine'].get('cpu_count')} CPU cores, float64, "
         f"median of {payload['repeats']} fresh processes per row, contenders interleaved.",
         "",
         "Whole fit: seconds of the fit call (compilation included, imports excluded); "
