@@ -44,11 +44,14 @@ def test_a_second_process_loads_compiled_programs_from_disk(tmp_path):
     env = {**os.environ, "VIAX_CACHE_DIR": str(tmp_path / "cache")}
     first = _fit_in_fresh_process(env)
     assert first["dir"] == str(tmp_path / "cache") and first["hits"] == 0
-    stored = len(list((tmp_path / "cache").iterdir()))
-    assert stored >= 3  # setup, the L-BFGS chunk, finalisation at least
+    stored = {p.name for p in (tmp_path / "cache").glob("*-cache")}
+    assert len(stored) >= 3  # setup, the L-BFGS chunk, finalisation at least
     second = _fit_in_fresh_process(env)
-    assert second["hits"] >= 3
-    assert len(list((tmp_path / "cache").iterdir())) == stored  # nothing recompiled
+    # Every program the first process stored is loaded, not recompiled.  A program
+    # whose compile took about the caching threshold (0.1 s) may be stored by one
+    # process and not the other on a loaded machine, so new entries are allowed.
+    assert second["hits"] >= len(stored)
+    assert stored <= {p.name for p in (tmp_path / "cache").glob("*-cache")}
     assert second["elbo"] == first["elbo"]  # same programs, same numbers
 
 
