@@ -37,6 +37,9 @@ def test_naive_reaches_cavi_optimum(problem):
     assert result.elbo == pytest.approx(reference.elbo, rel=1e-6)
     assert result.elbo <= reference.elbo + 1e-8 * abs(reference.elbo)
     np.testing.assert_allclose(_means(result), _means(reference), atol=1e-3)
+    # A refit with the default optimizer and same shapes reuses the compiled chunk.
+    again = naive(model, X + 0.01, num_steps=500, chunk_size=500)
+    assert again.compile_time == 0.0 and np.isfinite(again.elbo)
 
 
 @pytest.mark.slow
