@@ -34,7 +34,7 @@ from viax.conjugate.models._base import (
     check_positive_int,
     check_seed,
 )
-from viax.conjugate.models.gmm import INIT_METHODS, GaussianMixtureModel
+from viax.conjugate.models.gmm import COVARIANCE_TYPES, INIT_METHODS, GaussianMixtureModel
 from viax.conjugate.models.lda import LDAModel
 from viax.conjugate.models.linear import LinearRegressionModel
 from viax.conjugate.svi import check_learning_rate, svi
@@ -65,8 +65,12 @@ _init_globals = jax.jit(
 class GaussianMixture(EstimatorMixin):
     """Variational Bayesian Gaussian mixture by CAVI: sklearn's BayesianGaussianMixture.
 
-    Parameters and fitted attributes carry sklearn's names and meanings (full
-    covariances only).  Differences: ``tol`` is sklearn's (absolute change of the lower
+    Parameters and fitted attributes carry sklearn's names and meanings;
+    ``covariance_type`` is "full", "diag" or "spherical" ("tied" is not implemented).
+    "diag" and "spherical" are the exact conjugate Normal–Gamma models (see
+    ``models/gmm.py``): sklearn's own use Wishart formulas there, so their numbers differ
+    slightly ("diag": ~1e-3 relative) or, for "spherical", by the prior's weight.
+    Differences: ``tol`` is sklearn's (absolute change of the lower
     bound between sweeps), but ``lower_bound_`` and ``lower_bounds_`` are the *exact*
     ELBO; sklearn drops constants, so ours = sklearn's + C(priors, N, D, K).
     ``random_state=None`` means seed 0 (same call, same numbers); the k-means
@@ -121,9 +125,10 @@ class GaussianMixture(EstimatorMixin):
         check_positive_int("n_components", self.n_components)
         check_positive_int("max_iter", self.max_iter)
         check_positive_int("n_init", self.n_init)
-        if self.covariance_type != "full":
+        if self.covariance_type not in COVARIANCE_TYPES:
             raise ValueError(
-                f"covariance_type={self.covariance_type!r} is not implemented; only 'full'"
+                f"covariance_type must be one of {COVARIANCE_TYPES}, got "
+                f"{self.covariance_type!r} (tied covariances are not implemented)"
             )
         if not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
@@ -139,6 +144,7 @@ class GaussianMixture(EstimatorMixin):
             degrees_of_freedom_prior=self.degrees_of_freedom_prior,
             covariance_prior=self.covariance_prior,
             reg_covar=self.reg_covar,
+            covariance_type=self.covariance_type,
         )
 
     def fit(self, X, y=None, *, initial_resp=None):
@@ -190,16 +196,19 @@ class GaussianMixture(EstimatorMixin):
         # numpy, not NormalWishart.to_standard: JAX ops run eagerly here would each be
         # compiled on a first fit (seconds for the Cholesky loops), for a few K×D×D.
         n1, n2, n3, n4 = (np.asarray(x) for x in globals_["components"])
-        beta = -2.0 * n2
-        scale_inv = -2.0 * n3 - n1[:, :, None] * n1[:, None, :] / beta[:, None, None]
-        scale = np.linalg.inv(scale_inv)
-        self.means_ = n1 / beta[:, None]
-        self.mean_precision_ = beta
-        self.degrees_of_freedom_ = 2.0 * n4 + n1.shape[1]
-        self.precisions_ = self.degrees_of_freedom_[:, None, None] * scale
-        self.precisions_ = 0.5 * (self.precisions_ + np.swapaxes(self.precisions_, 1, 2))
-        self.covariances_ = np.linalg.inv(self.precisions_)
-        self.precisions_cholesky_ = np.linalg.cholesky(self.precisions_)
+        if model.covariance_type == "full":
+            beta = -2.0 * n2
+            scale_inv = -2.0 * n3 - n1[:, :, None] * n1[:, None, :] / beta[:, None, None]
+            scale = np.linalg.inv(scale_inv)
+            self.means_ = n1 / beta[:, None]
+            self.mean_precision_ = beta
+            self.degrees_of_freedom_ = 2.0 * n4 + n1.shape[1]
+            self.precisions_ = self.degrees_of_freedom_[:, None, None] * scale
+            self.precisions_ = 0.5 * (self.precisions_ + np.swapaxes(self.precisions_, 1, 2))
+            self.covariances_ = np.linalg.inv(self.precisions_)
+            self.precisions_cholesky_ = np.linalg.cholesky(self.precisions_)
+        else:
+            self._set_gamma_components(model.covariance_type, n1, n2, n3, n4)
         weights_natural = tuple(np.asarray(x) for x in globals_["weights"])
         if model.dirichlet_process:
             w = Beta.to_standard(weights_natural)
@@ -215,12 +224,39 @@ class GaussianMixture(EstimatorMixin):
         self.mean_precision_prior_ = float(model.mean_precision_prior)
         self.mean_prior_ = np.asarray(model.mean_prior)
         self.degrees_of_freedom_prior_ = float(model.degrees_of_freedom_prior)
-        self.covariance_prior_ = np.asarray(model.covariance_prior)
+        self.covariance_prior_ = (
+            float(model.covariance_prior)
+            if model.covariance_type == "spherical"
+            else np.asarray(model.covariance_prior)
+        )
         self.converged_ = bool(result.converged)
         self.n_iter_ = int(result.num_steps)
         self.lower_bound_ = float(result.elbo)
         self.lower_bounds_ = list(map(float, result.elbo_trace))
         self.elbo_trace_ = np.asarray(result.elbo_trace)
+
+    def _set_gamma_components(self, covariance_type, n1, n2, n3, n4):
+        """Fitted attributes from NormalGamma natural parameters (Λ = β I: the mean
+        precision is a multiple of the identity).  precisions_ = E[λ] = a / b, as
+        sklearn's (ν / scale); covariances_ its inverse."""
+        if covariance_type == "diag":  # batch (K, D), event 1
+            n1, n2 = n1[..., 0], n2[..., 0, 0]
+            event = 1
+        else:  # spherical: batch (K,), event D
+            n2 = n2[:, 0, 0]
+            event = n1.shape[-1]
+        beta = -2.0 * n2
+        mean = n1 / (beta if covariance_type == "diag" else beta[:, None])
+        inner = mean * n1 if covariance_type == "diag" else np.sum(mean * n1, -1)
+        shape = n4 + 1.0 - 0.5 * event
+        rate = -n3 - 0.5 * inner
+        self.means_ = mean
+        self.mean_precision_ = beta[:, 0] if covariance_type == "diag" else beta
+        # Every feature of a component has the same shape a_k (N_k/2 each).
+        self.degrees_of_freedom_ = 2.0 * (shape[:, 0] if covariance_type == "diag" else shape)
+        self.precisions_ = shape / rate
+        self.covariances_ = 1.0 / self.precisions_
+        self.precisions_cholesky_ = np.sqrt(self.precisions_)
 
     def _weighted_log_prob(self, X):
         check_fitted(self, "result_")

@@ -1,7 +1,8 @@
 """Gaussian mixtures: sklearn's Bayesian GMM and the unit-variance mixture.
 
 **Bayesian Gaussian mixture** (the model of sklearn's ``BayesianGaussianMixture``,
-covariance_type="full"; Bishop 2006 §10.2, Blei & Jordan 2006 for the DP weights):
+covariance_type "full", "diag" or "spherical"; Bishop 2006 §10.2, Blei & Jordan 2006
+for the DP weights):
 
     π ~ Dirichlet(α0 1_K)              ("dirichlet_distribution"), or
     v_k ~ Beta(1, α0), π_k = v_k Π_{j<k}(1 − v_j)   ("dirichlet_process", truncated at K)
@@ -13,6 +14,13 @@ The expected log joint per point, in the mean parameters of q:
     Σ_k r_nk [E log π_k + ½ E log|Λ_k| − D/2 log 2π
               − ½ (x_nᵀ E[Λ_k] x_n − 2 x_nᵀ E[Λ_k μ_k] + E[μ_kᵀ Λ_k μ_k])
               − ½ reg_covar · tr E[Λ_k]].
+
+``covariance_type="diag"`` and ``"spherical"`` put a Gamma on each precision instead
+of a Wishart: (μ_kd, λ_kd) ~ NormalGamma(m0_d, β0, ν0/2, c0_d/2) per feature, or
+μ_k | λ_k ~ N(m0, (β0 λ_k)⁻¹ I), λ_k ~ Gamma(ν0/2, c0/2) shared by the D features (the
+1-D Wishart W(λ | 1/c0, ν0) is that Gamma).  These are the exact conjugate models:
+sklearn's "diag" has the same M-step but takes E log λ from the Wishart formula, and its
+"spherical" posterior counts N_k rather than D·N_k observations per precision.
 
 The last term is sklearn's ``reg_covar`` (it adds ``reg_covar · I`` to every component's
 scatter matrix); it is linear in E[Λ_k], so updates stay conjugate; set it to 0 for the
@@ -31,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viax.conjugate.engine import ConjugateModel, conjugate_model, static, update_globals
-from viax.conjugate.expfam import Beta, Categorical, Dirichlet, Normal, NormalWishart
+from viax.conjugate.expfam import Beta, Categorical, Dirichlet, Normal, NormalGamma, NormalWishart
 from viax.conjugate.models._base import check_finite_2d, check_positive_int, check_spd
 
 __all__ = ["GaussianMixtureModel", "UnitVarianceMixtureModel", "kmeans_labels"]
@@ -39,6 +47,7 @@ __all__ = ["GaussianMixtureModel", "UnitVarianceMixtureModel", "kmeans_labels"]
 _LOG_2PI = math.log(2.0 * math.pi)
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
+COVARIANCE_TYPES = ("full", "diag", "spherical")
 
 
 def prepare_points(X, pad_to: int | None = None, name: str = "X") -> dict:
@@ -130,6 +139,29 @@ def _logits(resp):
     return (jnp.log(jnp.maximum(resp, 1e-300)),)
 
 
+def _scalar_covariance_prior(X, covariance_prior, covariance_type: str) -> np.ndarray:
+    """sklearn's covariance prior for "diag" ((D,): the feature variances by default)
+    and "spherical" ((): their mean), checked positive."""
+    d = X.shape[1]
+    if covariance_prior is None:
+        variances = np.var(X, axis=0, ddof=1) if X.shape[0] > 1 else np.zeros(d)
+        cov0 = variances if covariance_type == "diag" else np.asarray(variances.mean())
+        if not np.all(cov0 > 0):
+            raise ValueError(
+                "the default covariance_prior (the feature variances) is not positive (a "
+                "constant feature): pass a positive covariance_prior"
+            )
+        return cov0
+    cov0 = np.asarray(covariance_prior, np.float64)
+    shape = (d,) if covariance_type == "diag" else ()
+    if cov0.shape != shape or not np.all(np.isfinite(cov0) & (cov0 > 0)):
+        raise ValueError(
+            f"covariance_prior for covariance_type={covariance_type!r} must be positive "
+            f"with shape {shape}, got {cov0 if cov0.size < 5 else cov0.shape}"
+        )
+    return cov0
+
+
 # ----------------------------------------------------------------------------------
 # Bayesian GMM
 # ----------------------------------------------------------------------------------
@@ -137,10 +169,11 @@ def _logits(resp):
 
 @conjugate_model
 class GaussianMixtureModel(ConjugateModel):
-    """The model of sklearn's BayesianGaussianMixture (full covariances).
+    """The model of sklearn's BayesianGaussianMixture.
 
     Global factors: ``weights`` (Dirichlet (K,) or Beta sticks (K,)), ``components``
-    (NormalWishart, batch (K,)).  Local factor: ``assignments`` (Categorical (N, K)).
+    (NormalWishart, batch (K,); NormalGamma batch (K, D) for "diag", (K,) for
+    "spherical").  Local factor: ``assignments`` (Categorical (N, K)).
     Batches: ``{"x": (N, D), "mask": (N,)}``.
     """
 
@@ -148,10 +181,11 @@ class GaussianMixtureModel(ConjugateModel):
     mean_prior: jax.Array  # (D,)
     mean_precision_prior: jax.Array
     degrees_of_freedom_prior: jax.Array
-    covariance_prior: jax.Array  # (D, D): W0⁻¹
+    covariance_prior: jax.Array  # full: (D, D) W0⁻¹; diag: (D,); spherical: ()
     reg_covar: jax.Array
     n_components: int = static()
     weight_concentration_prior_type: str = static("dirichlet_process")
+    covariance_type: str = static("full")
 
     name = "bayesian-gaussian-mixture"
     local_order = ("assignments",)
@@ -169,8 +203,11 @@ class GaussianMixtureModel(ConjugateModel):
         degrees_of_freedom_prior: float | None = None,
         covariance_prior=None,
         reg_covar: float = 1e-6,
+        covariance_type: str = "full",
     ) -> GaussianMixtureModel:
-        """sklearn's defaults: α0 = 1/K, β0 = 1, m0 = mean(X), ν0 = D, W0⁻¹ = cov(X)."""
+        """sklearn's defaults: α0 = 1/K, β0 = 1, m0 = mean(X), ν0 = D, and the
+        covariance prior cov(X) ("full"), the per-feature variances ("diag") or their
+        mean ("spherical")."""
         n_components = check_positive_int("n_components", n_components)
         X = check_finite_2d(X)
         n, d = X.shape
@@ -192,14 +229,21 @@ class GaussianMixtureModel(ConjugateModel):
         ]:
             if not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{label} must be > 0, got {value}")
-        if not nu0 > d - 1.0:
-            raise ValueError(f"degrees_of_freedom_prior must be > {d - 1}, got {nu0}")
+        if covariance_type not in COVARIANCE_TYPES:
+            raise ValueError(
+                f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}"
+            )
+        minimum_dof = d - 1.0 if covariance_type == "full" else 0.0
+        if not nu0 > minimum_dof:
+            raise ValueError(f"degrees_of_freedom_prior must be > {minimum_dof:g}, got {nu0}")
         if not (np.isfinite(reg_covar) and reg_covar >= 0):
             raise ValueError(f"reg_covar must be >= 0, got {reg_covar}")
         m0 = X.mean(0) if mean_prior is None else np.asarray(mean_prior, np.float64)
         if m0.shape != (d,) or not np.all(np.isfinite(m0)):
             raise ValueError(f"mean_prior must be finite with shape ({d},), got {m0.shape}")
-        if covariance_prior is None:
+        if covariance_type != "full":
+            cov0 = _scalar_covariance_prior(X, covariance_prior, covariance_type)
+        elif covariance_prior is None:
             cov0 = np.atleast_2d(np.cov(X.T))
             try:
                 check_spd(cov0, "covariance_prior")
@@ -212,7 +256,7 @@ class GaussianMixtureModel(ConjugateModel):
                 ) from None
         else:
             cov0 = check_spd(np.atleast_2d(covariance_prior), "covariance_prior")
-        if cov0.shape != (d, d):
+        if covariance_type == "full" and cov0.shape != (d, d):
             raise ValueError(f"covariance_prior must have shape ({d}, {d}), got {cov0.shape}")
         return cls(
             weight_concentration_prior=jnp.asarray(alpha0, jnp.float64),
@@ -223,6 +267,7 @@ class GaussianMixtureModel(ConjugateModel):
             reg_covar=jnp.asarray(reg_covar, jnp.float64),
             n_components=n_components,
             weight_concentration_prior_type=weight_concentration_prior_type,
+            covariance_type=covariance_type,
         )
 
     @property
@@ -231,7 +276,8 @@ class GaussianMixtureModel(ConjugateModel):
 
     def global_factors(self):
         weights = Beta() if self.dirichlet_process else Dirichlet()
-        return {"weights": weights, "components": NormalWishart()}
+        components = NormalWishart() if self.covariance_type == "full" else NormalGamma()
+        return {"weights": weights, "components": components}
 
     def prior(self):
         k, d = self.n_components, self.mean_prior.shape[0]
@@ -240,8 +286,10 @@ class GaussianMixtureModel(ConjugateModel):
             weights = Beta.from_standard(jnp.ones(k), alpha0)
         else:
             weights = Dirichlet.from_standard(alpha0)
-        # Natural parameters straight from W0⁻¹ = covariance_prior (no double inverse).
         m0, beta0 = self.mean_prior, self.mean_precision_prior
+        if self.covariance_type != "full":
+            return {"weights": weights, "components": self._gamma_prior()}
+        # Natural parameters straight from W0⁻¹ = covariance_prior (no double inverse).
         components = (
             jnp.broadcast_to(beta0 * m0, (k, d)),
             jnp.full(k, -0.5 * beta0),
@@ -249,6 +297,27 @@ class GaussianMixtureModel(ConjugateModel):
             jnp.full(k, 0.5 * (self.degrees_of_freedom_prior - d)),
         )
         return {"weights": weights, "components": components}
+
+    def _gamma_prior(self):
+        """NormalGamma priors: a 1-D Wishart W(λ | 1/c0, ν0) is Gamma(ν0/2, rate c0/2).
+        "diag": one (μ_kd, λ_kd) per component and feature, batch (K, D), event 1;
+        "spherical": (μ_k, λ_k) with μ_k | λ_k ~ N(m0, (β0 λ_k)⁻¹ I), batch (K,)."""
+        k, d = self.n_components, self.mean_prior.shape[0]
+        m0, beta0 = self.mean_prior, self.mean_precision_prior
+        shape = 0.5 * self.degrees_of_freedom_prior
+        if self.covariance_type == "diag":
+            return NormalGamma.from_standard(
+                jnp.broadcast_to(m0[:, None], (k, d, 1)),
+                jnp.broadcast_to(beta0, (k, d, 1, 1)),
+                jnp.full((k, d), shape),
+                jnp.broadcast_to(0.5 * self.covariance_prior, (k, d)),
+            )
+        return NormalGamma.from_standard(
+            jnp.broadcast_to(m0, (k, d)),
+            jnp.broadcast_to(beta0 * jnp.eye(d), (k, d, d)),
+            jnp.full(k, shape),
+            jnp.full(k, 0.5 * self.covariance_prior),
+        )
 
     def expected_log_weights(self, weights_mean):
         """E[log π_k] (K,) from the weights factor's mean parameters."""
@@ -259,10 +328,24 @@ class GaussianMixtureModel(ConjugateModel):
 
     def expected_log_likelihood(self, global_mean, x):
         """E_q[log π_k + log N(x_n | μ_k, Λ_k⁻¹)] − the reg_covar term, (N, K)."""
-        prec_m, m_prec_m, prec, logdet = global_mean["components"]
         d = x.shape[-1]
-        quad = jnp.einsum("nd,kde,ne->nk", x, prec, x) - 2.0 * x @ prec_m.T + m_prec_m[None, :]
-        trace = jnp.trace(prec, axis1=-2, axis2=-1)
+        if self.covariance_type == "full":
+            prec_m, m_prec_m, prec, logdet = global_mean["components"]
+            quad = jnp.einsum("nd,kde,ne->nk", x, prec, x) - 2.0 * x @ prec_m.T + m_prec_m
+            trace = jnp.trace(prec, axis1=-2, axis2=-1)
+        elif self.covariance_type == "diag":
+            # NormalGamma means per (k, d): E[λμ] (K,D,1), E[λμ²] (K,D,1,1), E[λ], E log λ.
+            lam_m, lam_m2, lam, log_lam = global_mean["components"]
+            quad = (x * x) @ lam.T - 2.0 * x @ lam_m[..., 0].T + jnp.sum(lam_m2[..., 0, 0], -1)
+            trace, logdet = jnp.sum(lam, -1), jnp.sum(log_lam, -1)
+        else:  # spherical: E[λμ] (K,D), E[λμμᵀ] (K,D,D), E[λ] (K,), E log λ (K,)
+            lam_m, lam_mm, lam, log_lam = global_mean["components"]
+            quad = (
+                jnp.sum(x * x, -1)[:, None] * lam
+                - 2.0 * x @ lam_m.T
+                + jnp.trace(lam_mm, axis1=-2, axis2=-1)
+            )
+            trace, logdet = d * lam, d * log_lam
         per_k = 0.5 * logdet - 0.5 * d * _LOG_2PI - 0.5 * self.reg_covar * trace
         return self.expected_log_weights(global_mean["weights"])[None, :] + per_k - 0.5 * quad
 
@@ -313,7 +396,10 @@ class GaussianMixtureModel(ConjugateModel):
             )
             w = w * remaining
         comp = factors["components"].sample(global_natural["components"], key_c, num_samples)
-        return {"weights": w, "means": comp["mean"], "precisions": comp["precision"]}
+        if self.covariance_type == "full":
+            return {"weights": w, "means": comp["mean"], "precisions": comp["precision"]}
+        means = comp["weights"][..., 0] if self.covariance_type == "diag" else comp["weights"]
+        return {"weights": w, "means": means, "precisions": comp["precision"]}
 
 
 # ----------------------------------------------------------------------------------
