@@ -164,9 +164,7 @@ def _chunk_fn(optimizer):
             if init is None:
                 key_g, key_l = jax.random.split(key)
                 global_natural = model.init_globals(key_g, batch)
-                local_natural = model.init_locals(
-                    key_l, batch, global_means(model, global_natural)
-                )
+                local_natural = model.init_locals(key_l, batch, global_means(model, global_natural))
             else:
                 global_natural, local_natural = init
             free = _to_free(model, batch, global_natural, local_natural)
