@@ -81,7 +81,7 @@ def test_gmm_rejects_nan_bad_prior_and_bad_sizes():
     with pytest.raises(ValueError, match="degrees_of_freedom_prior"):
         GaussianMixture(n_components=2, degrees_of_freedom_prior=0.5).fit(X)
     with pytest.raises(ValueError, match="covariance_type"):
-        GaussianMixture(n_components=2, covariance_type="tied").fit(X)
+        GaussianMixture(n_components=2, covariance_type="banded").fit(X)
     with pytest.raises(ValueError, match="init_params"):
         GaussianMixture(n_components=2, init_params="spectral").fit(X)
 

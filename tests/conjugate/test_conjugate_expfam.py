@@ -18,6 +18,7 @@ from viax.conjugate.expfam import (
     Normal,
     NormalGamma,
     NormalWishart,
+    TiedNormalWishart,
     Wishart,
     digamma_positive,
     gammaln_positive,
@@ -46,6 +47,15 @@ CASES = {
         NormalWishart(),
         NormalWishart.from_standard(
             np.array([[0.5, -1.0, 2.0]]), np.array([2.5]), (_spd(3, 3) / 10)[None], np.array([4.5])
+        ),
+    ),
+    "tied_normal_wishart": (
+        TiedNormalWishart(),
+        TiedNormalWishart.from_standard(
+            np.array([[0.5, -1.0, 2.0], [0.0, 1.0, -0.3]]),
+            np.array([2.5, 7.0]),
+            _spd(3, 5) / 10,
+            np.array(4.5),
         ),
     ),
     "normal_gamma": (
@@ -110,6 +120,16 @@ def test_normal_wishart_and_normal_gamma_entropy_by_chain_rule():
         - 0.5 * e_logdet
     )
     np.testing.assert_allclose(f.entropy(eta), [want], rtol=1e-10)
+    # Tied: one Wishart, two means given it: H(Λ) + Σ_k E_Λ[H(μ_k | Λ)].
+    f, eta = CASES["tied_normal_wishart"]
+    scale, betas = _spd(3, 5) / 10, np.array([2.5, 7.0])
+    e_logdet = (
+        sum(digamma((df - i) / 2) for i in range(d)) + d * math.log(2) + np.linalg.slogdet(scale)[1]
+    )
+    want = stats.wishart(df, scale).entropy() + sum(
+        d / 2 * (1 + math.log(2 * math.pi)) - d / 2 * math.log(b) - 0.5 * e_logdet for b in betas
+    )
+    np.testing.assert_allclose(f.entropy(eta), want, rtol=1e-10)
     f, eta = CASES["normal_gamma"]
     prec, a, b, d = _spd(2, 4), 3.0, 2.0, 2
     e_log_tau = digamma(a) - math.log(b)

@@ -26,6 +26,7 @@ from viax.conjugate.expfam import (
     Normal,
     NormalGamma,
     NormalWishart,
+    TiedNormalWishart,
     Wishart,
 )
 from viax.conjugate.models import (
@@ -55,6 +56,7 @@ __all__ = [
     "Normal",
     "NormalGamma",
     "NormalWishart",
+    "TiedNormalWishart",
     "UnitVarianceMixtureModel",
     "Wishart",
     "cavi",

@@ -66,10 +66,10 @@ class GaussianMixture(EstimatorMixin):
     """Variational Bayesian Gaussian mixture by CAVI: sklearn's BayesianGaussianMixture.
 
     Parameters and fitted attributes carry sklearn's names and meanings;
-    ``covariance_type`` is "full", "diag" or "spherical" ("tied" is not implemented).
-    "diag" and "spherical" are the exact conjugate Normal–Gamma models (see
-    ``models/gmm.py``): sklearn's own use Wishart formulas there, so their numbers differ
-    slightly ("diag": ~1e-3 relative) or, for "spherical", by the prior's weight.
+    ``covariance_type`` is "full", "tied", "diag" or "spherical".  The last three are the
+    exact conjugate models (see ``models/gmm.py``); sklearn's versions borrow Wishart
+    formulas or averages, so their numbers differ slightly ("diag": ~1e-3 relative) or,
+    for "tied" and "spherical", by the prior's weight.
     Differences: ``tol`` is sklearn's (absolute change of the lower
     bound between sweeps), but ``lower_bound_`` and ``lower_bounds_`` are the *exact*
     ELBO; sklearn drops constants, so ours = sklearn's + C(priors, N, D, K).
@@ -127,8 +127,7 @@ class GaussianMixture(EstimatorMixin):
         check_positive_int("n_init", self.n_init)
         if self.covariance_type not in COVARIANCE_TYPES:
             raise ValueError(
-                f"covariance_type must be one of {COVARIANCE_TYPES}, got "
-                f"{self.covariance_type!r} (tied covariances are not implemented)"
+                f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}"
             )
         if not self.tol >= 0:
             raise ValueError(f"tol must be >= 0, got {self.tol}")
@@ -205,6 +204,17 @@ class GaussianMixture(EstimatorMixin):
             self.degrees_of_freedom_ = 2.0 * n4 + n1.shape[1]
             self.precisions_ = self.degrees_of_freedom_[:, None, None] * scale
             self.precisions_ = 0.5 * (self.precisions_ + np.swapaxes(self.precisions_, 1, 2))
+            self.covariances_ = np.linalg.inv(self.precisions_)
+            self.precisions_cholesky_ = np.linalg.cholesky(self.precisions_)
+        elif model.covariance_type == "tied":
+            beta = -2.0 * n2
+            self.means_ = n1 / beta[:, None]
+            self.mean_precision_ = beta
+            k, d = n1.shape
+            self.degrees_of_freedom_ = float(2.0 * n4 + d + 1.0 - k)
+            scale_inv = -2.0 * n3 - (n1 / beta[:, None]).T @ n1
+            precision = self.degrees_of_freedom_ * np.linalg.inv(scale_inv)
+            self.precisions_ = 0.5 * (precision + precision.T)
             self.covariances_ = np.linalg.inv(self.precisions_)
             self.precisions_cholesky_ = np.linalg.cholesky(self.precisions_)
         else:

@@ -57,6 +57,7 @@ __all__ = [
     "Normal",
     "NormalGamma",
     "NormalWishart",
+    "TiedNormalWishart",
     "Wishart",
 ]
 
@@ -696,6 +697,118 @@ class NormalWishart(Factor):
         eps = jax.random.normal(key_n, precision.shape[:-1])
         mean = s["mean"] + jnp.einsum("...ij,...j->...i", chol, eps)
         return {"mean": mean, "precision": precision}
+
+
+@dataclass(frozen=True)
+class TiedNormalWishart(Factor):
+    """K means sharing one precision: Π_k N(μ_k | m_k, (β_k Λ)⁻¹) · Wishart(Λ | W, ν).
+
+    t = (Λμ_k (K, D), μ_kᵀΛμ_k (K,), Λ, log|Λ|),
+    η = (β_k m_k, −β_k/2, −(W⁻¹ + Σ_k β_k m_k m_kᵀ)/2, (ν − D − 1 + K)/2),
+    A = Σ_k −D/2 log β_k + ν/2 log|W| + νD/2 log 2 + log Γ_D(ν/2), E[log h] = −KD/2 log 2π.
+    One copy per natural parameter tuple (no batch); K = 1 is :class:`NormalWishart`.
+    Standard parameters as NormalWishart's, ``mean`` (K, D) and ``mean_precision`` (K,)."""
+
+    event_ndims: ClassVar[tuple[int, ...]] = (2, 1, 2, 0)
+
+    @staticmethod
+    def from_standard(mean, mean_precision, scale, df):
+        mean, beta = jnp.asarray(mean), jnp.asarray(mean_precision)
+        scale, df = jnp.asarray(scale), jnp.asarray(df)
+        k, d = mean.shape[-2:]
+        outer = jnp.einsum("...k,...ki,...kj->...ij", beta, mean, mean)
+        return (
+            beta[..., None] * mean,
+            -0.5 * beta,
+            -0.5 * (_spd_inv(scale) + outer),
+            0.5 * (df - d - 1.0 + k),
+        )
+
+    @staticmethod
+    def _scale_inv(natural):
+        n1, n2, n3, _ = natural
+        beta = -2.0 * n2
+        return -2.0 * n3 - jnp.einsum("...ki,...kj->...ij", n1 / beta[..., None], n1)
+
+    @staticmethod
+    def _df(natural):
+        n1, _, _, n4 = natural
+        k, d = n1.shape[-2:]
+        return 2.0 * n4 + d + 1.0 - k
+
+    @classmethod
+    def to_standard(cls, natural):
+        n1, n2, _, _ = natural
+        beta = -2.0 * n2
+        return {
+            "mean": n1 / beta[..., None],
+            "mean_precision": beta,
+            "scale": _spd_inv(cls._scale_inv(natural)),
+            "df": cls._df(natural),
+        }
+
+    def _log_normalizer(self, natural):
+        n1, n2, _, _ = natural
+        d = n1.shape[-1]
+        df = self._df(natural)
+        _, logdet_scale_inv = _chol_logdet(self._scale_inv(natural))
+        return (
+            -0.5 * df * logdet_scale_inv
+            + 0.5 * df * d * math.log(2.0)
+            + multigammaln(0.5 * df, d)
+            - 0.5 * d * jnp.sum(jnp.log(-2.0 * n2), -1)
+        )
+
+    def _mean(self, natural):
+        n1, n2, _, _ = natural
+        d = n1.shape[-1]
+        beta, df = -2.0 * n2, self._df(natural)
+        m = n1 / beta[..., None]
+        chol, logdet_scale_inv = _chol_logdet(self._scale_inv(natural))
+        inv_chol = _tril_inverse(chol)
+        precision = df[..., None, None] * _sym(jnp.swapaxes(inv_chol, -1, -2) @ inv_chol)
+        prec_m = jnp.einsum("...ij,...kj->...ki", precision, m)
+        return (
+            prec_m,
+            d / beta + jnp.sum(m * prec_m, -1),
+            precision,
+            _mvdigamma(0.5 * df, d) + d * math.log(2.0) - logdet_scale_inv,
+        )
+
+    def _hmean(self, natural):
+        k, d = natural[0].shape[-2:]
+        return -0.5 * k * d * _LOG_2PI
+
+    def to_unconstrained(self, natural):
+        n1 = natural[0]
+        k, d = n1.shape[-2:]
+        s = self.to_standard(natural)
+        chol, _ = _chol_logdet(s["scale"])
+        return (
+            s["mean"],
+            jnp.log(s["mean_precision"]),
+            _tril_to_unconstrained(chol),
+            _softplus_inverse(s["df"] - (d - 1.0)),
+        )
+
+    def from_unconstrained(self, free):
+        d = free[0].shape[-1]
+        chol = _unconstrained_to_tril(free[2], d)
+        return self.from_standard(
+            free[0],
+            jnp.exp(free[1]),
+            chol @ jnp.swapaxes(chol, -1, -2),
+            jax.nn.softplus(free[3]) + d - 1.0,
+        )
+
+    def sample(self, natural, rng_key, num_samples: int):
+        s = self.to_standard(natural)
+        key_w, key_n = jax.random.split(rng_key)
+        precision = _sample_wishart(key_w, s["scale"], s["df"], num_samples)  # (S, D, D)
+        chol = jnp.linalg.cholesky(_sym(jnp.linalg.inv(precision)))
+        eps = jax.random.normal(key_n, (num_samples, *s["mean"].shape))
+        noise = jnp.einsum("...ij,...kj->...ki", chol, eps) / jnp.sqrt(s["mean_precision"])[:, None]
+        return {"mean": s["mean"] + noise, "precision": precision}
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,11 @@ The expected log joint per point, in the mean parameters of q:
               − ½ (x_nᵀ E[Λ_k] x_n − 2 x_nᵀ E[Λ_k μ_k] + E[μ_kᵀ Λ_k μ_k])
               − ½ reg_covar · tr E[Λ_k]].
 
-``covariance_type="diag"`` and ``"spherical"`` put a Gamma on each precision instead
+``covariance_type="tied"``: one precision Λ ~ Wishart(W0, ν0) and μ_k | Λ ~ N(m0, (β0Λ)⁻¹)
+for every k, a single joint factor (:class:`TiedNormalWishart`, the engine's globals
+being conditionally independent given the locals); its posterior has ν = ν0 + N
+(sklearn's "tied" uses ν0 + N/K, an average of K Wishart updates rather than a
+posterior).  ``covariance_type="diag"`` and ``"spherical"`` put a Gamma on each precision instead
 of a Wishart: (μ_kd, λ_kd) ~ NormalGamma(m0_d, β0, ν0/2, c0_d/2) per feature, or
 μ_k | λ_k ~ N(m0, (β0 λ_k)⁻¹ I), λ_k ~ Gamma(ν0/2, c0/2) shared by the D features (the
 1-D Wishart W(λ | 1/c0, ν0) is that Gamma).  These are the exact conjugate models:
@@ -39,7 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from viax.conjugate.engine import ConjugateModel, conjugate_model, static, update_globals
-from viax.conjugate.expfam import Beta, Categorical, Dirichlet, Normal, NormalGamma, NormalWishart
+from viax.conjugate.expfam import (
+    Beta,
+    Categorical,
+    Dirichlet,
+    Normal,
+    NormalGamma,
+    NormalWishart,
+    TiedNormalWishart,
+)
 from viax.conjugate.models._base import check_finite_2d, check_positive_int, check_spd
 
 __all__ = ["GaussianMixtureModel", "UnitVarianceMixtureModel", "kmeans_labels"]
@@ -47,7 +59,7 @@ __all__ = ["GaussianMixtureModel", "UnitVarianceMixtureModel", "kmeans_labels"]
 _LOG_2PI = math.log(2.0 * math.pi)
 INIT_METHODS = ("kmeans", "k-means++", "random", "random_from_data")
 WEIGHT_PRIOR_TYPES = ("dirichlet_process", "dirichlet_distribution")
-COVARIANCE_TYPES = ("full", "diag", "spherical")
+COVARIANCE_TYPES = ("full", "tied", "diag", "spherical")
 
 
 def prepare_points(X, pad_to: int | None = None, name: str = "X") -> dict:
@@ -172,8 +184,8 @@ class GaussianMixtureModel(ConjugateModel):
     """The model of sklearn's BayesianGaussianMixture.
 
     Global factors: ``weights`` (Dirichlet (K,) or Beta sticks (K,)), ``components``
-    (NormalWishart, batch (K,); NormalGamma batch (K, D) for "diag", (K,) for
-    "spherical").  Local factor: ``assignments`` (Categorical (N, K)).
+    (NormalWishart, batch (K,); TiedNormalWishart for "tied"; NormalGamma batch (K, D)
+    for "diag", (K,) for "spherical").  Local factor: ``assignments`` (Categorical (N, K)).
     Batches: ``{"x": (N, D), "mask": (N,)}``.
     """
 
@@ -233,7 +245,8 @@ class GaussianMixtureModel(ConjugateModel):
             raise ValueError(
                 f"covariance_type must be one of {COVARIANCE_TYPES}, got {covariance_type!r}"
             )
-        minimum_dof = d - 1.0 if covariance_type == "full" else 0.0
+        full = covariance_type in ("full", "tied")
+        minimum_dof = d - 1.0 if full else 0.0
         if not nu0 > minimum_dof:
             raise ValueError(f"degrees_of_freedom_prior must be > {minimum_dof:g}, got {nu0}")
         if not (np.isfinite(reg_covar) and reg_covar >= 0):
@@ -241,7 +254,7 @@ class GaussianMixtureModel(ConjugateModel):
         m0 = X.mean(0) if mean_prior is None else np.asarray(mean_prior, np.float64)
         if m0.shape != (d,) or not np.all(np.isfinite(m0)):
             raise ValueError(f"mean_prior must be finite with shape ({d},), got {m0.shape}")
-        if covariance_type != "full":
+        if not full:
             cov0 = _scalar_covariance_prior(X, covariance_prior, covariance_type)
         elif covariance_prior is None:
             cov0 = np.atleast_2d(np.cov(X.T))
@@ -256,7 +269,7 @@ class GaussianMixtureModel(ConjugateModel):
                 ) from None
         else:
             cov0 = check_spd(np.atleast_2d(covariance_prior), "covariance_prior")
-        if covariance_type == "full" and cov0.shape != (d, d):
+        if full and cov0.shape != (d, d):
             raise ValueError(f"covariance_prior must have shape ({d}, {d}), got {cov0.shape}")
         return cls(
             weight_concentration_prior=jnp.asarray(alpha0, jnp.float64),
@@ -276,7 +289,10 @@ class GaussianMixtureModel(ConjugateModel):
 
     def global_factors(self):
         weights = Beta() if self.dirichlet_process else Dirichlet()
-        components = NormalWishart() if self.covariance_type == "full" else NormalGamma()
+        components = {
+            "full": NormalWishart,
+            "tied": TiedNormalWishart,
+        }.get(self.covariance_type, NormalGamma)()
         return {"weights": weights, "components": components}
 
     def prior(self):
@@ -287,8 +303,16 @@ class GaussianMixtureModel(ConjugateModel):
         else:
             weights = Dirichlet.from_standard(alpha0)
         m0, beta0 = self.mean_prior, self.mean_precision_prior
-        if self.covariance_type != "full":
+        if self.covariance_type in ("diag", "spherical"):
             return {"weights": weights, "components": self._gamma_prior()}
+        if self.covariance_type == "tied":
+            components = (
+                jnp.broadcast_to(beta0 * m0, (k, d)),
+                jnp.full(k, -0.5 * beta0),
+                -0.5 * (self.covariance_prior + k * beta0 * jnp.outer(m0, m0)),
+                0.5 * (self.degrees_of_freedom_prior - d - 1.0 + k),
+            )
+            return {"weights": weights, "components": components}
         # Natural parameters straight from W0⁻¹ = covariance_prior (no double inverse).
         components = (
             jnp.broadcast_to(beta0 * m0, (k, d)),
@@ -329,7 +353,11 @@ class GaussianMixtureModel(ConjugateModel):
     def expected_log_likelihood(self, global_mean, x):
         """E_q[log π_k + log N(x_n | μ_k, Λ_k⁻¹)] − the reg_covar term, (N, K)."""
         d = x.shape[-1]
-        if self.covariance_type == "full":
+        if self.covariance_type == "tied":  # one E[Λ] (D, D) and E log|Λ| for all k
+            prec_m, m_prec_m, prec, logdet = global_mean["components"]
+            quad = jnp.einsum("nd,de,ne->n", x, prec, x)[:, None] - 2.0 * x @ prec_m.T + m_prec_m
+            trace = jnp.trace(prec)
+        elif self.covariance_type == "full":
             prec_m, m_prec_m, prec, logdet = global_mean["components"]
             quad = jnp.einsum("nd,kde,ne->nk", x, prec, x) - 2.0 * x @ prec_m.T + m_prec_m
             trace = jnp.trace(prec, axis1=-2, axis2=-1)
@@ -396,7 +424,7 @@ class GaussianMixtureModel(ConjugateModel):
             )
             w = w * remaining
         comp = factors["components"].sample(global_natural["components"], key_c, num_samples)
-        if self.covariance_type == "full":
+        if self.covariance_type in ("full", "tied"):
             return {"weights": w, "means": comp["mean"], "precisions": comp["precision"]}
         means = comp["weights"][..., 0] if self.covariance_type == "diag" else comp["weights"]
         return {"weights": w, "means": means, "precisions": comp["precision"]}
