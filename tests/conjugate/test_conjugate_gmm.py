@@ -179,6 +179,13 @@ def test_elbo_never_decreases(X):
     steps = np.diff(result.elbo_trace)
     assert np.all(steps >= -1e-9 * np.abs(result.elbo_trace[1:]))
     assert result.elbo >= result.elbo_trace[-1] - 1e-9 * abs(result.elbo)
+    # Another max_iter: the compiled sweep is reused (max_iter is not static), and
+    # the first 5 sweeps from the same start are the first 5 of the run above.
+    again = cavi(
+        model, X, max_iter=5, tol=0.0, init=(start, model.init_locals(None, model.prepare(X), None))
+    )
+    assert again.compile_time == 0.0 and again.num_steps == 5
+    np.testing.assert_allclose(again.elbo_trace, result.elbo_trace[:5], rtol=1e-12)
 
 
 @pytest.mark.slow
