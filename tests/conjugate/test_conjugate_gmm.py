@@ -21,18 +21,6 @@ from sklearn.mixture import BayesianGaussianMixture  # noqa: E402
 K = 4
 
 
-@pytest.fixture(scope="module")
-def X():
-    rng = np.random.default_rng(0)
-    return np.concatenate(
-        [
-            rng.normal(-3, 1, (100, 2)),
-            rng.normal(2, 0.5, (150, 2)),
-            rng.normal([0, 4], 0.7, (80, 2)),
-        ]
-    )
-
-
 # ---------------------------------------------------------------------------------------
 # Hand-derived updates (Bishop 2006 eqs. 10.46–10.63; Blei & Jordan 2006 for the sticks)
 # ---------------------------------------------------------------------------------------

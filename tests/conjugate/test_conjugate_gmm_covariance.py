@@ -27,18 +27,6 @@ from sklearn.mixture import BayesianGaussianMixture  # noqa: E402
 K = 4
 
 
-@pytest.fixture(scope="module")
-def X():
-    rng = np.random.default_rng(0)
-    return np.concatenate(
-        [
-            rng.normal(-3, 1, (100, 2)),
-            rng.normal(2, 0.5, (150, 2)),
-            rng.normal([0, 4], 0.7, (80, 2)),
-        ]
-    )
-
-
 def hand_updates(X, resp, covariance_type, alpha0, m0, beta0, nu0, c0, reg):
     """Conjugate posterior given responsibilities, then the responsibilities it implies."""
     n, d = X.shape

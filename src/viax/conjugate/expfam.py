@@ -779,27 +779,9 @@ class TiedNormalWishart(Factor):
         k, d = natural[0].shape[-2:]
         return -0.5 * k * d * _LOG_2PI
 
-    def to_unconstrained(self, natural):
-        n1 = natural[0]
-        k, d = n1.shape[-2:]
-        s = self.to_standard(natural)
-        chol, _ = _chol_logdet(s["scale"])
-        return (
-            s["mean"],
-            jnp.log(s["mean_precision"]),
-            _tril_to_unconstrained(chol),
-            _softplus_inverse(s["df"] - (d - 1.0)),
-        )
-
-    def from_unconstrained(self, free):
-        d = free[0].shape[-1]
-        chol = _unconstrained_to_tril(free[2], d)
-        return self.from_standard(
-            free[0],
-            jnp.exp(free[1]),
-            chol @ jnp.swapaxes(chol, -1, -2),
-            jax.nn.softplus(free[3]) + d - 1.0,
-        )
+    # Same standard parameters as NormalWishart (means (K, D), β (K,)): same transforms.
+    to_unconstrained = NormalWishart.to_unconstrained
+    from_unconstrained = NormalWishart.from_unconstrained
 
     def sample(self, natural, rng_key, num_samples: int):
         s = self.to_standard(natural)
