@@ -3,8 +3,8 @@
 One sweep (Blei et al. 2017, Algorithm 1): fit the local factors given the globals
 (``η_l ← ∂F/∂μ_l``), then the global block (``η_g ← η0_g + ∂F/∂μ_g``), then the ELBO in
 closed form.  Each sweep is one compiled call; the host reads its ELBO and stops.
-Coordinate ascent can
-not lower the ELBO, so a decrease beyond round-off raises: it means a wrong model.
+Coordinate ascent cannot lower the ELBO, so a decrease beyond round-off raises: it
+means a wrong model.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def cavi(
     else:
         global_natural, local_natural = init
     compile_time, trace = 0.0, []
-    converged = decreased = False
+    converged = False
     previous = -np.inf
     # Exponential families: mean parameters have the natural ones' shapes, so the
     # globals stand in for their means in the first call (see _sweep).
@@ -158,8 +158,11 @@ def cavi(
             raise FloatingPointError(f"CAVI produced a non-finite ELBO at sweep {len(trace)}")
         gain, scale = value - previous, abs(value)
         if gain < -(_DECREASE_RTOL * scale + _DECREASE_ATOL):
-            decreased = True
-            break
+            raise ElboDecreaseError(
+                f"CAVI sweep {len(trace)} lowered the ELBO from {previous:.10g} to "
+                f"{value:.10g} (by {previous - value:.3g}): coordinate ascent cannot do "
+                "that, so the model's expected log joint or its factors are wrong"
+            )
         global_natural, global_mean, local_natural = g, gm, local
         # The first sweep has no previous ELBO to compare with; tol = atol = 0 runs all
         # max_iter sweeps.
@@ -170,13 +173,6 @@ def cavi(
         previous = value
     steps = len(trace)
     trace = np.asarray(trace)
-    if decreased:
-        raise ElboDecreaseError(
-            f"CAVI sweep {steps} lowered the ELBO from {trace[-2]:.10g} to {trace[-1]:.10g} "
-            f"(by {trace[-2] - trace[-1]:.3g}): coordinate ascent cannot do that, so the "
-            "model's expected log joint or its factors are wrong"
-        )
-    final = trace[-1]
     message = (
         f"relative ELBO gain below tol after {steps} sweeps"
         if converged
@@ -190,7 +186,7 @@ def cavi(
         family="conjugate-meanfield",
         params={"global": global_natural, "local": to_numpy_tree(local_natural)},
         elbo_trace=trace,
-        elbo=float(final),
+        elbo=float(trace[-1]),
         elbo_se=0.0,
         converged=converged,
         message=message,

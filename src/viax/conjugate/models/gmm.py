@@ -1,8 +1,8 @@
 """Gaussian mixtures: sklearn's Bayesian GMM and the unit-variance mixture.
 
 **Bayesian Gaussian mixture** (the model of sklearn's ``BayesianGaussianMixture``,
-covariance_type "full", "diag" or "spherical"; Bishop 2006 §10.2, Blei & Jordan 2006
-for the DP weights):
+covariance_type "full", "tied", "diag" or "spherical"; Bishop 2006 §10.2, Blei & Jordan
+2006 for the DP weights):
 
     π ~ Dirichlet(α0 1_K)              ("dirichlet_distribution"), or
     v_k ~ Beta(1, α0), π_k = v_k Π_{j<k}(1 − v_j)   ("dirichlet_process", truncated at K)
@@ -302,25 +302,22 @@ class GaussianMixtureModel(ConjugateModel):
             weights = Beta.from_standard(jnp.ones(k), alpha0)
         else:
             weights = Dirichlet.from_standard(alpha0)
-        m0, beta0 = self.mean_prior, self.mean_precision_prior
         if self.covariance_type in ("diag", "spherical"):
             return {"weights": weights, "components": self._gamma_prior()}
+        # Natural parameters straight from W0⁻¹ = covariance_prior (no double inverse);
+        # the means' part (β0 m0, −β0/2) is the same for one Wishart per component and
+        # for one shared by all K ("tied", see TiedNormalWishart).
+        m0, beta0, nu0 = self.mean_prior, self.mean_precision_prior, self.degrees_of_freedom_prior
+        means = (jnp.broadcast_to(beta0 * m0, (k, d)), jnp.full(k, -0.5 * beta0))
+        outer = beta0 * jnp.outer(m0, m0)
         if self.covariance_type == "tied":
-            components = (
-                jnp.broadcast_to(beta0 * m0, (k, d)),
-                jnp.full(k, -0.5 * beta0),
-                -0.5 * (self.covariance_prior + k * beta0 * jnp.outer(m0, m0)),
-                0.5 * (self.degrees_of_freedom_prior - d - 1.0 + k),
+            wishart = (-0.5 * (self.covariance_prior + k * outer), 0.5 * (nu0 - d - 1.0 + k))
+        else:
+            wishart = (
+                jnp.broadcast_to(-0.5 * (self.covariance_prior + outer), (k, d, d)),
+                jnp.full(k, 0.5 * (nu0 - d)),
             )
-            return {"weights": weights, "components": components}
-        # Natural parameters straight from W0⁻¹ = covariance_prior (no double inverse).
-        components = (
-            jnp.broadcast_to(beta0 * m0, (k, d)),
-            jnp.full(k, -0.5 * beta0),
-            jnp.broadcast_to(-0.5 * (self.covariance_prior + beta0 * jnp.outer(m0, m0)), (k, d, d)),
-            jnp.full(k, 0.5 * (self.degrees_of_freedom_prior - d)),
-        )
-        return {"weights": weights, "components": components}
+        return {"weights": weights, "components": (*means, *wishart)}
 
     def _gamma_prior(self):
         """NormalGamma priors: a 1-D Wishart W(λ | 1/c0, ν0) is Gamma(ν0/2, rate c0/2).
