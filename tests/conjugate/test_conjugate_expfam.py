@@ -161,11 +161,53 @@ def test_weights_scale_everything_and_zero_weight_vanishes():
 
 def test_samples_have_the_right_moments():
     f, eta = CASES["normal_wishart"]
-    draws = f.sample(tuple(jnp.asarray(x) for x in eta), jax.random.PRNGKey(0), 20000)
+    draws = f.sample(tuple(jnp.asarray(x) for x in eta), np.random.default_rng(0), 20000)
     mean_stats = f.mean(tuple(jnp.asarray(x) for x in eta))
     # E[Λ] = νW: 20000 draws give a Monte Carlo error of about 1% of the entries.
     np.testing.assert_allclose(draws["precision"].mean(0), mean_stats[2], rtol=0.05, atol=0.05)
     np.testing.assert_allclose(draws["mean"].mean(0), [[0.5, -1.0, 2.0]], atol=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sample_means_match_the_mean_parameters(name):
+    """Every factor's host sampler against its closed-form mean parameters μ = E[t(z)]
+    : the sample mean of t(draws) within 5 Monte Carlo standard errors (from the draws'
+    own spread) of μ."""
+    factor, natural = CASES[name]
+    natural = tuple(jnp.asarray(x) for x in natural)
+    draws = factor.sample(natural, np.random.default_rng(1), 40000)
+    stats = _sufficient_statistics(name, draws)
+    for got, want in zip(stats, factor.mean(natural), strict=True):
+        se = got.std(0) / np.sqrt(got.shape[0])
+        assert np.all(np.abs(got.mean(0) - np.asarray(want)) <= 5 * se + 1e-12)
+
+
+def _sufficient_statistics(name, draws):
+    """t(z) per draw (see expfam's table), each (S, *shape), for the factors of CASES."""
+    if name in ("normal", "gamma", "beta", "dirichlet", "categorical", "mvn", "wishart"):
+        x = draws["value"]
+        return {
+            "normal": lambda: (x, x**2),
+            "gamma": lambda: (np.log(x), x),
+            "beta": lambda: (np.log(x), np.log1p(-x)),
+            "dirichlet": lambda: (np.log(x),),
+            "categorical": lambda: (np.eye(3)[x],),
+            "mvn": lambda: (x, x[..., :, None] * x[..., None, :]),
+            "wishart": lambda: (x, np.linalg.slogdet(x)[1]),
+        }[name]()
+    if name == "normal_gamma":
+        w, tau = draws["weights"], draws["precision"]
+        return (
+            tau[:, None] * w,
+            tau[:, None, None] * w[:, :, None] * w[:, None, :],
+            tau,
+            np.log(tau),
+        )
+    # Normal–Wishart, one or K means: (Λμ, μᵀΛμ, Λ, log|Λ|).
+    mu, lam = draws["mean"], draws["precision"]
+    shared = name == "tied_normal_wishart"
+    lam_mu = np.einsum("s...ij,skj->ski" if shared else "skij,skj->ski", lam, mu)
+    return (lam_mu, np.einsum("ski,ski->sk", mu, lam_mu), lam, np.linalg.slogdet(lam)[1])
 
 
 def test_cholesky_and_inverse_match_lapack():

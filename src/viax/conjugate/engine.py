@@ -143,8 +143,11 @@ class ConjugateModel:
         ``active_extent(batch, active) <= extent``."""
         raise NotImplementedError
 
-    def sample_sites(self, global_natural, rng_key, num_samples: int) -> dict[str, jax.Array]:
-        """Draws of the global latents from q, keyed by site name."""
+    def sample_sites(
+        self, global_natural, rng: np.random.Generator, num_samples: int
+    ) -> dict[str, np.ndarray]:
+        """Draws of the global latents from q, keyed by site name, made on the host by
+        the factors' NumPy samplers."""
         raise NotImplementedError
 
 
@@ -380,11 +383,10 @@ def to_numpy_tree(tree):
 
 def make_sampler(model: ConjugateModel, global_natural) -> Callable[[int, int], dict]:
     """``sampler(num_samples, seed) -> {site: (num_samples, *shape)}`` for Result."""
-    sample_fn = jax.jit(model.sample_sites, static_argnums=2)
 
     def sampler(num_samples: int, seed: int) -> dict[str, np.ndarray]:
-        draws = sample_fn(global_natural, jax.random.PRNGKey(seed), int(num_samples))
-        return {k: np.asarray(v) for k, v in draws.items()}
+        rng = np.random.default_rng(seed)
+        return model.sample_sites(global_natural, rng, int(num_samples))
 
     return sampler
 

@@ -411,16 +411,15 @@ class GaussianMixtureModel(ConjugateModel):
             )
         return batch
 
-    def sample_sites(self, global_natural, rng_key, num_samples):
+    def sample_sites(self, global_natural, rng, num_samples):
         factors = self.global_factors()
-        key_w, key_c = jax.random.split(rng_key)
-        w = factors["weights"].sample(global_natural["weights"], key_w, num_samples)["value"]
+        w = factors["weights"].sample(global_natural["weights"], rng, num_samples)["value"]
         if self.dirichlet_process:
-            remaining = jnp.concatenate(
-                [jnp.ones((num_samples, 1)), jnp.cumprod(1.0 - w, -1)[:, :-1]], -1
+            remaining = np.concatenate(
+                [np.ones((num_samples, 1)), np.cumprod(1.0 - w, -1)[:, :-1]], -1
             )
             w = w * remaining
-        comp = factors["components"].sample(global_natural["components"], key_c, num_samples)
+        comp = factors["components"].sample(global_natural["components"], rng, num_samples)
         if self.covariance_type in ("full", "tied"):
             return {"weights": w, "means": comp["mean"], "precisions": comp["precision"]}
         means = comp["weights"][..., 0] if self.covariance_type == "diag" else comp["weights"]
@@ -494,5 +493,5 @@ class UnitVarianceMixtureModel(ConjugateModel):
             raise ValueError(f"X has {batch['x'].shape[1]} features, the model {self.n_features}")
         return batch
 
-    def sample_sites(self, global_natural, rng_key, num_samples):
-        return {"means": Normal().sample(global_natural["means"], rng_key, num_samples)["value"]}
+    def sample_sites(self, global_natural, rng, num_samples):
+        return {"means": Normal().sample(global_natural["means"], rng, num_samples)["value"]}

@@ -290,7 +290,5 @@ class LDAModel(ConjugateModel):
             "mask": batch["mask"],
         }
 
-    def sample_sites(self, global_natural, rng_key, num_samples):
-        return {
-            "topics": Dirichlet().sample(global_natural["topics"], rng_key, num_samples)["value"]
-        }
+    def sample_sites(self, global_natural, rng, num_samples):
+        return {"topics": Dirichlet().sample(global_natural["topics"], rng, num_samples)["value"]}

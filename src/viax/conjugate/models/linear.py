@@ -120,6 +120,6 @@ class LinearRegressionModel(ConjugateModel):
             mask = np.concatenate([mask, np.zeros(pad_to - n)])
         return {"x": jnp.asarray(X), "y": jnp.asarray(y), "mask": jnp.asarray(mask)}
 
-    def sample_sites(self, global_natural, rng_key, num_samples):
-        draws = NormalGamma().sample(global_natural["regression"], rng_key, num_samples)
+    def sample_sites(self, global_natural, rng, num_samples):
+        draws = NormalGamma().sample(global_natural["regression"], rng, num_samples)
         return {"weights": draws["weights"], "noise_precision": draws["precision"]}
