@@ -6,8 +6,8 @@
 One pass over the training documents in batches of 256, K = 20 topics,
 doc_topic_prior α = 0.1, topic_word_prior η = 0.01, the step-size schedule
 ρ_t = (10 + t)^(−0.7), t = 1, 2, … for all three (sklearn's defaults; gensim counts
-its updates from t = 0, so it is given offset=9, decay=0.7 for the same ρ_t), at most
-100 E-step iterations per document with tolerance 1e-3.
+its updates from 0, ρ = (offset + u)^(−decay), so it is given offset=11, decay=0.7 for
+the same steps), at most 100 E-step iterations per document with tolerance 1e-3.
 Documents/s = training documents / wall time of the fit (gensim: the LdaModel
 constructor, which trains; its bag-of-words conversion is not timed).  viax is timed
 cold (its first fit, XLA compilation included, on-disk cache off), rerun (the first
@@ -196,7 +196,7 @@ def run_gensim(train, held_out, seed: int = 0, repeats: int = REPEATS):
             alpha=np.full(K, ALPHA),
             eta=ETA,
             decay=0.7,
-            offset=9.0,  # gensim's ρ = (offset + t)^(−decay) from t = 0: sklearn's t = 1
+            offset=11.0,  # gensim: ρ = (offset + u)^(−decay), u = 0, 1, …: sklearn ρ_1 = 11^(−0.7)
             iterations=100,
             gamma_threshold=1e-3,
             eval_every=None,
