@@ -72,14 +72,23 @@ def check_learning_rate(learning_decay: float, learning_offset: float) -> None:
 
 
 def svi_step(
-    model: ConjugateModel, state: SviState, batch, num_data, offset, decay, prior_constant=None
+    model: ConjugateModel,
+    state: SviState,
+    batch,
+    num_data,
+    offset,
+    decay,
+    prior_constant=None,
+    local_start=None,
 ):
     """One SVI step on a prepared batch; pure and compiled by :func:`svi`.
     ``prior_constant``: Σ_g A(η0_g) (:func:`prior_log_normalizer`), computed once by
-    :func:`svi` rather than in every step (for LDA it is a log-gamma over K × V)."""
+    :func:`svi` rather than in every step (for LDA it is a log-gamma over K × V).
+    ``local_start``: the batch's starting local natural parameters (default
+    ``model.init_locals``)."""
     gm = global_means(model, state.global_natural)
     key = jax.random.fold_in(state.rng_key, state.step)
-    local = model.init_locals(key, batch, gm)
+    local = model.init_locals(key, batch, gm) if local_start is None else local_start
     local, sweeps = fit_locals(model, gm, local, batch)
     scale = num_data / jnp.sum(batch["mask"])
     target, _, estimate, _ = update_globals(
@@ -131,6 +140,16 @@ def exact_elbo(model: ConjugateModel, global_natural, data, chunk_size: int = 10
     return total
 
 
+def _pad_rows(tree, rows: int):
+    """Each array of ``tree`` padded with zero rows to ``rows`` rows."""
+
+    def pad(x):
+        x = np.asarray(x)
+        return np.concatenate([x, np.zeros((rows - x.shape[0], *x.shape[1:]), x.dtype)])
+
+    return jax.tree.map(pad, tree)
+
+
 def _is_array_data(data) -> bool:
     if isinstance(data, tuple):
         return all(isinstance(d, np.ndarray) or sp.issparse(d) for d in data)
@@ -172,6 +191,7 @@ def svi(
     resume: str | Path | bool | None = None,
     callback: Callable[[int, SviInfo], None] | None = None,
     evaluate: bool = True,
+    local_start: Callable[[int], dict] | None = None,
 ) -> Result:
     """Stochastic VI over minibatches.
 
@@ -189,6 +209,10 @@ def svi(
             data must be given again, the batches already used are skipped.
         callback: ``callback(step, info)`` after each step (info holds device arrays).
         evaluate: for array data, compute the exact full-data ELBO at the end.
+        local_start: ``local_start(num_points)`` → the starting local natural parameters
+            of the next batch's ``num_points`` real points (host arrays, called once per
+            step in order; padding rows are added as zeros); default the model's
+            ``init_locals``.  The LDA estimator draws sklearn's random γ start with it.
 
     Returns:
         Result with ``method="svi"``; ``elbo_trace`` is the per-step unbiased estimate
@@ -257,8 +281,12 @@ def svi(
     prior_constant = _prior_constant(model)
     estimates, compile_time = [], 0.0
     for batch in prepare_all(model, batches, batch_size, extent):
+        start = None
+        if local_start is not None:
+            mask = np.asarray(batch["mask"])
+            start = _pad_rows(local_start(int(mask.sum())), mask.shape[0])
         (state, info), seconds = _step_compiled(
-            model, state, batch, total, offset, decay, prior_constant
+            model, state, batch, total, offset, decay, prior_constant, start
         )
         compile_time += seconds
         estimates.append(info.elbo_estimate)
