@@ -259,12 +259,10 @@ class LDAModel(ConjugateModel):
         return {"topics": (_gamma_draws(rng_key, 100.0, shape) / 100.0 - 1.0,)}
 
     def init_locals(self, rng_key, batch, global_mean):
-        # γ = 1 (sklearn's transform).  sklearn and Hoffman draw γ ~ Gamma(100, 1/100)
-        # when training; the random topics already break the symmetry.  Measured on NYT
-        # (one pass, K = 20): from the same λ0, sklearn with γ = 1 gives viax's held-out
-        # perplexity to 5 digits, and the random start moves it by −2.2%…+1.4% (8 paired
-        # seeds, mean −0.4%) against a seed-to-seed spread of ±10%; a sampler in the
-        # step cost 0.35 s of compilation and ~10% of the step.
+        # γ = 1: sklearn's start in transform and perplexity, and viax's for CAVI.
+        # Training as sklearn and Hoffman do, from γ ~ Gamma(100, 1/100), is the LDA
+        # estimator's: it draws the starts on the host (svi's local_start), since
+        # jax.random's Gamma sampler cost 0.35 s of compilation and ~10% of a step.
         return {"doc_topics": (jnp.zeros((batch["mask"].shape[0], self.n_components)),)}
 
     def prepare(self, data, pad_to=None, extent=None):
