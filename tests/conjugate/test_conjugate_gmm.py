@@ -67,9 +67,21 @@ def hand_responsibilities(X, weights, means, beta, scale_inv, nu, dp):
     return np.exp(log_rho - logsumexp(log_rho, axis=1, keepdims=True))
 
 
-@pytest.mark.parametrize("prior_type", ["dirichlet_process", "dirichlet_distribution"])
-def test_autodiff_updates_equal_hand_derived(X, prior_type):
+def wide_points():
+    """Four clusters in 40-D (400 points): the quadratic forms' D ≥ 32 layout."""
+    rng = np.random.default_rng(2)
+    centers = rng.normal(0, 3, (4, 40))
+    return centers[rng.integers(0, 4, 400)] + rng.normal(size=(400, 40))
+
+
+@pytest.mark.parametrize(
+    "prior_type, wide",
+    [("dirichlet_process", False), ("dirichlet_distribution", False), ("dirichlet_process", True)],
+)
+def test_autodiff_updates_equal_hand_derived(X, prior_type, wide):
     dp = prior_type == "dirichlet_process"
+    if wide:
+        X = wide_points()
     model = GaussianMixtureModel.from_data(
         X, K, weight_concentration_prior_type=prior_type, reg_covar=0.0
     )
@@ -77,7 +89,7 @@ def test_autodiff_updates_equal_hand_derived(X, prior_type):
     batch = model.prepare(X)
     g = jax.jit(model.globals_from_responsibilities)(jnp.asarray(resp), batch)
     cov0 = np.cov(X.T)
-    want = hand_globals(X, resp, 1.0 / K, X.mean(0), 1.0, 2.0, cov0, dp)
+    want = hand_globals(X, resp, 1.0 / K, X.mean(0), 1.0, float(X.shape[1]), cov0, dp)
     comp = NormalWishart.to_standard(g["components"])
     weights = Beta.to_standard(g["weights"]) if dp else Dirichlet.to_standard(g["weights"])
     got_weights = (weights["a"], weights["b"]) if dp else (weights["concentration"],)

@@ -146,6 +146,24 @@ def initial_responsibilities(method: str, rng_key, x, mask, k: int):
     return jnp.where(weights[:, None] > 0, resp, 1.0 / k), weights
 
 
+def _quadratic_forms(x, prec):
+    """x_nᵀ P_k x_n, (N, K), for x (N, D) and P (K, D, D).
+
+    For D ≥ 32, one (K·D, D) × (D, N) product, a multiply and a sum over D, laid out so
+    that the gradient's Σ_n r_nk x_n x_nᵀ is a plain (K·D, N) × (N, D) product too.  XLA
+    on CPU turns ``einsum("nd,kde,ne->nk")`` into a product, a transpose and N batched
+    (1, D) × (D, K) products, and its gradient into a product contracting both operands'
+    first axis: a digits CAVI sweep (N = 1797, D = 64, K = 10) took 21–27 ms against
+    13 ms this way.  Below D ≈ 16 the einsum is 2–3× faster (10^5 points, D = 2: 12
+    against 21 ms a sweep)."""
+    n, d = x.shape
+    k = prec.shape[0]
+    if d < 32:
+        return jnp.einsum("nd,kde,ne->nk", x, prec, x)
+    projected = (prec.reshape(k * d, d) @ x.T).reshape(k, d, n)
+    return jnp.sum(projected * x.T[None], axis=1).T
+
+
 def _logits(resp):
     # log 0 = −inf would poison gradients; 1e-300 is 0 for every sum that follows.
     return (jnp.log(jnp.maximum(resp, 1e-300)),)
@@ -356,7 +374,7 @@ class GaussianMixtureModel(ConjugateModel):
             trace = jnp.trace(prec)
         elif self.covariance_type == "full":
             prec_m, m_prec_m, prec, logdet = global_mean["components"]
-            quad = jnp.einsum("nd,kde,ne->nk", x, prec, x) - 2.0 * x @ prec_m.T + m_prec_m
+            quad = _quadratic_forms(x, prec) - 2.0 * x @ prec_m.T + m_prec_m
             trace = jnp.trace(prec, axis1=-2, axis2=-1)
         elif self.covariance_type == "diag":
             # NormalGamma means per (k, d): E[λμ] (K,D,1), E[λμ²] (K,D,1,1), E[λ], E log λ.
