@@ -24,6 +24,7 @@ from viax.conjugate.engine import (
     to_numpy_tree,
     update_globals,
 )
+from viax.conjugate.xla import SMALL_LOCALS, jit
 from viax.result import Result
 
 __all__ = ["ElboDecreaseError", "cavi", "cavi_sweep"]
@@ -84,7 +85,7 @@ def _init(model: ConjugateModel, batch, seed: int):
     return global_natural, local_natural
 
 
-_init_jit = jax.jit(_init, static_argnums=2)
+_init_jit = jit(_init, static_argnums=2)
 
 
 def cavi(
@@ -141,6 +142,8 @@ def cavi(
     # Exponential families: mean parameters have the natural ones' shapes, so the
     # globals stand in for their means in the first call (see _sweep).
     global_mean, prior_constant = global_natural, np.float64(0.0)
+    # Few local parameters: a sweep costs little next to its compilation (xla.py).
+    small = sum(np.size(x) for x in jax.tree.leaves(local_natural)) <= SMALL_LOCALS
     for sweep in range(int(max_iter)):
         (g, gm, prior_constant, local, value), seconds = _sweep_compiled(
             model,
@@ -150,6 +153,7 @@ def cavi(
             local_natural,
             batch,
             np.bool_(sweep == 0),
+            fast_compile=small,
         )
         compile_time += seconds
         value = float(value)

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from viax.conjugate.expfam import Factor
+from viax.conjugate.xla import FAST_COMPILE
 
 __all__ = [
     "ConjugateModel",
@@ -410,6 +411,7 @@ class compiled:
     compile_seconds), 0.0 when the executable for these shapes was already built.
 
     A refit with the same shapes, dtypes and static structure reuses the executable.
+    ``fn(*args, fast_compile=True)`` compiles with :data:`viax.conjugate.xla.FAST_COMPILE`.
     """
 
     def __init__(self, fn: Callable, static_argnames: tuple[str, ...] = ()):
@@ -417,12 +419,13 @@ class compiled:
         self._static = static_argnames
         self._cache: dict = {}
 
-    def __call__(self, *args, **static_kwargs):
+    def __call__(self, *args, fast_compile: bool = False, **static_kwargs):
         leaves, treedef = jax.tree.flatten(args)
         key = (
             treedef,
             tuple((np.shape(x), _dtype(x)) for x in leaves),
             tuple(sorted(static_kwargs.items())),
+            fast_compile,
         )
         executable = self._cache.get(key)
         seconds = 0.0
@@ -430,7 +433,9 @@ class compiled:
             import time
 
             start = time.perf_counter()
-            executable = self._jitted.lower(*args, **static_kwargs).compile()
+            executable = self._jitted.lower(*args, **static_kwargs).compile(
+                FAST_COMPILE if fast_compile else None
+            )
             seconds = time.perf_counter() - start
             self._cache[key] = executable
         return executable(*args), seconds

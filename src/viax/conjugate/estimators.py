@@ -38,6 +38,7 @@ from viax.conjugate.models.gmm import COVARIANCE_TYPES, INIT_METHODS, GaussianMi
 from viax.conjugate.models.lda import LDAModel
 from viax.conjugate.models.linear import LinearRegressionModel
 from viax.conjugate.svi import check_learning_rate, svi
+from viax.conjugate.xla import jit
 
 __all__ = ["LDA", "GaussianMixture", "LinearRegression"]
 
@@ -52,11 +53,13 @@ def _log_prob_fn(model, global_natural, x):
     return model.expected_log_likelihood(gm, x)
 
 
-_log_prob = jax.jit(_log_prob_fn)
-_globals_from_resp = jax.jit(
-    lambda model, resp, batch: model.globals_from_responsibilities(resp, batch)
+_log_prob = jit(_log_prob_fn)
+# One pass over the data, once per fit: compile time is all that matters.
+_globals_from_resp = jit(
+    lambda model, resp, batch: model.globals_from_responsibilities(resp, batch),
+    fast_compile=True,
 )
-_init_globals = jax.jit(
+_init_globals = jit(
     lambda model, key, batch, method: model.init_globals(key, batch, method),
     static_argnums=3,
 )
@@ -304,7 +307,9 @@ def _transform_chunk(model, global_natural, batch):
 
 
 _transform_compiled = compiled(_transform_chunk)
-_global_terms = jax.jit(lambda model, g: global_terms(model, g, global_means(model, g)))
+_global_terms = jit(
+    lambda model, g: global_terms(model, g, global_means(model, g)), fast_compile=True
+)
 
 
 class LDA(EstimatorMixin):

@@ -50,6 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import digamma, gammaln, multigammaln
 
+from viax.conjugate.xla import jit
+
 __all__ = [
     "Beta",
     "Categorical",
@@ -284,7 +286,7 @@ def _host_standard(factor, natural) -> dict[str, np.ndarray]:
     compiled program per factor class (run op by op, a Normal–Wishart's took 1.5 s)."""
     kind = type(factor)
     if kind not in _TO_STANDARD:
-        _TO_STANDARD[kind] = jax.jit(kind.to_standard)
+        _TO_STANDARD[kind] = jit(kind.to_standard, fast_compile=True)
     standard = _TO_STANDARD[kind](tuple(natural))
     return {k: np.asarray(v, np.float64) for k, v in standard.items()}
 

@@ -44,6 +44,7 @@ from viax.conjugate.engine import (
     to_numpy_tree,
     update_globals,
 )
+from viax.conjugate.xla import jit
 from viax.result import Result
 
 __all__ = ["SviInfo", "SviState", "check_learning_rate", "exact_elbo", "svi", "svi_step"]
@@ -101,7 +102,7 @@ def svi_step(
 
 _step_compiled = compiled(svi_step)
 # Module-level, the model an argument: a refit reuses the compiled initialisation.
-_init_globals = jax.jit(lambda key, model, batch: model.init_globals(key, batch))
+_init_globals = jit(lambda key, model, batch: model.init_globals(key, batch))
 
 
 def _local_terms_chunk(model, global_natural, batch):
@@ -112,8 +113,10 @@ def _local_terms_chunk(model, global_natural, batch):
 
 
 _chunk_compiled = compiled(_local_terms_chunk)
-_prior_constant = jax.jit(prior_log_normalizer)
-_global_terms_jit = jax.jit(lambda model, g: global_terms(model, g, global_means(model, g)))
+_prior_constant = jit(prior_log_normalizer, fast_compile=True)
+_global_terms_jit = jit(
+    lambda model, g: global_terms(model, g, global_means(model, g)), fast_compile=True
+)
 
 
 def local_chunks(model: ConjugateModel, global_natural, data, chunk_size: int):
