@@ -1,5 +1,7 @@
 """CAVI, SVI and the naive closed-form ELBO reach the same optimum on the same GMM."""
 
+import importlib
+
 import jax
 import numpy as np
 import optax
@@ -7,6 +9,9 @@ import pytest
 
 from viax.conjugate import GaussianMixtureModel, UnitVarianceMixtureModel, cavi, naive, svi
 from viax.conjugate.expfam import Normal, NormalWishart
+
+# The module, which viax.conjugate's `naive` function shadows.
+naive_module = importlib.import_module("viax.conjugate.naive")
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +22,16 @@ def problem():
         X, 2, weight_concentration_prior_type="dirichlet_distribution"
     )
     return X, model, cavi(model, X, tol=1e-13, max_iter=500)
+
+
+def rough_start(model, X, seed=2):
+    """(globals, None) from random responsibilities: ~80 nats below the optimum here,
+    unlike the model's k-means start, which is within 1e-6 of it.  Such a start is near
+    the symmetric stationary point (both components fitting all the data, ELBO −453.5):
+    from seed 1 L-BFGS stops there while CAVI leaves it; from seeds 2 and 3 both reach
+    the optimum."""
+    resp = np.random.default_rng(seed).dirichlet(np.ones(model.n_components), X.shape[0])
+    return model.globals_from_responsibilities(resp, model.prepare(X)), None
 
 
 def _means(result):
@@ -31,22 +46,59 @@ def _means(result):
 def test_naive_reaches_cavi_optimum(problem):
     X, model, reference = problem
     assert reference.converged
-    result = naive(model, X, num_steps=4000, chunk_size=500, tol=1e-12)
-    # L-BFGS on ~250 free parameters: the ELBO agrees to 1e-6 relative (a gap of
-    # ~5e-4 nats on |ELBO| ≈ 450), the component means to 1e-3.
-    assert result.elbo == pytest.approx(reference.elbo, rel=1e-6)
-    assert result.elbo <= reference.elbo + 1e-8 * abs(reference.elbo)
-    np.testing.assert_allclose(_means(result), _means(reference), atol=1e-3)
+    start = rough_start(model, X)
+    result = naive(model, X, num_steps=4000, chunk_size=500, tol=1e-12, init=start)
+    assert result.elbo_trace[0] < reference.elbo - 10.0 and result.converged
+    # L-BFGS over the globals (~16 free parameters) converged to 1e-12 relative gain:
+    # the ELBO agrees to 1e-9 relative, the component means to 1e-5.
+    assert result.elbo == pytest.approx(reference.elbo, rel=1e-9)
+    assert result.elbo <= reference.elbo + 1e-10 * abs(reference.elbo)
+    np.testing.assert_allclose(_means(result), _means(reference), atol=1e-5)
     # A refit with the default optimizer and same shapes reuses the compiled chunk.
     again = naive(model, X + 0.01, num_steps=500, chunk_size=500)
     assert again.compile_time == 0.0 and np.isfinite(again.elbo)
 
 
 @pytest.mark.slow
+def test_naive_reaches_cavi_optimum_with_a_surplus_component(X):
+    # Three clusters, four components, sklearn's default priors (DP weights).  Following
+    # the gradient over globals and locals together, L-BFGS ran the surplus component's
+    # parameters out to ~1e13 and returned ELBO −3.9e10 as converged; with the locals
+    # maximised out it converges to CAVI's optimum.
+    model = GaussianMixtureModel.from_data(X, 4)
+    reference = cavi(model, X, tol=1e-12, max_iter=1000)
+    result = naive(model, X)
+    assert result.converged and result.info["grad_max"] <= 1e-2
+    # Both converged to 1e-10 relative gain per chunk / sweep: 1e-7 relative leaves room
+    # for the flat direction of the surplus component (measured gap 3e-8 nats).
+    assert result.elbo == pytest.approx(reference.elbo, rel=1e-7)
+    # Every ELBO on the way is a lower bound of the same model: none may pass CAVI's.
+    assert result.elbo_trace.max() <= reference.elbo + 1e-8 * abs(reference.elbo)
+
+
+def test_naive_loss_refuses_parameters_where_the_elbo_has_no_digits_left(X):
+    # Dirichlet-process sticks at 1e24: the ELBO's terms are ~1e26 and cancel to garbage;
+    # the loss the line search sees there is +inf (outside the domain).
+    model = GaussianMixtureModel.from_data(X, 4)
+    free = naive_module._to_free(
+        model, model.globals_from_responsibilities(np.full((X.shape[0], 4), 0.25), model.prepare(X))
+    )
+    batch = model.prepare(X)
+    loss = jax.jit(naive_module._negative_elbo)
+    value, _ = jax.jit(naive_module._elbo)(free, model, batch)
+    scale = abs(float(value))
+    assert np.isfinite(loss(free, model, batch, scale))
+    far = {**free, "weights": tuple(np.full_like(u, 55.0) for u in free["weights"])}
+    assert loss(far, model, batch, scale) == np.inf
+
+
+@pytest.mark.slow
 def test_naive_with_adam_climbs(problem):
     X, model, reference = problem
-    result = naive(model, X, optimizer=optax.adam(1e-2), num_steps=200, chunk_size=100)
-    assert result.elbo_trace[-1] > result.elbo_trace[0]
+    start = rough_start(model, X)
+    result = naive(model, X, optimizer=optax.adam(5e-2), num_steps=200, chunk_size=100, init=start)
+    # Slow off the flat start (measured: +3.5 nats in 200 steps), but climbing.
+    assert result.elbo_trace[-1] > result.elbo_trace[0] + 2.0
     assert result.elbo <= reference.elbo + 1e-8 * abs(reference.elbo)
 
 
