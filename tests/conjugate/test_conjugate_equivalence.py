@@ -3,11 +3,13 @@
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from viax.conjugate import GaussianMixtureModel, UnitVarianceMixtureModel, cavi, naive, svi
+from viax.conjugate.engine import global_means
 from viax.conjugate.expfam import Normal, NormalWishart
 
 # The module, which viax.conjugate's `naive` function shadows.
@@ -76,20 +78,21 @@ def test_naive_reaches_cavi_optimum_with_a_surplus_component(X):
     assert result.elbo_trace.max() <= reference.elbo + 1e-8 * abs(reference.elbo)
 
 
-def test_naive_loss_refuses_parameters_where_the_elbo_has_no_digits_left(X):
-    # Dirichlet-process sticks at 1e24: the ELBO's terms are ~1e26 and cancel to garbage;
-    # the loss the line search sees there is +inf (outside the domain).
-    model = GaussianMixtureModel.from_data(X, 4)
-    free = naive_module._to_free(
-        model, model.globals_from_responsibilities(np.full((X.shape[0], 4), 0.25), model.prepare(X))
-    )
-    batch = model.prepare(X)
-    loss = jax.jit(naive_module._negative_elbo)
-    value, _ = jax.jit(naive_module._elbo)(free, model, batch)
-    scale = abs(float(value))
-    assert np.isfinite(loss(free, model, batch, scale))
-    far = {**free, "weights": tuple(np.full_like(u, 55.0) for u in free["weights"])}
-    assert loss(far, model, batch, scale) == np.inf
+def test_naive_loss_refuses_parameters_where_the_elbo_has_no_digits_left(problem):
+    # Dirichlet weights at e^55 ≈ 8e23: the ELBO's global terms are ~1e25 and cancel to
+    # garbage; the loss the line search sees there is +inf (outside the domain), while at
+    # CAVI's optimum the terms are 12 times the ELBO.
+    X, model, reference = problem
+    magnitude = jax.jit(lambda m, g: naive_module._global_magnitude(m, g, global_means(m, g)))
+    to_free, from_free = jax.jit(naive_module._to_free), jax.jit(naive_module._from_free)
+    optimum = jax.tree.map(jnp.asarray, reference.params["global"])
+    free = to_free(model, optimum)
+    far = {**free, "weights": tuple(jnp.full_like(u, 55.0) for u in free["weights"])}
+    scale = abs(reference.elbo)
+    at_optimum, at_far = magnitude(model, optimum), magnitude(model, from_free(model, far))
+    assert at_optimum < 1e3 * scale and at_far > 1e9 * scale
+    assert naive_module._guard(reference.elbo, at_optimum, scale) == -reference.elbo
+    assert naive_module._guard(reference.elbo, at_far, scale) == np.inf
 
 
 @pytest.mark.slow

@@ -99,9 +99,14 @@ def _elbo(free, model, batch):
     return value, _global_magnitude(model, global_natural, gm)
 
 
-def _negative_elbo(free, model, batch, scale):
-    value, magnitude = _elbo(free, model, batch)
+def _guard(value, magnitude, scale):
+    """−value, or +inf where the terms' ``magnitude`` leaves no digits of an ELBO of
+    size ``scale``."""
     return jnp.where(magnitude <= _MAX_CANCELLATION * scale, -value, jnp.inf)
+
+
+def _negative_elbo(free, model, batch, scale):
+    return _guard(*_elbo(free, model, batch), scale)
 
 
 def _run_chunk(free, opt_state, scale, model, batch, *, optimizer, chunk_size: int):
