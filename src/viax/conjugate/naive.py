@@ -7,9 +7,11 @@ of scale matrices, ν − (D − 1) through a softplus), and optax follows the g
 
     L(β) = max_{q(z)} ELBO(q(β), q(z)),
 
-the ELBO with the local factors maximised out in closed form (their exact updates given
-the globals, as in one CAVI half-sweep).  By Danskin's theorem ∇L is the ELBO's partial
-gradient at those locals, so they are held constant for the gradient.  Following the
+the ELBO with the local factors maximised out given the globals, by the model's own
+local updates (one CAVI half-sweep).  By Danskin's theorem ∇L is the ELBO's partial
+gradient at those locals, so they are held constant for the gradient.  For the GMM the
+local update is exact; where it iterates to a tolerance (LDA's documents, to sklearn's
+mean_change_tol) the gradient is as accurate as that fit.  Following the
 gradient over globals and locals together, L-BFGS stopped 14 nats short of the optimum on
 the tests' two-component GMM (or reached it, depending on the run's round-off) and ran a
 surplus component's parameters out to 1e13; over the globals alone it reaches CAVI's
