@@ -24,7 +24,7 @@ from viax.conjugate.engine import (
     to_numpy_tree,
     update_globals,
 )
-from viax.conjugate.xla import SMALL_LOCALS, jit
+from viax.conjugate.xla import SMALL_LOCALS
 from viax.result import Result
 
 __all__ = ["ElboDecreaseError", "cavi", "cavi_sweep"]
@@ -85,7 +85,7 @@ def _init(model: ConjugateModel, batch, seed: int):
     return global_natural, local_natural
 
 
-_init_jit = jit(_init, static_argnums=2)
+_init_jit = jax.jit(_init, static_argnums=2)
 
 
 def cavi(

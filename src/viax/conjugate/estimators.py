@@ -53,13 +53,13 @@ def _log_prob_fn(model, global_natural, x):
     return model.expected_log_likelihood(gm, x)
 
 
-_log_prob = jit(_log_prob_fn)
+_log_prob = jax.jit(_log_prob_fn)
 # One pass over the data, once per fit: compile time is all that matters.
 _globals_from_resp = jit(
     lambda model, resp, batch: model.globals_from_responsibilities(resp, batch),
     fast_compile=True,
 )
-_init_globals = jit(
+_init_globals = jax.jit(
     lambda model, key, batch, method: model.init_globals(key, batch, method),
     static_argnums=3,
 )

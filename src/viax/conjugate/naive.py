@@ -257,5 +257,5 @@ def _chunk_fn(optimizer):
         # The start in one program: run eagerly, optax's L-BFGS init, the means and the
         # transforms were ~100 small compiles (8 s on a 2-core machine).
         chunk = compiled(fn, static_argnames=("chunk_size",))
-        _CHUNK_FNS[key] = (optimizer, (chunk, jit(start)))
+        _CHUNK_FNS[key] = (optimizer, (chunk, jax.jit(start)))
     return _CHUNK_FNS[key][1]

@@ -102,7 +102,7 @@ def svi_step(
 
 _step_compiled = compiled(svi_step)
 # Module-level, the model an argument: a refit reuses the compiled initialisation.
-_init_globals = jit(lambda key, model, batch: model.init_globals(key, batch))
+_init_globals = jax.jit(lambda key, model, batch: model.init_globals(key, batch))
 
 
 def _local_terms_chunk(model, global_natural, batch):
