@@ -10,6 +10,7 @@ from viax.conjugate import (
     GaussianMixtureModel,
     LDAModel,
     LinearRegression,
+    naive,
     svi,
 )
 from viax.conjugate.models.lda import prepare_documents
@@ -94,3 +95,18 @@ def test_linear_regression_rejects_nan_and_bad_prior():
         LinearRegression(precision_prior=-1.0).fit(X, np.zeros(5))
     with pytest.raises(ValueError, match="shape_prior"):
         LinearRegression(shape_prior=0.0).fit(X, np.zeros(5))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_steps": 0}, "num_steps and chunk_size"),
+        ({"chunk_size": 0}, "num_steps and chunk_size"),
+        ({"tol": -1.0}, "tol and gtol"),
+        ({"gtol": float("nan")}, "tol and gtol"),
+    ],
+)
+def test_naive_rejects_bad_settings_before_compiling(kwargs, message):
+    X = np.random.default_rng(0).normal(size=(20, 2))
+    with pytest.raises(ValueError, match=message):
+        naive(GaussianMixtureModel.from_data(X, 2), X, **kwargs)
