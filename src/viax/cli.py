@@ -131,7 +131,9 @@ def fit_command(
         warnings.simplefilter("always", RuntimeWarning)
         try:
             if method in CONJUGATE_METHODS:
-                result = fit_conjugate(model, data, method, num_steps, batch_size, seed)
+                result = fit_conjugate(
+                    model, data, method, num_steps, batch_size, seed, not no_progress
+                )
             else:
                 result = viax.fit(
                     model,
@@ -203,7 +205,9 @@ def family_name(result) -> str:
     return getattr(result.family, "name", result.family)
 
 
-def fit_conjugate(model_fn, data: dict, method: str, num_steps, batch_size: int, seed: int):
+def fit_conjugate(
+    model_fn, data: dict, method: str, num_steps, batch_size: int, seed: int, progress: bool = True
+):
     """``model_fn(**data) -> (conjugate model, data to fit)``, fitted by ``method``."""
     from viax import conjugate
 
@@ -219,12 +223,21 @@ def fit_conjugate(model_fn, data: dict, method: str, num_steps, batch_size: int,
             f"--method {method}: {type(cmodel).__name__} is not a viax.conjugate model"
         )
     if method == "cavi":
-        return conjugate.cavi(cmodel, fit_data, max_iter=num_steps or 200, seed=seed)
+        return conjugate.cavi(
+            cmodel, fit_data, max_iter=num_steps or 200, seed=seed, progress=progress
+        )
     if method == "svi":
         return conjugate.svi(
-            cmodel, fit_data, batch_size=batch_size, num_epochs=num_steps or 10, seed=seed
+            cmodel,
+            fit_data,
+            batch_size=batch_size,
+            num_epochs=num_steps or 10,
+            seed=seed,
+            progress=progress,
         )
-    return conjugate.naive(cmodel, fit_data, num_steps=num_steps or 5000, seed=seed)
+    return conjugate.naive(
+        cmodel, fit_data, num_steps=num_steps or 5000, seed=seed, progress=progress
+    )
 
 
 def write_report(path: Path, model_file, result, summary, diagnostics) -> None:

@@ -146,7 +146,9 @@ def test_agrees_with_sklearn_bayesian_gaussian_mixture(X, prior_type):
         reg_covar=0.0,
         max_iter=iterations,
         tol=0.0,
-    ).fit(X, initial_resp=np.eye(K)[labels])
+    )
+    with pytest.warns(RuntimeWarning, match="did not converge in max_iter=25"):
+        ours.fit(X, initial_resp=np.eye(K)[labels])
     assert ours.n_iter_ == iterations == sk.n_iter_
     # Lower bounds: ours is the exact ELBO, sklearn's drops constants; the gap must be
     # that constant at every sweep.  Round-off of ~1e-13 × |ELBO| per term.
@@ -194,7 +196,8 @@ def test_draws_and_arviz(X):
     # sampler (Gamma draws for the Beta sticks and the Wishart) compiles here.
     labels = KMeans(n_clusters=K, n_init=1, random_state=0).fit(X).labels_
     gm = GaussianMixture(n_components=K, reg_covar=0.0, max_iter=25, tol=0.0)
-    result = gm.fit(X, initial_resp=np.eye(K)[labels]).result_
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        result = gm.fit(X, initial_resp=np.eye(K)[labels]).result_
     draws = result.sample(200, seed=0)
     assert draws["weights"].shape == (200, K)
     assert np.all(draws["weights"].sum(1) <= 1.0 + 1e-12)

@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from viax.conjugate.engine import (
     ConjugateModel,
@@ -125,6 +126,8 @@ def cavi(
     atol: float = 0.0,
     seed: int = 0,
     init: tuple[dict, dict] | None = None,
+    progress: bool = True,
+    log_every: int = 0,
 ) -> Result:
     """Coordinate ascent VI on the full data.
 
@@ -137,6 +140,9 @@ def cavi(
         seed: for the model's initialisation.
         init: ``(global_natural, local_natural)`` to start from instead; locals
             ``None``: the model's start for them given the globals.
+        progress: a progress bar of the sweeps with the running ELBO.
+        log_every: also print a line (sweep, seconds, ELBO, its change) every this many
+            sweeps; 0 for none.
 
     Returns:
         :class:`viax.result.Result` with ``method="cavi"``; ``params`` holds
@@ -159,6 +165,8 @@ def cavi(
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
     if not (tol >= 0 and atol >= 0):
         raise ValueError(f"tol and atol must be >= 0, got {tol}, {atol}")
+    if log_every < 0:
+        raise ValueError(f"log_every must be >= 0, got {log_every}")
     start = time.perf_counter()
     batch = data if _is_prepared(data) else model.prepare(data)
     if init is None:
@@ -175,40 +183,53 @@ def cavi(
     global_mean, prior_constant = global_natural, np.float64(0.0)
     # Few local parameters: a sweep costs little next to its compilation (xla.py).
     small = sum(np.size(x) for x in jax.tree.leaves(local_natural)) <= SMALL_LOCALS
-    warm_redone = 0
-    for sweep in range(int(max_iter)):
-        state = (model, global_natural, global_mean, prior_constant, local_natural, batch)
-        first = np.bool_(sweep == 0)
-        (g, gm, constant, local, value), seconds = _sweep_compiled(
-            *state, first, np.bool_(True), fast_compile=small
-        )
-        compile_time += seconds
-        if model.restart_locals and _decreased(float(value), previous):
-            # The restarted local fit landed below the previous locals: the sweep again
-            # from them (see the module docstring), by the same compiled program.
-            (g, gm, constant, local, value), _ = _sweep_compiled(
-                *state, first, np.bool_(False), fast_compile=small
+    warm_redone, last_log = 0, time.perf_counter()
+    bar = tqdm(
+        total=int(max_iter), desc="viax cavi", unit="sweep", disable=not progress, leave=False
+    )
+    with bar:
+        for sweep in range(int(max_iter)):
+            state = (model, global_natural, global_mean, prior_constant, local_natural, batch)
+            first = np.bool_(sweep == 0)
+            (g, gm, constant, local, value), seconds = _sweep_compiled(
+                *state, first, np.bool_(True), fast_compile=small
             )
-            warm_redone += 1
-        value = float(value)
-        trace.append(value)
-        if not np.isfinite(value):
-            raise FloatingPointError(f"CAVI produced a non-finite ELBO at sweep {len(trace)}")
-        if _decreased(value, previous):
-            raise ElboDecreaseError(
-                f"CAVI sweep {len(trace)} lowered the ELBO from {previous:.10g} to "
-                f"{value:.10g} (by {previous - value:.3g}): coordinate ascent cannot do "
-                "that, so the model's expected log joint or its factors are wrong"
-            )
-        gain, scale, prior_constant = value - previous, abs(value), constant
-        global_natural, global_mean, local_natural = g, gm, local
-        # The first sweep has no previous ELBO to compare with; tol = atol = 0 runs all
-        # max_iter sweeps.
-        threshold = max(tol * scale, atol)
-        if np.isfinite(previous) and threshold > 0 and gain < threshold:
-            converged = True
-            break
-        previous = value
+            compile_time += seconds
+            if model.restart_locals and _decreased(float(value), previous):
+                # The restarted local fit landed below the previous locals: the sweep
+                # again from them (see the module docstring), by the same program.
+                (g, gm, constant, local, value), _ = _sweep_compiled(
+                    *state, first, np.bool_(False), fast_compile=small
+                )
+                warm_redone += 1
+            value = float(value)
+            trace.append(value)
+            if not np.isfinite(value):
+                raise FloatingPointError(f"CAVI produced a non-finite ELBO at sweep {len(trace)}")
+            if _decreased(value, previous):
+                raise ElboDecreaseError(
+                    f"CAVI sweep {len(trace)} lowered the ELBO from {previous:.10g} to "
+                    f"{value:.10g} (by {previous - value:.3g}): coordinate ascent cannot do "
+                    "that, so the model's expected log joint or its factors are wrong"
+                )
+            gain, scale, prior_constant = value - previous, abs(value), constant
+            global_natural, global_mean, local_natural = g, gm, local
+            bar.set_postfix_str(f"elbo {value:.8g}", refresh=False)
+            bar.update(1)
+            if log_every and len(trace) % log_every == 0:
+                now = time.perf_counter()
+                bar.write(
+                    f"  sweep {len(trace)}\t{now - last_log:.5f} s\tELBO {value:.10g}"
+                    + (f"\tchange {gain:.5g}" if np.isfinite(gain) else "")
+                )
+                last_log = now
+            # The first sweep has no previous ELBO to compare with; tol = atol = 0 runs
+            # all max_iter sweeps.
+            threshold = max(tol * scale, atol)
+            if np.isfinite(previous) and threshold > 0 and gain < threshold:
+                converged = True
+                break
+            previous = value
     steps = len(trace)
     trace = np.asarray(trace)
     message = (

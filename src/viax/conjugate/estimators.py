@@ -10,6 +10,9 @@ itself is not needed.  ``result_`` holds the :class:`viax.result.Result` of the 
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +111,9 @@ class GaussianMixture(EstimatorMixin):
         degrees_of_freedom_prior: float | None = None,
         covariance_prior=None,
         random_state: int | None = None,
+        warm_start: bool = False,
+        verbose: int = 0,
+        verbose_interval: int = 10,
     ):
         self.n_components = n_components
         self.covariance_type = covariance_type
@@ -123,11 +129,15 @@ class GaussianMixture(EstimatorMixin):
         self.degrees_of_freedom_prior = degrees_of_freedom_prior
         self.covariance_prior = covariance_prior
         self.random_state = random_state
+        self.warm_start = warm_start
+        self.verbose = verbose
+        self.verbose_interval = verbose_interval
 
     def _make_model(self, X) -> GaussianMixtureModel:
         check_positive_int("n_components", self.n_components)
         check_positive_int("max_iter", self.max_iter)
         check_positive_int("n_init", self.n_init)
+        check_positive_int("verbose_interval", self.verbose_interval)
         if self.covariance_type not in COVARIANCE_TYPES:
             raise ValueError(
                 f"covariance_type must be one of {COVARIANCE_TYPES}, got {self.covariance_type!r}"
@@ -166,8 +176,17 @@ class GaussianMixture(EstimatorMixin):
         batch = model.prepare(X)
         best = None
         seed = check_seed(self.random_state)
-        for init in range(self.n_init):
-            if initial_resp is None:
+        # sklearn's warm_start: the last fit's solution starts the next, one init.
+        warm = self.warm_start and hasattr(self, "result_") and initial_resp is None
+        if warm and not _same_model(self.model_, model):
+            raise ValueError(
+                "warm_start: X or the parameters changed the model since the last fit "
+                "(features, priors or components); fit with warm_start=False"
+            )
+        for init in range(1 if warm else self.n_init):
+            if warm:
+                g0 = self.global_natural_
+            elif initial_resp is None:
                 g0 = _init_globals(model, jax.random.PRNGKey(seed + init), batch, self.init_params)
             else:
                 resp = np.asarray(initial_resp, np.float64)
@@ -176,17 +195,32 @@ class GaussianMixture(EstimatorMixin):
                         f"initial_resp must have shape {(X.shape[0], self.n_components)}"
                     )
                 g0 = _globals_from_resp(model, jnp.asarray(resp), batch)
-            start = (g0, model.init_locals(None, batch, None))
             result = cavi(
                 model,
                 batch,
                 max_iter=self.max_iter,
                 tol=0.0,
                 atol=float(self.tol),
-                init=start,
+                init=(g0, model.init_locals(None, batch, None)),
+                progress=self.verbose > 0,
+                log_every=self.verbose_interval if self.verbose >= 2 else 0,
             )
+            if self.verbose > 0:
+                state = "converged" if result.converged else "did not converge"
+                print(
+                    f"Initialization {init}: {state} after {result.num_steps} sweeps, "
+                    f"ELBO {result.elbo:.10g}"
+                )
             if best is None or result.elbo > best.elbo:
                 best = result
+        if not best.converged:
+            warnings.warn(
+                f"GaussianMixture: the best of {self.n_init} initialization(s) did not "
+                f"converge in max_iter={self.max_iter} sweeps (the last ELBO change "
+                f"exceeds tol={self.tol}); increase max_iter or tol",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         self._set_fitted(model, best, X.shape[1])
 
     def _set_fitted(self, model, result, n_features):
@@ -293,10 +327,42 @@ class GaussianMixture(EstimatorMixin):
     def predict(self, X) -> np.ndarray:
         return np.argmax(self._weighted_log_prob(X), axis=1)
 
+    def sample(self, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(X (n_samples, D), component labels) drawn from the mixture at the fitted
+        point estimates ``weights_``, ``means_``, ``covariances_``: sklearn's ``sample``,
+        with the same draws for the same ``random_state`` and attributes.  Draws from
+        the posterior over the parameters: ``result_.sample``."""
+        check_fitted(self, "result_")
+        check_positive_int("n_samples", n_samples)
+        rng = np.random.RandomState(check_seed(self.random_state))
+        counts = rng.multinomial(n_samples, self.weights_)
+        kind, d = self.covariance_type, self.n_features_in_
+        parts = []
+        for k, count in enumerate(counts):
+            if kind == "full":
+                parts.append(rng.multivariate_normal(self.means_[k], self.covariances_[k], count))
+            elif kind == "tied":
+                parts.append(rng.multivariate_normal(self.means_[k], self.covariances_, count))
+            else:  # diag (K, D) or spherical (K,) variances
+                scale = np.sqrt(self.covariances_[k])
+                parts.append(self.means_[k] + rng.standard_normal((count, d)) * scale)
+        labels = np.concatenate([np.full(c, k, dtype=int) for k, c in enumerate(counts)])
+        return np.vstack(parts), labels
+
 
 # ----------------------------------------------------------------------------------
 # LDA
 # ----------------------------------------------------------------------------------
+
+
+def _same_model(a, b) -> bool:
+    """The same model class, static settings and prior values."""
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    return tree_a == tree_b and all(
+        np.shape(x) == np.shape(y) and np.array_equal(x, y)
+        for x, y in zip(leaves_a, leaves_b, strict=True)
+    )
 
 
 def _transform_chunk(model, global_natural, batch):
@@ -319,7 +385,12 @@ class LDA(EstimatorMixin):
     ``"online"``: SVI with batches of ``batch_size`` documents in order for ``max_iter``
     passes, ρ_t = (learning_offset + t)^(−learning_decay) — sklearn's schedule.
     ``components_`` is λ (K, V).  Counts must be non-negative integers, documents
-    non-empty.
+    non-empty.  ``evaluate_every``, ``perp_tol``, ``verbose`` are sklearn's (stop when the
+    training perplexity, computed every ``evaluate_every`` iterations, changes by less
+    than ``perp_tol``; ``verbose`` > 0: progress bars and a line per iteration).
+    ``n_jobs`` is accepted so that sklearn's parameters carry over, and ignored: XLA
+    uses the machine's cores.  ``tol`` (viax's): batch CAVI stops when a sweep's
+    relative ELBO gain is below it (0: run ``max_iter`` sweeps, sklearn's behaviour).
 
     Example:
         >>> import numpy as np
@@ -349,6 +420,10 @@ class LDA(EstimatorMixin):
         max_doc_update_iter: int = 100,
         tol: float = 0.0,
         random_state: int | None = None,
+        evaluate_every: int = -1,
+        perp_tol: float = 1e-1,
+        verbose: int = 0,
+        n_jobs: int | None = None,
     ):
         self.n_components = n_components
         self.doc_topic_prior = doc_topic_prior
@@ -363,10 +438,18 @@ class LDA(EstimatorMixin):
         self.max_doc_update_iter = max_doc_update_iter
         self.tol = tol
         self.random_state = random_state
+        self.evaluate_every = evaluate_every
+        self.perp_tol = perp_tol
+        self.verbose = verbose
+        self.n_jobs = n_jobs
 
     def _check_params(self):
         check_positive_int("max_iter", self.max_iter)
         check_positive_int("batch_size", self.batch_size)
+        if isinstance(self.evaluate_every, bool) or not isinstance(self.evaluate_every, int):
+            raise ValueError(f"evaluate_every must be an integer, got {self.evaluate_every!r}")
+        if not self.perp_tol >= 0:
+            raise ValueError(f"perp_tol must be >= 0, got {self.perp_tol}")
         if self.learning_method not in ("batch", "online"):
             raise ValueError(
                 f"learning_method must be 'batch' or 'online', got {self.learning_method!r}"
@@ -418,35 +501,79 @@ class LDA(EstimatorMixin):
         self.topic_word_prior_ = float(self.model_.topic_word_prior)
 
     def fit(self, X, y=None):
-        """Fit on a document-term matrix (dense or scipy.sparse), rows = documents."""
+        """Fit on a document-term matrix (dense or scipy.sparse), rows = documents.
+
+        With ``evaluate_every`` > 0 the training perplexity is computed every that
+        many iterations (sweeps or passes; an extra E-step over X, as sklearn's) and
+        the fit stops when it changes by less than ``perp_tol``."""
         self._check_params()
         model = self._make_model(_num_columns(X))
         self.model_ = model
         seed = check_seed(self.random_state)
-        if self.learning_method == "batch":
-            result = cavi(model, X, max_iter=self.max_iter, tol=self.tol, seed=seed)
-            self.n_iter_ = result.num_steps
-            n_batch_iter = result.num_steps + 1
-        else:
-            result = svi(
-                model,
-                X,
-                batch_size=self.batch_size,
-                num_epochs=self.max_iter,
-                learning_offset=self.learning_offset,
-                learning_decay=self.learning_decay,
-                seed=seed,
-                shuffle=False,
-                init=self._initial_topics(model, seed),
-                evaluate=False,
-                local_start=self._document_starts,
-            )
-            self.n_iter_ = self.max_iter
-            n_batch_iter = result.num_steps + 1
-        self.result_ = result
+        every = self.evaluate_every if self.evaluate_every > 0 else self.max_iter
+        global_natural, local_natural, results, done = None, None, [], 0
+        last_perplexity = None
+        while done < self.max_iter:
+            block = min(every, self.max_iter - done)
+            if self.learning_method == "batch":
+                init = None if global_natural is None else (global_natural, local_natural)
+                result = cavi(
+                    model,
+                    X,
+                    max_iter=block,
+                    tol=self.tol,
+                    seed=seed,
+                    init=init,
+                    progress=self.verbose > 0,
+                )
+                local_natural = result.params["local"]
+            else:
+                result = svi(
+                    model,
+                    X,
+                    batch_size=self.batch_size,
+                    num_epochs=block,
+                    learning_offset=self.learning_offset + sum(r.num_steps for r in results),
+                    learning_decay=self.learning_decay,
+                    seed=seed,
+                    shuffle=False,
+                    init=(
+                        self._initial_topics(model, seed)
+                        if global_natural is None
+                        else global_natural
+                    ),
+                    evaluate=False,
+                    local_start=self._document_starts,
+                    progress=self.verbose > 0,
+                )
+            results.append(result)
+            global_natural = result.params["global"]
+            done += result.num_steps if self.learning_method == "batch" else block
+            converged = self.learning_method == "batch" and result.converged
+            if self.evaluate_every > 0:
+                self._set_globals(global_natural, 0)
+                perplexity = self.perplexity(X)
+                if self.verbose:
+                    print(
+                        f"iteration: {done} of max_iter: {self.max_iter}, "
+                        f"perplexity: {perplexity:.4f}"
+                    )
+                if (
+                    last_perplexity is not None
+                    and abs(last_perplexity - perplexity) < self.perp_tol
+                ):
+                    converged = True
+                last_perplexity = perplexity
+            elif self.verbose:
+                print(f"iteration: {done} of max_iter: {self.max_iter}")
+            if converged:
+                break
+        steps = sum(r.num_steps for r in results)
+        self.n_iter_ = done
+        self.result_ = results[-1] if len(results) == 1 else _joined(results)
         self.n_features_in_ = model.n_features
-        self._set_globals(result.params["global"], n_batch_iter)
-        self.elbo_trace_ = np.asarray(result.elbo_trace)
+        self._set_globals(global_natural, steps + 1)
+        self.elbo_trace_ = np.asarray(self.result_.elbo_trace)
         return self
 
     def partial_fit(self, X, y=None):
@@ -503,10 +630,27 @@ class LDA(EstimatorMixin):
         _, local_total = self._local_pass(_as_docs(X))
         return local_total + float(_global_terms(self.model_, self.global_natural_))
 
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """Names of ``transform``'s columns, sklearn's style: "lda0", "lda1", …"""
+        check_fitted(self, "components_")
+        return np.asarray([f"lda{k}" for k in range(self.components_.shape[0])], dtype=object)
+
     def perplexity(self, X) -> float:
         """exp(−ELBO / number of words), sklearn's definition."""
         X = _as_docs(X)
         return float(np.exp(-self.score(X) / X.sum()))
+
+
+def _joined(results):
+    """One Result for consecutive runs: the last one's state, the runs' traces, steps
+    and times added up."""
+    return dataclasses.replace(
+        results[-1],
+        elbo_trace=np.concatenate([r.elbo_trace for r in results]),
+        num_steps=sum(r.num_steps for r in results),
+        wall_time=sum(r.wall_time for r in results),
+        compile_time=sum(r.compile_time for r in results),
+    )
 
 
 def _as_docs(X):

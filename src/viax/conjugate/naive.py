@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from viax.conjugate.engine import (
     ConjugateModel,
@@ -141,6 +142,7 @@ def naive(
     gtol: float = 1e-2,
     seed: int = 0,
     init: tuple[dict, dict] | None = None,
+    progress: bool = True,
 ) -> Result:
     """Maximise the closed-form ELBO over the global natural parameters with optax,
     the locals maximised out in closed form.
@@ -159,6 +161,7 @@ def naive(
         init: ``(global_natural, local_natural)``; default the model's initialisation
             (the same start as :func:`viax.conjugate.cavi`).  Only the globals are used:
             the locals follow from them.
+        progress: a progress bar of the steps with the running ELBO.
 
     Returns:
         Result with ``method="naive"`` and ``params`` as natural parameters.
@@ -174,21 +177,26 @@ def naive(
     free, opt_state, scale = start_fn(model, batch, jax.random.PRNGKey(seed), init)
     traces, compile_time, previous = [], 0.0, -np.inf
     steps, stopped, grad_max = 0, False, np.inf
-    while steps < num_steps:
-        (free, opt_state, trace, grad_max), seconds = run(
-            free, opt_state, scale, model, batch, chunk_size=chunk_size
-        )
-        compile_time += seconds
-        trace, grad_max = np.asarray(trace), float(grad_max)
-        traces.append(trace)
-        steps += chunk_size
-        if not np.all(np.isfinite(trace)):
-            raise FloatingPointError(f"the naive ELBO became non-finite near step {steps}")
-        current = float(trace[-1])
-        if current - previous < tol * abs(current):
-            stopped = True
-            break
-        previous = current
+    bar = tqdm(total=num_steps, desc="viax naive", unit="step", disable=not progress, leave=False)
+    with bar:
+        while steps < num_steps:
+            (free, opt_state, trace, grad_max), seconds = run(
+                free, opt_state, scale, model, batch, chunk_size=chunk_size
+            )
+            compile_time += seconds
+            trace, grad_max = np.asarray(trace), float(grad_max)
+            traces.append(trace)
+            steps += chunk_size
+            if not np.all(np.isfinite(trace)):
+                where = steps - chunk_size + int(np.argmin(np.isfinite(trace))) + 1
+                raise FloatingPointError(f"the naive ELBO became non-finite at step {where}")
+            current = float(trace[-1])
+            bar.set_postfix_str(f"elbo {current:.8g}", refresh=False)
+            bar.update(chunk_size)
+            if current - previous < tol * abs(current):
+                stopped = True
+                break
+            previous = current
     converged = stopped and grad_max <= gtol
     global_natural, local_natural, final = _finish(model, batch, free)
     final = float(final)

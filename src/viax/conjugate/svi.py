@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
@@ -143,6 +144,28 @@ def exact_elbo(model: ConjugateModel, global_natural, data, chunk_size: int = 10
     return total
 
 
+def _finite(tree) -> bool:
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def _raise_nonfinite(estimates, step0: int, checkpoint_path, saved_step: int):
+    """Raise FloatingPointError naming the first step whose ELBO estimate (or, if all
+    are finite, whose global parameters) went non-finite."""
+    trace = np.asarray(jax.device_get(estimates), np.float64)
+    bad = np.flatnonzero(~np.isfinite(trace))
+    where = (
+        f"the ELBO estimate became non-finite at step {step0 + int(bad[0]) + 1}"
+        if bad.size
+        else f"the global parameters became non-finite by step {step0 + len(estimates)}"
+    )
+    kept = (
+        f"; the checkpoint {checkpoint_path} (step {saved_step}) holds the last finite state"
+        if checkpoint_path is not None and saved_step > 0
+        else ""
+    )
+    raise FloatingPointError(f"SVI diverged: {where}{kept}")
+
+
 def _pad_rows(tree, rows: int):
     """Each array of ``tree`` padded with zero rows to ``rows`` rows."""
 
@@ -195,6 +218,7 @@ def svi(
     callback: Callable[[int, SviInfo], None] | None = None,
     evaluate: bool = True,
     local_start: Callable[[int], dict] | None = None,
+    progress: bool = True,
 ) -> Result:
     """Stochastic VI over minibatches.
 
@@ -216,6 +240,7 @@ def svi(
             of the next batch's ``num_points`` real points (host arrays, called once per
             step in order; padding rows are added as zeros); default the model's
             ``init_locals``.  The LDA estimator draws sklearn's random γ start with it.
+        progress: a progress bar of the steps with the latest ELBO estimate.
 
     Returns:
         Result with ``method="svi"``; ``elbo_trace`` is the per-step unbiased estimate
@@ -283,29 +308,51 @@ def svi(
     total = jnp.asarray(num_data, jnp.float64)
     prior_constant = _prior_constant(model)
     estimates, compile_time = [], 0.0
-    for batch in prepare_all(model, batches, batch_size, extent):
-        start = None
-        if local_start is not None:
-            mask = np.asarray(batch["mask"])
-            start = _pad_rows(local_start(int(mask.sum())), mask.shape[0])
-        (state, info), seconds = _step_compiled(
-            model, state, batch, total, offset, decay, prior_constant, start
-        )
-        compile_time += seconds
-        estimates.append(info.elbo_estimate)
-        step = step0 + len(estimates)
-        if callback is not None:
-            callback(step, info)
-        if checkpoint_path is not None and step % checkpoint_every == 0:
-            save_checkpoint(checkpoint_path, state.global_natural, step, rng_key, model.name)
+    # Steps are dispatched without waiting for them; the host reads an ELBO estimate
+    # (for the bar, and to stop a diverged run) at most once a second.
+    last_read, saved_step = time.perf_counter(), 0
+    total_steps = num_epochs * -(-_num_rows(data) // batch_size) if array_data else None
+    bar = tqdm(
+        total=total_steps,
+        initial=step0,
+        desc="viax svi",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
+    with bar:
+        for batch in prepare_all(model, batches, batch_size, extent):
+            start = None
+            if local_start is not None:
+                mask = np.asarray(batch["mask"])
+                start = _pad_rows(local_start(int(mask.sum())), mask.shape[0])
+            (state, info), seconds = _step_compiled(
+                model, state, batch, total, offset, decay, prior_constant, start
+            )
+            compile_time += seconds
+            estimates.append(info.elbo_estimate)
+            step = step0 + len(estimates)
+            if callback is not None:
+                callback(step, info)
+            due = checkpoint_path is not None and step % checkpoint_every == 0
+            if due or time.perf_counter() - last_read > 1.0:
+                latest = float(info.elbo_estimate)
+                if not (np.isfinite(latest) and _finite(state.global_natural)):
+                    _raise_nonfinite(estimates, step0, checkpoint_path, saved_step)
+                bar.set_postfix_str(f"elbo ≈ {latest:.6g}", refresh=False)
+                last_read = time.perf_counter()
+            bar.update(1)
+            if due:
+                save_checkpoint(checkpoint_path, state.global_natural, step, rng_key, model.name)
+                saved_step = step
     num_steps = step0 + len(estimates)
     if not estimates and step0 == 0:
         raise ValueError("no batches: the data or the iterator is empty")
+    trace = np.asarray(jax.device_get(estimates), np.float64) if estimates else np.zeros(0)
+    if not (np.all(np.isfinite(trace)) and _finite(state.global_natural)):
+        _raise_nonfinite(estimates, step0, checkpoint_path, saved_step)
     if checkpoint_path is not None and num_steps % checkpoint_every != 0:
         save_checkpoint(checkpoint_path, state.global_natural, num_steps, rng_key, model.name)
-    trace = np.asarray(jax.device_get(estimates), np.float64) if estimates else np.zeros(0)
-    if not np.all(np.isfinite(trace)):
-        raise FloatingPointError("SVI produced a non-finite ELBO estimate")
     global_natural = state.global_natural
     if array_data and evaluate:
         value, se, exact = exact_elbo(model, global_natural, data, max(batch_size, 1024)), 0.0, True
