@@ -10,6 +10,7 @@ from viax.conjugate import (
     GaussianMixtureModel,
     LDAModel,
     LinearRegression,
+    cavi,
     naive,
     svi,
 )
@@ -63,6 +64,23 @@ def test_svi_rejects_empty_data_and_iterators_without_size():
         svi(model, iter([]), num_data=10)
     with pytest.raises(ValueError, match="empty"):
         svi(model, np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="num_data must be >= 1, got 0"):
+        svi(model, COUNTS, num_data=0)
+
+
+@pytest.mark.parametrize("method", [cavi, naive, svi])
+def test_a_start_that_is_not_the_models_shape_or_finite_is_refused(method):
+    X = np.random.default_rng(0).normal(size=(20, 2))
+    model = GaussianMixtureModel.from_data(X, 2)
+    good = model.prior()
+    wrong = {**good, "weights": (np.ones(3), np.ones(3))}
+    nan = {**good, "weights": (np.full(2, np.nan), np.ones(2))}
+    for start, message in [(wrong, r"shaped as the model's prior.*\(3,\)"), (nan, "NaN")]:
+        with pytest.raises(ValueError, match=message):
+            if method is svi:
+                svi(model, X, init=start, progress=False)
+            else:
+                method(model, X, init=(start, None), progress=False)
 
 
 def test_gmm_rejects_nan_bad_prior_and_bad_sizes():

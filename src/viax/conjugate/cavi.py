@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from viax.conjugate.engine import (
     ConjugateModel,
+    check_globals,
     compiled,
     fit_locals,
     global_means,
@@ -169,6 +170,8 @@ def cavi(
         raise ValueError(f"log_every must be >= 0, got {log_every}")
     start = time.perf_counter()
     batch = data if _is_prepared(data) else model.prepare(data)
+    if init is not None:
+        check_globals(model, init[0])
     if init is None:
         global_natural, local_natural = _init_jit(model, batch, int(seed))
     elif init[1] is None:

@@ -382,6 +382,23 @@ def to_numpy_tree(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def check_globals(model: ConjugateModel, global_natural, what: str = "init") -> None:
+    """ValueError, before any compute, unless ``global_natural`` has the structure and
+    shapes of the model's prior (``{factor: (arrays, ...)}``) with finite values."""
+    expected = jax.tree.map(lambda x: tuple(x.shape), jax.eval_shape(model.prior))
+    try:
+        got = jax.tree.map(lambda x: tuple(np.shape(x)), global_natural)
+    except Exception:  # noqa: BLE001 - any malformed tree gets the message below
+        got = None
+    if got != expected:
+        raise ValueError(
+            f"{what}: the global parameters must be natural parameters shaped as the "
+            f"model's prior, {expected}; got {got if got is not None else global_natural!r}"
+        )
+    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(global_natural)):
+        raise ValueError(f"{what}: the global parameters contain NaN or infinite values")
+
+
 def make_sampler(model: ConjugateModel, global_natural) -> Callable[[int, int], dict]:
     """``sampler(num_samples, seed) -> {site: (num_samples, *shape)}`` for Result."""
 

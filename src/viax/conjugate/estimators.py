@@ -507,6 +507,7 @@ class LDA(EstimatorMixin):
         many iterations (sweeps or passes; an extra E-step over X, as sklearn's) and
         the fit stops when it changes by less than ``perp_tol``."""
         self._check_params()
+        X = _as_docs(X)
         model = self._make_model(_num_columns(X))
         self.model_ = model
         seed = check_seed(self.random_state)
@@ -579,6 +580,7 @@ class LDA(EstimatorMixin):
     def partial_fit(self, X, y=None):
         """One online pass over ``X`` (batches of ``batch_size``), N = ``total_samples``."""
         self._check_params()
+        X = _as_docs(X)
         first = not hasattr(self, "components_")
         if first:
             self.model_ = self._make_model(_num_columns(X))
@@ -597,6 +599,7 @@ class LDA(EstimatorMixin):
             init=init,
             evaluate=False,
             local_start=self._document_starts,
+            progress=self.verbose > 0,
         )
         self.result_ = result
         self.n_features_in_ = self.model_.n_features
@@ -719,7 +722,7 @@ class LinearRegression(EstimatorMixin):
         model = LinearRegressionModel.create(
             m0, self.precision_prior, self.shape_prior, self.rate_prior
         )
-        result = cavi(model, (Z, np.asarray(y, np.float64)), max_iter=5, tol=1e-12)
+        result = cavi(model, (Z, np.asarray(y, np.float64)), max_iter=5, tol=1e-12, progress=False)
         self.model_ = model
         self.result_ = result
         self.n_features_in_ = Z.shape[1] - int(self.fit_intercept)

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from viax.conjugate.engine import (
     ConjugateModel,
+    check_globals,
     compiled,
     elbo,
     fit_locals,
@@ -173,6 +174,8 @@ def naive(
     start = time.perf_counter()
     optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     batch = data if isinstance(data, dict) and "mask" in data else model.prepare(data)
+    if init is not None:
+        check_globals(model, init[0])
     run, start_fn = _chunk_fn(optimizer)
     free, opt_state, scale = start_fn(model, batch, jax.random.PRNGKey(seed), init)
     traces, compile_time, previous = [], 0.0, -np.inf

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
     ConjugateModel,
+    check_globals,
     compiled,
     fit_locals,
     global_means,
@@ -257,6 +258,8 @@ def svi(
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     start_time = time.perf_counter()
     array_data = _is_array_data(data)
+    if num_data is not None and not num_data >= 1:
+        raise ValueError(f"num_data must be >= 1, got {num_data}")
     if array_data:
         num_data = _num_rows(data) if num_data is None else num_data
         if num_data == 0:
@@ -298,9 +301,7 @@ def svi(
         else:
             global_natural = jax.tree.map(jnp.asarray, init)
         step0 = 0
-    expected = jax.tree.map(lambda x: x.shape, jax.eval_shape(model.prior))
-    if jax.tree.map(jnp.shape, global_natural) != expected:
-        raise ValueError("the starting global parameters do not match the model's shapes")
+    check_globals(model, global_natural, "resume" if step0 else "init")
 
     state = SviState(global_natural, jnp.asarray(step0, jnp.int32), rng_key)
     offset = jnp.asarray(learning_offset, jnp.float64)
