@@ -44,6 +44,15 @@ def test_cavi_from_the_shell_matches_the_functional_call(points, tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+def test_conjugate_progress_bar_and_no_progress(points):
+    _, path = points
+    command = ["fit", str(EXAMPLE), "--data", str(path), "--method", "cavi", "--num-steps", "3"]
+    shown = CliRunner().invoke(main, command)
+    hidden = CliRunner().invoke(main, [*command, "--no-progress"])
+    assert shown.exit_code == hidden.exit_code == 0, shown.output + hidden.output
+    assert "viax cavi" in shown.output and "viax cavi" not in hidden.output
+
+
 @pytest.mark.parametrize("method", ["svi", "naive"])
 def test_svi_and_naive_run_from_the_shell(points, method):
     _, path = points
