@@ -1,5 +1,5 @@
-"""SVI checkpoints: atomic, pickle-free, and a killed-then-resumed run equals an
-uninterrupted one."""
+"""SVI and CAVI checkpoints: atomic, pickle-free, and a killed-then-resumed run equals
+an uninterrupted one."""
 
 import os
 import signal
@@ -12,7 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from viax.conjugate import LDAModel, load_checkpoint, save_checkpoint, svi
+from viax.conjugate import (
+    GaussianMixtureModel,
+    LDAModel,
+    cavi,
+    load_checkpoint,
+    save_checkpoint,
+    svi,
+)
 
 SCRIPT = textwrap.dedent(
     """
@@ -101,3 +108,47 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
         resumed.params["global"]["topics"][0], reference.params["global"]["topics"][0], rtol=1e-12
     )
     np.testing.assert_allclose(resumed.elbo_trace, reference.elbo_trace[killed_at:], rtol=1e-12)
+
+
+def _points():
+    rng = np.random.default_rng(0)
+    return np.concatenate([rng.normal(-3, 1, (100, 2)), rng.normal(3, 0.5, (100, 2))])
+
+
+def test_cavi_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    # A run stopped after 7 sweeps (its last checkpoint: sweep 7, written at the end)
+    # and resumed to 20 gives the 20-sweep run's numbers: CAVI is deterministic and the
+    # checkpoint holds its whole state (globals, locals, trace).
+    X = _points()
+    model = GaussianMixtureModel.from_data(X, 3)
+    path = tmp_path / "cavi.npz"
+    reference = cavi(model, X, max_iter=20, tol=0.0, progress=False)
+    cavi(model, X, max_iter=7, tol=0.0, checkpoint_path=path, checkpoint_every=5, progress=False)
+    saved = load_checkpoint(path)
+    assert saved["step"] == 7 and saved["method"] == "cavi" and len(saved["elbo_trace"]) == 7
+    resumed = cavi(model, X, max_iter=20, tol=0.0, resume=path, progress=False)
+    assert resumed.info["first_sweep"] == 7 and resumed.num_steps == 20
+    np.testing.assert_allclose(resumed.elbo_trace, reference.elbo_trace, rtol=1e-12)
+    for ours, theirs in zip(
+        jax.tree.leaves(resumed.params), jax.tree.leaves(reference.params), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-300)
+
+
+def test_cavi_resume_refuses_other_data_a_finished_run_and_svi_checkpoints(tmp_path):
+    X = _points()
+    model = GaussianMixtureModel.from_data(X, 2)
+    path = tmp_path / "cavi.npz"
+    cavi(model, X, max_iter=3, tol=0.0, checkpoint_path=path, progress=False)
+    with pytest.raises(ValueError, match="written for other data"):
+        cavi(model, X + 1.0, max_iter=10, resume=path, progress=False)
+    with pytest.raises(ValueError, match="holds 3 sweeps, max_iter=3"):
+        cavi(model, X, max_iter=3, resume=path, progress=False)
+    with pytest.raises(ValueError, match="written by cavi, not by svi"):
+        svi(model, X, resume=path, progress=False)
+    svi_path = tmp_path / "svi.npz"
+    svi(model, X, batch_size=50, checkpoint_path=svi_path, evaluate=False, progress=False)
+    with pytest.raises(ValueError, match="written by svi, not by cavi"):
+        cavi(model, X, max_iter=10, resume=svi_path, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        cavi(model, X, checkpoint_path=path, checkpoint_every=0, progress=False)

@@ -15,13 +15,16 @@ by ~2e-6 relative on small corpora.  Such a sweep is redone from the previous lo
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
     ConjugateModel,
     check_globals,
@@ -129,6 +132,9 @@ def cavi(
     init: tuple[dict, dict] | None = None,
     progress: bool = True,
     log_every: int = 0,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 10,
+    resume: str | Path | bool | None = None,
 ) -> Result:
     """Coordinate ascent VI on the full data.
 
@@ -144,6 +150,12 @@ def cavi(
         progress: a progress bar of the sweeps with the running ELBO.
         log_every: also print a line (sweep, seconds, ELBO, its change) every this many
             sweeps; 0 for none.
+        checkpoint_path, checkpoint_every: write the globals, the locals, the ELBO
+            trace and a fingerprint of the data every k sweeps and at the end
+            (atomically, no pickle: :mod:`viax.conjugate.checkpoint`).
+        resume: a checkpoint path (or True: ``checkpoint_path``) to continue from, on
+            the same data: ``max_iter`` counts the sweeps before it too, and the run
+            gives the numbers of an uninterrupted one.
 
     Returns:
         :class:`viax.result.Result` with ``method="cavi"``; ``params`` holds
@@ -168,19 +180,51 @@ def cavi(
         raise ValueError(f"tol and atol must be >= 0, got {tol}, {atol}")
     if log_every < 0:
         raise ValueError(f"log_every must be >= 0, got {log_every}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     start = time.perf_counter()
     batch = data if _is_prepared(data) else model.prepare(data)
+    fingerprint = _fingerprint(batch) if checkpoint_path or resume else ""
+    trace: list[float] = []
+    if resume is not None and resume is not False:
+        if init is not None:
+            raise ValueError("give init or resume, not both")
+        init, trace = _resumed(model, checkpoint_path if resume is True else resume, fingerprint)
+        if len(trace) >= max_iter:
+            raise ValueError(
+                f"the checkpoint holds {len(trace)} sweeps, max_iter={max_iter}: nothing to do"
+            )
     if init is not None:
-        check_globals(model, init[0])
+        check_globals(model, init[0], "resume" if trace else "init")
     if init is None:
         global_natural, local_natural = _init_jit(model, batch, int(seed))
     elif init[1] is None:
         global_natural, local_natural = _init_jit(model, batch, int(seed), init[0])
     else:
         global_natural, local_natural = init
-    compile_time, trace = 0.0, []
+        rows = np.shape(batch["mask"])[0]
+        if any(np.shape(x)[:1] != (rows,) for x in jax.tree.leaves(local_natural)):
+            raise ValueError(
+                f"the starting local parameters must have one row per data point ({rows}), "
+                f"got shapes {jax.tree.map(np.shape, local_natural)}"
+            )
+    compile_time, first_sweep = 0.0, len(trace)
     converged = False
-    previous = -np.inf
+    previous = trace[-1] if trace else -np.inf
+
+    def save(step):
+        save_checkpoint(
+            checkpoint_path,
+            global_natural,
+            step,
+            jax.random.PRNGKey(seed),
+            model.name,
+            local_natural=local_natural,
+            elbo_trace=trace,
+            method="cavi",
+            fingerprint=fingerprint,
+        )
+
     # Exponential families: mean parameters have the natural ones' shapes, so the
     # globals stand in for their means in the first call (see _sweep).
     global_mean, prior_constant = global_natural, np.float64(0.0)
@@ -188,12 +232,17 @@ def cavi(
     small = sum(np.size(x) for x in jax.tree.leaves(local_natural)) <= SMALL_LOCALS
     warm_redone, last_log = 0, time.perf_counter()
     bar = tqdm(
-        total=int(max_iter), desc="viax cavi", unit="sweep", disable=not progress, leave=False
+        total=int(max_iter),
+        initial=first_sweep,
+        desc="viax cavi",
+        unit="sweep",
+        disable=not progress,
+        leave=False,
     )
     with bar:
-        for sweep in range(int(max_iter)):
+        for sweep in range(first_sweep, int(max_iter)):
             state = (model, global_natural, global_mean, prior_constant, local_natural, batch)
-            first = np.bool_(sweep == 0)
+            first = np.bool_(sweep == first_sweep)
             (g, gm, constant, local, value), seconds = _sweep_compiled(
                 *state, first, np.bool_(True), fast_compile=small
             )
@@ -228,11 +277,15 @@ def cavi(
                 last_log = now
             # The first sweep has no previous ELBO to compare with; tol = atol = 0 runs
             # all max_iter sweeps.
+            if checkpoint_path is not None and len(trace) % checkpoint_every == 0:
+                save(len(trace))
             threshold = max(tol * scale, atol)
             if np.isfinite(previous) and threshold > 0 and gain < threshold:
                 converged = True
                 break
             previous = value
+    if checkpoint_path is not None and len(trace) % checkpoint_every != 0:
+        save(len(trace))
     steps = len(trace)
     trace = np.asarray(trace)
     message = (
@@ -257,9 +310,40 @@ def cavi(
         compile_time=compile_time,
         target=None,
         data={},
-        info={"model": model, "compile_time_run": compile_time, "warm_redone": warm_redone},
+        info={
+            "model": model,
+            "compile_time_run": compile_time,
+            "warm_redone": warm_redone,
+            "first_sweep": first_sweep,
+        },
         sampler=sampler,
     )
+
+
+def _fingerprint(batch) -> str:
+    """A digest of the prepared data: a resumed run must see the same."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(batch):
+        value = np.ascontiguousarray(np.asarray(batch[name]))
+        digest.update(f"{name}{value.shape}{value.dtype}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _resumed(model: ConjugateModel, path, fingerprint: str):
+    """((globals, locals), ELBO trace) of a CAVI checkpoint of this model and data."""
+    if path is None:
+        raise ValueError("resume=True needs checkpoint_path")
+    saved = load_checkpoint(path)
+    if saved["method"] != "cavi" or "local_natural" not in saved:
+        raise ValueError(f"{path} was written by {saved['method']}, not by cavi")
+    if saved["model_name"] != model.name:
+        raise ValueError(f"{path} holds a {saved['model_name']!r} model, not {model.name!r}")
+    if saved.get("fingerprint") != fingerprint:
+        raise ValueError(f"{path} was written for other data: resume with the same data")
+    trace = list(map(float, saved["elbo_trace"]))
+    start = jax.tree.map(jnp.asarray, (saved["global_natural"], saved["local_natural"]))
+    return start, trace
 
 
 def _is_prepared(data) -> bool:

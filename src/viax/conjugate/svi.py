@@ -280,6 +280,8 @@ def svi(
         if path is None:
             raise ValueError("resume=True needs checkpoint_path")
         saved = load_checkpoint(path)
+        if saved["method"] != "svi":
+            raise ValueError(f"{path} was written by {saved['method']}, not by svi")
         if saved["model_name"] != model.name:
             raise ValueError(f"{path} holds a {saved['model_name']!r} model, not {model.name!r}")
         global_natural = jax.tree.map(jnp.asarray, saved["global_natural"])
