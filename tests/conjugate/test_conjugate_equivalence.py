@@ -8,7 +8,14 @@ import numpy as np
 import optax
 import pytest
 
-from viax.conjugate import GaussianMixtureModel, UnitVarianceMixtureModel, cavi, naive, svi
+from viax.conjugate import (
+    GaussianMixtureModel,
+    LinearRegressionModel,
+    UnitVarianceMixtureModel,
+    cavi,
+    naive,
+    svi,
+)
 from viax.conjugate.engine import global_means
 from viax.conjugate.expfam import Normal, NormalWishart
 
@@ -96,13 +103,22 @@ def test_naive_loss_refuses_parameters_where_the_elbo_has_no_digits_left(problem
 
 
 @pytest.mark.slow
-def test_naive_with_adam_climbs(problem):
-    X, model, reference = problem
-    start = rough_start(model, X)
-    result = naive(model, X, optimizer=optax.adam(5e-2), num_steps=200, chunk_size=100, init=start)
-    # Slow off the flat start (measured: +3.5 nats in 200 steps), but climbing.
-    assert result.elbo_trace[-1] > result.elbo_trace[0] + 2.0
-    assert result.elbo <= reference.elbo + 1e-8 * abs(reference.elbo)
+def test_naive_with_adam_climbs():
+    # A first-order optax optimiser, which ignores L-BFGS's extra arguments.  On the
+    # regression model (a chunk that compiles in seconds): the posterior is in the
+    # family, so the optimum ELBO is the exact log evidence, which no ELBO may pass.
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 2))
+    y = X @ [1.0, -2.0] + 0.1 * rng.normal(size=40)
+    model = LinearRegressionModel.default(2)
+    evidence = cavi(model, (X, y), progress=False).elbo
+    result = naive(
+        model, (X, y), optimizer=optax.adam(5e-2), num_steps=200, chunk_size=100, progress=False
+    )
+    # Measured: from −3900 to −42 in 200 steps (the optimum is −6.4).
+    assert result.elbo_trace[-1] > result.elbo_trace[0] + 1000.0
+    assert np.all(result.elbo_trace <= evidence + 1e-9 * abs(evidence))
+    assert result.elbo <= evidence + 1e-9 * abs(evidence)
 
 
 @pytest.mark.slow

@@ -160,7 +160,8 @@ def cavi(
     Returns:
         :class:`viax.result.Result` with ``method="cavi"``; ``params`` holds
         ``{"global": ..., "local": ...}`` natural parameters; ``elbo_trace`` one exact ELBO
-        per sweep; ``info["local_natural"]`` as numpy.
+        per sweep (a resumed run's included); ``info["warm_redone"]`` the sweeps redone
+        from the previous locals, ``info["first_sweep"]`` the sweeps before a resume.
 
     Raises:
         ElboDecreaseError: a sweep lowered the ELBO beyond round-off.
