@@ -33,6 +33,7 @@ from viax.conjugate.engine import (
     global_means,
     make_sampler,
     prior_log_normalizer,
+    to_device_tree,
     to_numpy_tree,
     update_globals,
 )
@@ -343,7 +344,7 @@ def _resumed(model: ConjugateModel, path, fingerprint: str):
     if saved.get("fingerprint") != fingerprint:
         raise ValueError(f"{path} was written for other data: resume with the same data")
     trace = list(map(float, saved["elbo_trace"]))
-    start = jax.tree.map(jnp.asarray, (saved["global_natural"], saved["local_natural"]))
+    start = to_device_tree((saved["global_natural"], saved["local_natural"]))
     return start, trace
 
 

@@ -382,6 +382,17 @@ def to_numpy_tree(tree):
     return jax.tree.map(np.asarray, tree)
 
 
+def to_device(x, dtype=None) -> jax.Array:
+    """Host data as a device array, without compiling: ``jnp.asarray`` of a NumPy array
+    compiles a small program per new shape (~25 ms each, and ~0.15 s of a first GMM fit
+    on digits); ``jax.device_put`` only copies."""
+    return jax.device_put(np.asarray(x, dtype))
+
+
+def to_device_tree(tree):
+    return jax.tree.map(to_device, tree)
+
+
 def check_globals(model: ConjugateModel, global_natural, what: str = "init") -> None:
     """ValueError, before any compute, unless ``global_natural`` has the structure and
     shapes of the model's prior (``{factor: (arrays, ...)}``) with finite values."""

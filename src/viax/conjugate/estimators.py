@@ -14,7 +14,6 @@ import dataclasses
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 from scipy.special import digamma
@@ -28,6 +27,8 @@ from viax.conjugate.engine import (
     local_terms,
     max_extent,
     prepare_all,
+    to_device,
+    to_device_tree,
 )
 from viax.conjugate.expfam import Beta, Dirichlet, NormalGamma
 from viax.conjugate.models._base import (
@@ -194,7 +195,7 @@ class GaussianMixture(EstimatorMixin):
                     raise ValueError(
                         f"initial_resp must have shape {(X.shape[0], self.n_components)}"
                     )
-                g0 = _globals_from_resp(model, jnp.asarray(resp), batch)
+                g0 = _globals_from_resp(model, to_device(resp), batch)
             result = cavi(
                 model,
                 batch,
@@ -228,7 +229,7 @@ class GaussianMixture(EstimatorMixin):
         self.result_ = result
         self.n_features_in_ = n_features
         globals_ = result.params["global"]
-        self.global_natural_ = jax.tree.map(jnp.asarray, globals_)
+        self.global_natural_ = to_device_tree(globals_)
         # numpy, not NormalWishart.to_standard: JAX ops run eagerly here would each be
         # compiled on a first fit (seconds for the Cholesky loops), for a few K×D×D.
         n1, n2, n3, n4 = (np.asarray(x) for x in globals_["components"])
@@ -310,7 +311,7 @@ class GaussianMixture(EstimatorMixin):
         X = check_finite_2d(X)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, the model {self.n_features_in_}")
-        return np.asarray(_log_prob(self.model_, self.global_natural_, jnp.asarray(X)))
+        return np.asarray(_log_prob(self.model_, self.global_natural_, to_device(X)))
 
     def score_samples(self, X) -> np.ndarray:
         """log Σ_k exp(E[log π_k] + E[log N(x | μ_k, Λ_k⁻¹)]) per sample, as sklearn."""
@@ -491,7 +492,7 @@ class LDA(EstimatorMixin):
         return {"doc_topics": (draws - 1.0,)}
 
     def _set_globals(self, global_natural, n_batch_iter: int):
-        self.global_natural_ = jax.tree.map(jnp.asarray, global_natural)
+        self.global_natural_ = to_device_tree(global_natural)
         self.components_ = np.asarray(self.global_natural_["topics"][0]) + 1.0
         self.exp_dirichlet_component_ = np.exp(
             digamma(self.components_) - digamma(self.components_.sum(1, keepdims=True))
@@ -726,9 +727,7 @@ class LinearRegression(EstimatorMixin):
         self.model_ = model
         self.result_ = result
         self.n_features_in_ = Z.shape[1] - int(self.fit_intercept)
-        s = NormalGamma.to_standard(
-            jax.tree.map(jnp.asarray, result.params["global"]["regression"])
-        )
+        s = NormalGamma.to_standard(to_device_tree(result.params["global"]["regression"]))
         mean = np.asarray(s["mean"])
         self.posterior_mean_ = mean
         self.posterior_precision_ = np.asarray(s["precision"])

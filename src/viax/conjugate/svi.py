@@ -43,6 +43,8 @@ from viax.conjugate.engine import (
     max_extent,
     prepare_all,
     prior_log_normalizer,
+    to_device,
+    to_device_tree,
     to_numpy_tree,
     update_globals,
 )
@@ -284,9 +286,9 @@ def svi(
             raise ValueError(f"{path} was written by {saved['method']}, not by svi")
         if saved["model_name"] != model.name:
             raise ValueError(f"{path} holds a {saved['model_name']!r} model, not {model.name!r}")
-        global_natural = jax.tree.map(jnp.asarray, saved["global_natural"])
+        global_natural = to_device_tree(saved["global_natural"])
         step0 = saved["step"]
-        rng_key = jnp.asarray(saved["rng_key"])
+        rng_key = to_device(saved["rng_key"])
         batches = itertools.islice(batches, step0, None)
     else:
         rng_key = jax.random.PRNGKey(seed)
@@ -301,14 +303,14 @@ def svi(
             batches = itertools.chain([first], batches)
             global_natural = _init_globals(init_key, model, model.prepare(first, pad_to=batch_size))
         else:
-            global_natural = jax.tree.map(jnp.asarray, init)
+            global_natural = to_device_tree(init)
         step0 = 0
     check_globals(model, global_natural, "resume" if step0 else "init")
 
-    state = SviState(global_natural, jnp.asarray(step0, jnp.int32), rng_key)
-    offset = jnp.asarray(learning_offset, jnp.float64)
-    decay = jnp.asarray(learning_decay, jnp.float64)
-    total = jnp.asarray(num_data, jnp.float64)
+    state = SviState(global_natural, to_device(step0, np.int32), rng_key)
+    offset = to_device(learning_offset, np.float64)
+    decay = to_device(learning_decay, np.float64)
+    total = to_device(num_data, np.float64)
     prior_constant = _prior_constant(model)
     estimates, compile_time = [], 0.0
     # Steps are dispatched without waiting for them; the host reads an ELBO estimate

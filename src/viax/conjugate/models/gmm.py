@@ -42,7 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viax.conjugate.engine import ConjugateModel, conjugate_model, static, update_globals
+from viax.conjugate.engine import (
+    ConjugateModel,
+    conjugate_model,
+    static,
+    to_device,
+    update_globals,
+)
 from viax.conjugate.expfam import (
     Beta,
     Categorical,
@@ -70,7 +76,7 @@ def prepare_points(X, pad_to: int | None = None, name: str = "X") -> dict:
     if pad_to is not None and pad_to > n:
         X = np.concatenate([X, np.zeros((pad_to - n, X.shape[1]))])
         mask = np.concatenate([mask, np.zeros(pad_to - n)])
-    return {"x": jnp.asarray(X), "mask": jnp.asarray(mask)}
+    return {"x": to_device(X), "mask": to_device(mask)}
 
 
 # ----------------------------------------------------------------------------------
@@ -290,12 +296,12 @@ class GaussianMixtureModel(ConjugateModel):
         if full and cov0.shape != (d, d):
             raise ValueError(f"covariance_prior must have shape ({d}, {d}), got {cov0.shape}")
         return cls(
-            weight_concentration_prior=jnp.asarray(alpha0, jnp.float64),
-            mean_prior=jnp.asarray(m0),
-            mean_precision_prior=jnp.asarray(beta0, jnp.float64),
-            degrees_of_freedom_prior=jnp.asarray(nu0, jnp.float64),
-            covariance_prior=jnp.asarray(cov0),
-            reg_covar=jnp.asarray(reg_covar, jnp.float64),
+            weight_concentration_prior=to_device(alpha0, np.float64),
+            mean_prior=to_device(m0),
+            mean_precision_prior=to_device(beta0, np.float64),
+            degrees_of_freedom_prior=to_device(nu0, np.float64),
+            covariance_prior=to_device(cov0),
+            reg_covar=to_device(reg_covar, np.float64),
             n_components=n_components,
             weight_concentration_prior_type=weight_concentration_prior_type,
             covariance_type=covariance_type,
@@ -469,7 +475,7 @@ class UnitVarianceMixtureModel(ConjugateModel):
         n_features = check_positive_int("n_features", n_features)
         if not (np.isfinite(prior_variance) and prior_variance > 0):
             raise ValueError(f"prior_variance must be > 0, got {prior_variance}")
-        return cls(jnp.asarray(prior_variance, jnp.float64), n_components, n_features)
+        return cls(to_device(prior_variance, np.float64), n_components, n_features)
 
     def global_factors(self):
         return {"means": Normal()}

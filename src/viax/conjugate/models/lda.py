@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 from jax.scipy.special import gammaln
 
-from viax.conjugate.engine import ConjugateModel, conjugate_model, static
+from viax.conjugate.engine import ConjugateModel, conjugate_model, static, to_device
 from viax.conjugate.expfam import Dirichlet
 from viax.conjugate.models._base import check_positive_int
 
@@ -206,8 +206,8 @@ class LDAModel(ConjugateModel):
         if not mean_change_tol >= 0:
             raise ValueError(f"mean_change_tol must be >= 0, got {mean_change_tol}")
         return cls(
-            jnp.asarray(alpha, jnp.float64),
-            jnp.asarray(eta, jnp.float64),
+            to_device(alpha, np.float64),
+            to_device(eta, np.float64),
             n_components,
             n_features,
             max_doc_update_iter,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viax.conjugate.engine import ConjugateModel, conjugate_model
+from viax.conjugate.engine import ConjugateModel, conjugate_model, to_device
 from viax.conjugate.expfam import NormalGamma
 from viax.conjugate.models._base import check_finite_2d, check_spd
 
@@ -69,10 +69,10 @@ class LinearRegressionModel(ConjugateModel):
             if not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{label} must be > 0, got {value}")
         return cls(
-            jnp.asarray(m0),
-            jnp.asarray(prec),
-            jnp.asarray(shape_prior, jnp.float64),
-            jnp.asarray(rate_prior, jnp.float64),
+            to_device(m0),
+            to_device(prec),
+            to_device(shape_prior, np.float64),
+            to_device(rate_prior, np.float64),
         )
 
     @classmethod
@@ -118,7 +118,7 @@ class LinearRegressionModel(ConjugateModel):
             X = np.concatenate([X, np.zeros((pad_to - n, X.shape[1]))])
             y = np.concatenate([y, np.zeros(pad_to - n)])
             mask = np.concatenate([mask, np.zeros(pad_to - n)])
-        return {"x": jnp.asarray(X), "y": jnp.asarray(y), "mask": jnp.asarray(mask)}
+        return {"x": to_device(X), "y": to_device(y), "mask": to_device(mask)}
 
     def sample_sites(self, global_natural, rng, num_samples):
         draws = NormalGamma().sample(global_natural["regression"], rng, num_samples)
