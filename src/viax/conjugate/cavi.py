@@ -22,7 +22,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
@@ -33,6 +32,7 @@ from viax.conjugate.engine import (
     global_means,
     make_sampler,
     prior_log_normalizer,
+    progress_bar,
     to_device_tree,
     to_numpy_tree,
     update_globals,
@@ -233,14 +233,7 @@ def cavi(
     # Few local parameters: a sweep costs little next to its compilation (xla.py).
     small = sum(np.size(x) for x in jax.tree.leaves(local_natural)) <= SMALL_LOCALS
     warm_redone, last_log = 0, time.perf_counter()
-    bar = tqdm(
-        total=int(max_iter),
-        initial=first_sweep,
-        desc="viax cavi",
-        unit="sweep",
-        disable=not progress,
-        leave=False,
-    )
+    bar = progress_bar("cavi", "sweep", int(max_iter), first_sweep, progress)
     with bar:
         for sweep in range(first_sweep, int(max_iter)):
             state = (model, global_natural, global_mean, prior_constant, local_natural, batch)

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from viax.conjugate.expfam import Factor
 from viax.conjugate.xla import FAST_COMPILE
@@ -380,6 +381,18 @@ def max_extent(model: ConjugateModel, raw_batches) -> int | None:
 
 def to_numpy_tree(tree):
     return jax.tree.map(np.asarray, tree)
+
+
+def progress_bar(method: str, unit: str, total: int | None, initial: int, show: bool):
+    """The conjugate methods' progress bar ("viax cavi", …), cleared when done."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"viax {method}",
+        unit=unit,
+        disable=not show,
+        leave=False,
+    )
 
 
 def to_device(x, dtype=None) -> jax.Array:

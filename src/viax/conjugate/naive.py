@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from viax.conjugate.engine import (
     ConjugateModel,
@@ -44,6 +43,7 @@ from viax.conjugate.engine import (
     global_terms,
     local_terms,
     make_sampler,
+    progress_bar,
     to_numpy_tree,
 )
 from viax.conjugate.xla import jit
@@ -180,7 +180,7 @@ def naive(
     free, opt_state, scale = start_fn(model, batch, jax.random.PRNGKey(seed), init)
     traces, compile_time, previous = [], 0.0, -np.inf
     steps, stopped, grad_max = 0, False, np.inf
-    bar = tqdm(total=num_steps, desc="viax naive", unit="step", disable=not progress, leave=False)
+    bar = progress_bar("naive", "step", num_steps, 0, progress)
     with bar:
         while steps < num_steps:
             (free, opt_state, trace, grad_max), seconds = run(

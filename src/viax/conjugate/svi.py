@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
 from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
@@ -43,6 +42,7 @@ from viax.conjugate.engine import (
     max_extent,
     prepare_all,
     prior_log_normalizer,
+    progress_bar,
     to_device,
     to_device_tree,
     to_numpy_tree,
@@ -317,14 +317,7 @@ def svi(
     # (for the bar, and to stop a diverged run) at most once a second.
     last_read, saved_step = time.perf_counter(), 0
     total_steps = num_epochs * -(-_num_rows(data) // batch_size) if array_data else None
-    bar = tqdm(
-        total=total_steps,
-        initial=step0,
-        desc="viax svi",
-        unit="batch",
-        disable=not progress,
-        leave=False,
-    )
+    bar = progress_bar("svi", "batch", total_steps, step0, progress)
     with bar:
         for batch in prepare_all(model, batches, batch_size, extent):
             start = None
