@@ -419,7 +419,7 @@ def check_globals(model: ConjugateModel, global_natural, what: str = "init") -> 
             f"{what}: the global parameters must be natural parameters shaped as the "
             f"model's prior, {expected}; got {got if got is not None else global_natural!r}"
         )
-    if not all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(global_natural)):
+    if not all_finite(global_natural):
         raise ValueError(f"{what}: the global parameters contain NaN or infinite values")
 
 
@@ -433,10 +433,10 @@ def make_sampler(model: ConjugateModel, global_natural) -> Callable[[int, int], 
     return sampler
 
 
-def check_finite_natural(tree: Any, what: str) -> None:
-    leaves = jax.tree.leaves(tree)
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in leaves):
-        raise FloatingPointError(f"{what}: a variational parameter is not finite")
+def all_finite(tree: Any) -> bool:
+    """Every value of every array in ``tree`` finite (checked on the host: no program
+    to compile)."""
+    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
 
 
 def _dtype(x):

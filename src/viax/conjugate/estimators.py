@@ -513,6 +513,8 @@ class LDA(EstimatorMixin):
         self.model_ = model
         seed = check_seed(self.random_state)
         every = self.evaluate_every if self.evaluate_every > 0 else self.max_iter
+        # Batch CAVI runs in blocks between evaluations: the corpus is prepared once.
+        data = model.prepare(X) if self.learning_method == "batch" else X
         global_natural, local_natural, results, done = None, None, [], 0
         last_perplexity = None
         while done < self.max_iter:
@@ -521,7 +523,7 @@ class LDA(EstimatorMixin):
                 init = None if global_natural is None else (global_natural, local_natural)
                 result = cavi(
                     model,
-                    X,
+                    data,
                     max_iter=block,
                     tol=self.tol,
                     seed=seed,

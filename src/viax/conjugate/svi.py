@@ -32,6 +32,7 @@ import scipy.sparse as sp
 from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
     ConjugateModel,
+    all_finite,
     check_globals,
     compiled,
     fit_locals,
@@ -145,10 +146,6 @@ def exact_elbo(model: ConjugateModel, global_natural, data, chunk_size: int = 10
     for value, _, _ in local_chunks(model, global_natural, data, chunk_size):
         total += float(value)
     return total
-
-
-def _finite(tree) -> bool:
-    return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
 
 
 def _raise_nonfinite(estimates, step0: int, checkpoint_path, saved_step: int):
@@ -335,7 +332,7 @@ def svi(
             due = checkpoint_path is not None and step % checkpoint_every == 0
             if due or time.perf_counter() - last_read > 1.0:
                 latest = float(info.elbo_estimate)
-                if not (np.isfinite(latest) and _finite(state.global_natural)):
+                if not (np.isfinite(latest) and all_finite(state.global_natural)):
                     _raise_nonfinite(estimates, step0, checkpoint_path, saved_step)
                 bar.set_postfix_str(f"elbo ≈ {latest:.6g}", refresh=False)
                 last_read = time.perf_counter()
@@ -347,7 +344,7 @@ def svi(
     if not estimates and step0 == 0:
         raise ValueError("no batches: the data or the iterator is empty")
     trace = np.asarray(jax.device_get(estimates), np.float64) if estimates else np.zeros(0)
-    if not (np.all(np.isfinite(trace)) and _finite(state.global_natural)):
+    if not (np.all(np.isfinite(trace)) and all_finite(state.global_natural)):
         _raise_nonfinite(estimates, step0, checkpoint_path, saved_step)
     if checkpoint_path is not None and num_steps % checkpoint_every != 0:
         save_checkpoint(checkpoint_path, state.global_natural, num_steps, rng_key, model.name)
