@@ -15,7 +15,6 @@ by ~2e-6 relative on small corpora.  Such a sweep is redone from the previous lo
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
+from viax.conjugate.checkpoint import data_fingerprint, resume_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
     ConjugateModel,
     check_globals,
@@ -186,7 +185,7 @@ def cavi(
         raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     start = time.perf_counter()
     batch = data if _is_prepared(data) else model.prepare(data)
-    fingerprint = _fingerprint(batch) if checkpoint_path or resume else ""
+    fingerprint = data_fingerprint(batch) if checkpoint_path or resume else ""
     trace: list[float] = []
     if resume is not None and resume is not False:
         if init is not None:
@@ -315,27 +314,11 @@ def cavi(
     )
 
 
-def _fingerprint(batch) -> str:
-    """A digest of the prepared data: a resumed run must see the same."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in sorted(batch):
-        value = np.ascontiguousarray(np.asarray(batch[name]))
-        digest.update(f"{name}{value.shape}{value.dtype}".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
 def _resumed(model: ConjugateModel, path, fingerprint: str):
     """((globals, locals), ELBO trace) of a CAVI checkpoint of this model and data."""
-    if path is None:
-        raise ValueError("resume=True needs checkpoint_path")
-    saved = load_checkpoint(path)
-    if saved["method"] != "cavi" or "local_natural" not in saved:
-        raise ValueError(f"{path} was written by {saved['method']}, not by cavi")
-    if saved["model_name"] != model.name:
-        raise ValueError(f"{path} holds a {saved['model_name']!r} model, not {model.name!r}")
-    if saved.get("fingerprint") != fingerprint:
-        raise ValueError(f"{path} was written for other data: resume with the same data")
+    saved = resume_checkpoint(path, "cavi", model.name, fingerprint)
+    if "local_natural" not in saved:
+        raise ValueError(f"{path} holds no local parameters: not a complete CAVI checkpoint")
     trace = list(map(float, saved["elbo_trace"]))
     start = to_device_tree((saved["global_natural"], saved["local_natural"]))
     return start, trace

@@ -1,5 +1,6 @@
 """Checkpoints: global natural parameters, step count and RNG key in one ``.npz``; for
-CAVI also the local natural parameters and the ELBO trace.
+CAVI also the local natural parameters and the ELBO trace; for the naive method the
+optimiser's state (``extra``).
 
 Written atomically (a temporary file in the same folder, flushed and fsynced, then
 ``os.replace``), so a run killed at any moment leaves either the previous checkpoint or
@@ -9,13 +10,14 @@ the new one, never half of one.  Plain arrays only: loading uses
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["data_fingerprint", "load_checkpoint", "resume_checkpoint", "save_checkpoint"]
 
 FORMAT_VERSION = 1
 
@@ -31,9 +33,10 @@ def save_checkpoint(
     elbo_trace=None,
     method: str = "svi",
     fingerprint: str = "",
+    extra: dict | None = None,
 ) -> Path:
     """Write ``{global_natural, step, rng_key}`` (and, for CAVI, ``local_natural`` and
-    ``elbo_trace``) to ``path`` atomically."""
+    ``elbo_trace``; ``extra``: any other named arrays) to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {
@@ -50,6 +53,8 @@ def save_checkpoint(
                 arrays[f"{prefix}/{name}/{i}"] = np.asarray(value)
     if elbo_trace is not None:
         arrays["elbo_trace"] = np.asarray(elbo_trace, np.float64)
+    for name, value in (extra or {}).items():
+        arrays[f"extra/{name}"] = np.asarray(value)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -60,8 +65,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(path) -> dict:
-    """``{"global_natural", "step", "rng_key", "model_name", "method"}`` from
-    ``save_checkpoint``, with ``"local_natural"`` and ``"elbo_trace"`` where saved."""
+    """``{"global_natural", "step", "rng_key", "model_name", "method", "fingerprint",
+    "extra"}`` from ``save_checkpoint``, with ``"local_natural"`` and ``"elbo_trace"``
+    where saved."""
     with np.load(Path(path), allow_pickle=False) as f:
         if int(f["format_version"]) != FORMAT_VERSION:
             raise ValueError(f"{path}: unknown checkpoint format {int(f['format_version'])}")
@@ -88,7 +94,37 @@ def load_checkpoint(path) -> dict:
             out["local_natural"] = natural["local"]
         if "elbo_trace" in f.files:
             out["elbo_trace"] = np.asarray(f["elbo_trace"])
+        out["extra"] = {
+            key.removeprefix("extra/"): np.asarray(f[key])
+            for key in f.files
+            if key.startswith("extra/")
+        }
         return out
+
+
+def resume_checkpoint(path, method: str, model_name: str, fingerprint: str | None = None) -> dict:
+    """:func:`load_checkpoint` of a run of ``method`` on this model (and, with
+    ``fingerprint``, these data), or a ValueError saying which it is not."""
+    if path is None:
+        raise ValueError("resume=True needs checkpoint_path")
+    saved = load_checkpoint(path)
+    if saved["method"] != method:
+        raise ValueError(f"{path} was written by {saved['method']}, not by {method}")
+    if saved["model_name"] != model_name:
+        raise ValueError(f"{path} holds a {saved['model_name']!r} model, not {model_name!r}")
+    if fingerprint is not None and saved["fingerprint"] != fingerprint:
+        raise ValueError(f"{path} was written for other data: resume with the same data")
+    return saved
+
+
+def data_fingerprint(batch: dict) -> str:
+    """A digest of a prepared batch's arrays: a resumed run must see the same data."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(batch):
+        value = np.ascontiguousarray(np.asarray(batch[name]))
+        digest.update(f"{name}{value.shape}{value.dtype}".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
 
 
 def _is_typed(key) -> bool:

@@ -17,7 +17,8 @@ the tests' two-component GMM (or reached it, depending on the run's round-off) a
 surplus component's parameters out to 1e13; over the globals alone it reaches CAVI's
 optimum on both.  Steps run in compiled ``lax.scan`` chunks; the run stops when a
 chunk's relative ELBO gain falls under ``tol`` and has converged if the gradient is
-then below ``gtol`` too.
+then below ``gtol`` too.  A run can be checkpointed (the free parameters and the
+optimiser's whole state, so a resumed run takes the uninterrupted one's steps).
 
 This is the baseline that CAVI and SVI improve on (Blei et al. 2017 §4: coordinate
 updates use the geometry the gradient ignores); they must reach the same optimum.
@@ -27,12 +28,14 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from viax.conjugate.checkpoint import data_fingerprint, resume_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
     ConjugateModel,
     check_globals,
@@ -44,6 +47,8 @@ from viax.conjugate.engine import (
     local_terms,
     make_sampler,
     progress_bar,
+    to_device,
+    to_device_tree,
     to_numpy_tree,
 )
 from viax.conjugate.xla import jit
@@ -144,6 +149,9 @@ def naive(
     seed: int = 0,
     init: tuple[dict, dict] | None = None,
     progress: bool = True,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    resume: str | Path | bool | None = None,
 ) -> Result:
     """Maximise the closed-form ELBO over the global natural parameters with optax,
     the locals maximised out in closed form.
@@ -163,43 +171,87 @@ def naive(
             (the same start as :func:`viax.conjugate.cavi`).  Only the globals are used:
             the locals follow from them.
         progress: a progress bar of the steps with the running ELBO.
+        checkpoint_path, checkpoint_every: after the chunk that passes every
+            ``checkpoint_every`` steps, and at the end, write the globals, the free
+            parameters, the optimiser's state, the ELBO trace and a fingerprint of the
+            data (atomically, no pickle: :mod:`viax.conjugate.checkpoint`).
+        resume: a checkpoint path (or True: ``checkpoint_path``) to continue from, on
+            the same data, with the same kind of optimizer and ``chunk_size``:
+            ``num_steps`` counts the steps before it too, and the run takes the
+            uninterrupted one's steps.
 
     Returns:
-        Result with ``method="naive"`` and ``params`` as natural parameters.
+        Result with ``method="naive"`` and ``params`` as natural parameters;
+        ``info["first_step"]``: the steps before a resume.
     """
     if num_steps < 1 or chunk_size < 1:
         raise ValueError(f"num_steps and chunk_size must be >= 1, got {num_steps}, {chunk_size}")
     if not (tol >= 0 and gtol >= 0):
         raise ValueError(f"tol and gtol must be >= 0, got {tol}, {gtol}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     start = time.perf_counter()
     optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     batch = data if isinstance(data, dict) and "mask" in data else model.prepare(data)
+    resuming = resume is not None and resume is not False
+    if resuming and init is not None:
+        raise ValueError("give init or resume, not both")
     if init is not None:
         check_globals(model, init[0])
+    fingerprint = data_fingerprint(batch) if checkpoint_path or resuming else ""
     run, start_fn = _chunk_fn(optimizer)
-    free, opt_state, scale = start_fn(model, batch, jax.random.PRNGKey(seed), init)
-    traces, compile_time, previous = [], 0.0, -np.inf
-    steps, stopped, grad_max = 0, False, np.inf
-    bar = progress_bar("naive", "step", num_steps, 0, progress)
+    key = jax.random.PRNGKey(seed)
+    traces: list[np.ndarray] = []
+    if resuming:
+        path = checkpoint_path if resume is True else resume
+        free, opt_state, scale, traces = _resumed(
+            model, batch, key, start_fn, path, fingerprint, chunk_size, num_steps
+        )
+    else:
+        free, opt_state, scale = start_fn(model, batch, key, init)
+    steps = first_step = sum(len(t) for t in traces)
+    previous = float(traces[-1][-1]) if traces else -np.inf
+    compile_time, stopped, grad_max = 0.0, False, np.inf
+
+    def save():
+        save_checkpoint(
+            checkpoint_path,
+            _globals(model, free),
+            steps,
+            key,
+            model.name,
+            elbo_trace=np.concatenate(traces) if traces else np.zeros(0),
+            method="naive",
+            fingerprint=fingerprint,
+            extra=_pack(free, opt_state, scale, stopped, chunk_size),
+        )
+
+    bar = progress_bar("naive", "step", num_steps, steps, progress)
     with bar:
         while steps < num_steps:
-            (free, opt_state, trace, grad_max), seconds = run(
+            (new_free, new_opt_state, trace, grad_max), seconds = run(
                 free, opt_state, scale, model, batch, chunk_size=chunk_size
             )
             compile_time += seconds
             trace, grad_max = np.asarray(trace), float(grad_max)
+            if not np.all(np.isfinite(trace)):
+                where = steps + int(np.argmin(np.isfinite(trace))) + 1
+                raise FloatingPointError(f"the naive ELBO became non-finite at step {where}")
+            free, opt_state = new_free, new_opt_state
             traces.append(trace)
             steps += chunk_size
-            if not np.all(np.isfinite(trace)):
-                where = steps - chunk_size + int(np.argmin(np.isfinite(trace))) + 1
-                raise FloatingPointError(f"the naive ELBO became non-finite at step {where}")
             current = float(trace[-1])
             bar.set_postfix_str(f"elbo {current:.8g}", refresh=False)
             bar.update(chunk_size)
-            if current - previous < tol * abs(current):
-                stopped = True
+            stopped = current - previous < tol * abs(current)
+            passed = steps // checkpoint_every > (steps - chunk_size) // checkpoint_every
+            if checkpoint_path is not None and passed and not stopped and steps < num_steps:
+                save()
+            if stopped:
                 break
             previous = current
+    if checkpoint_path is not None:
+        save()
     converged = stopped and grad_max <= gtol
     global_natural, local_natural, final = _finish(model, batch, free)
     final = float(final)
@@ -226,9 +278,66 @@ def naive(
         compile_time=compile_time,
         target=None,
         data={},
-        info={"model": model, "optimizer": optimizer, "grad_max": grad_max},
+        info={
+            "model": model,
+            "optimizer": optimizer,
+            "grad_max": grad_max,
+            "first_step": first_step,
+        },
         sampler=make_sampler(model, global_natural),
     )
+
+
+def _pack(free, opt_state, scale, stopped: bool, chunk_size: int) -> dict:
+    """The run's state as named arrays for a checkpoint's ``extra``."""
+    out = {f"free/{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(free))}
+    out |= {f"opt/{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+    return out | {"scale": np.asarray(scale), "stopped": stopped, "chunk_size": chunk_size}
+
+
+def _unpack(extra: dict, prefix: str, like, path):
+    """The tree shaped as ``like`` (ShapeDtypeStructs) from ``extra``'s ``prefix/i``
+    arrays, or a ValueError where they do not fit it."""
+    leaves, treedef = jax.tree.flatten(like)
+    saved = [extra.get(f"{prefix}/{i}") for i in range(len(leaves))]
+    fits = len([k for k in extra if k.startswith(prefix + "/")]) == len(leaves) and all(
+        s is not None and s.shape == x.shape and s.dtype == x.dtype
+        for s, x in zip(saved, leaves, strict=True)
+    )
+    if not fits:
+        what = "free parameters" if prefix == "free" else "optimizer state"
+        raise ValueError(
+            f"{path}: its {what} does not fit this run's (another model shape or another "
+            "kind of optimizer): resume with the model and optimizer that wrote it"
+        )
+    return to_device_tree(jax.tree.unflatten(treedef, saved))
+
+
+def _resumed(model, batch, key, start_fn, path, fingerprint, chunk_size, num_steps):
+    """(free, optimizer state, scale, [ELBO trace]) of a naive checkpoint of this
+    model and data."""
+    saved = resume_checkpoint(path, "naive", model.name, fingerprint)
+    extra, steps = saved["extra"], saved["step"]
+    if int(extra["chunk_size"]) != chunk_size:
+        raise ValueError(
+            f"{path} was written with chunk_size={int(extra['chunk_size'])}: resume with "
+            "the same chunks (the run checks convergence at their ends)"
+        )
+    if bool(extra["stopped"]):
+        raise ValueError(f"{path}: that run stopped at step {steps} (its ELBO settled)")
+    if steps >= num_steps:
+        raise ValueError(
+            f"the checkpoint holds {steps} steps, num_steps={num_steps}: nothing to do"
+        )
+    free_like, opt_like, _ = jax.eval_shape(start_fn, model, batch, key, None)
+    free = _unpack(extra, "free", free_like, path)
+    opt_state = _unpack(extra, "opt", opt_like, path)
+    return free, opt_state, to_device(extra["scale"]), [np.asarray(saved["elbo_trace"])]
+
+
+@partial(jit, fast_compile=True)
+def _globals(model, free):
+    return _from_free(model, free)
 
 
 @partial(jit, fast_compile=True)

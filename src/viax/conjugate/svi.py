@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
+from viax.conjugate.checkpoint import resume_checkpoint, save_checkpoint
 from viax.conjugate.engine import (
     ConjugateModel,
     all_finite,
@@ -276,13 +276,7 @@ def svi(
 
     if resume is not None and resume is not False:
         path = checkpoint_path if resume is True else resume
-        if path is None:
-            raise ValueError("resume=True needs checkpoint_path")
-        saved = load_checkpoint(path)
-        if saved["method"] != "svi":
-            raise ValueError(f"{path} was written by {saved['method']}, not by svi")
-        if saved["model_name"] != model.name:
-            raise ValueError(f"{path} holds a {saved['model_name']!r} model, not {model.name!r}")
+        saved = resume_checkpoint(path, "svi", model.name)
         global_natural = to_device_tree(saved["global_natural"])
         step0 = saved["step"]
         rng_key = to_device(saved["rng_key"])
