@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from viax.cli import main
-from viax.conjugate import LinearRegressionModel, cavi
+from viax.conjugate import LinearRegressionModel, cavi, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gaussian_mixture.py"
@@ -91,3 +91,26 @@ def test_a_model_file_that_returns_no_conjugate_model_is_refused(points, tmp_pat
     bad.write_text("def model(X):\n    return X\n")
     res = CliRunner().invoke(main, ["fit", str(bad), "--data", str(path), "--method", "cavi"])
     assert res.exit_code != 0 and "must return (conjugate model, data to fit)" in res.output
+
+
+def test_checkpoint_and_resume_from_the_shell(points, tmp_path):
+    import gaussian_mixture
+
+    x, path = points
+    checkpoint = tmp_path / "run.npz"
+    base = ["fit", str(EXAMPLE), "--data", str(path), "--method", "cavi", "--no-progress"]
+    first = CliRunner().invoke(main, [*base, "--num-steps", "4", "--checkpoint", str(checkpoint)])
+    assert first.exit_code == 0, first.output
+    assert load_checkpoint(checkpoint)["step"] == 4
+    resumed = CliRunner().invoke(
+        main, [*base, "--num-steps", "200", "--checkpoint", str(checkpoint), "--resume"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    # The resumed run is the uninterrupted one: the same ELBO and sweep count.
+    expected = cavi(*gaussian_mixture.model(x), progress=False)
+    assert f"ELBO {expected.elbo:.4f}" in resumed.output
+    assert f"after {expected.num_steps} steps" in resumed.output
+    refused = CliRunner().invoke(main, [*base[:-3], "--method", "advi", "--checkpoint", "c.npz"])
+    assert refused.exit_code != 0 and "checkpoints are for cavi, svi, naive" in refused.output
+    alone = CliRunner().invoke(main, [*base, "--resume"])
+    assert alone.exit_code != 0 and "--resume needs --checkpoint" in alone.output

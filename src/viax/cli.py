@@ -105,6 +105,16 @@ def main():
     help="Write summary.csv, elbo.png and posterior.nc here.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option(
+    "--checkpoint",
+    "checkpoint_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="cavi, svi, naive: write a checkpoint here as the run goes (atomic .npz).",
+)
+@click.option(
+    "--resume", is_flag=True, help="cavi, svi, naive: continue from the --checkpoint file."
+)
 def fit_command(
     model_file,
     data_file,
@@ -119,12 +129,21 @@ def fit_command(
     seed,
     out_dir,
     no_progress,
+    checkpoint_path,
+    resume,
 ):
     """Fit MODEL_FILE's model to the data and report the posterior approximation."""
     import pandas as pd
 
     import viax
 
+    if (checkpoint_path or resume) and method not in CONJUGATE_METHODS:
+        raise click.BadParameter(
+            f"checkpoints are for {', '.join(CONJUGATE_METHODS)}, not --method {method}",
+            param_hint="--checkpoint",
+        )
+    if resume and checkpoint_path is None:
+        raise click.BadParameter("--resume needs --checkpoint PATH", param_hint="--resume")
     model = load_model(model_file, model_name)
     data = load_data(data_file)
     with warnings.catch_warnings(record=True) as caught:
@@ -132,7 +151,15 @@ def fit_command(
         try:
             if method in CONJUGATE_METHODS:
                 result = fit_conjugate(
-                    model, data, method, num_steps, batch_size, seed, not no_progress
+                    model,
+                    data,
+                    method,
+                    num_steps,
+                    batch_size,
+                    seed,
+                    not no_progress,
+                    checkpoint_path=checkpoint_path,
+                    resume=resume,
                 )
             else:
                 result = viax.fit(
@@ -206,9 +233,19 @@ def family_name(result) -> str:
 
 
 def fit_conjugate(
-    model_fn, data: dict, method: str, num_steps, batch_size: int, seed: int, progress: bool = True
+    model_fn,
+    data: dict,
+    method: str,
+    num_steps,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+    *,
+    checkpoint_path=None,
+    resume: bool = False,
 ):
-    """``model_fn(**data) -> (conjugate model, data to fit)``, fitted by ``method``."""
+    """``model_fn(**data) -> (conjugate model, data to fit)``, fitted by ``method``,
+    checkpointed to ``checkpoint_path`` (continued from it with ``resume``)."""
     from viax import conjugate
 
     built = model_fn(**data)
@@ -222,22 +259,16 @@ def fit_conjugate(
         raise click.ClickException(
             f"--method {method}: {type(cmodel).__name__} is not a viax.conjugate model"
         )
+    common = dict(
+        seed=seed, progress=progress, checkpoint_path=checkpoint_path, resume=resume or None
+    )
     if method == "cavi":
-        return conjugate.cavi(
-            cmodel, fit_data, max_iter=num_steps or 200, seed=seed, progress=progress
-        )
+        return conjugate.cavi(cmodel, fit_data, max_iter=num_steps or 200, **common)
     if method == "svi":
         return conjugate.svi(
-            cmodel,
-            fit_data,
-            batch_size=batch_size,
-            num_epochs=num_steps or 10,
-            seed=seed,
-            progress=progress,
+            cmodel, fit_data, batch_size=batch_size, num_epochs=num_steps or 10, **common
         )
-    return conjugate.naive(
-        cmodel, fit_data, num_steps=num_steps or 5000, seed=seed, progress=progress
-    )
+    return conjugate.naive(cmodel, fit_data, num_steps=num_steps or 5000, **common)
 
 
 def write_report(path: Path, model_file, result, summary, diagnostics) -> None:
