@@ -175,14 +175,7 @@ def cavi(
         >>> bool(result.converged)
         True
     """
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
-    if not (tol >= 0 and atol >= 0):
-        raise ValueError(f"tol and atol must be >= 0, got {tol}, {atol}")
-    if log_every < 0:
-        raise ValueError(f"log_every must be >= 0, got {log_every}")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    _check_arguments(max_iter, tol, atol, log_every, checkpoint_every)
     start = time.perf_counter()
     batch = data if _is_prepared(data) else model.prepare(data)
     fingerprint = data_fingerprint(batch) if checkpoint_path or resume else ""
@@ -195,71 +188,40 @@ def cavi(
             raise ValueError(
                 f"the checkpoint holds {len(trace)} sweeps, max_iter={max_iter}: nothing to do"
             )
-    if init is not None:
-        check_globals(model, init[0], "resume" if trace else "init")
-    if init is None:
-        global_natural, local_natural = _init_jit(model, batch, int(seed))
-    elif init[1] is None:
-        global_natural, local_natural = _init_jit(model, batch, int(seed), init[0])
-    else:
-        global_natural, local_natural = init
-        rows = np.shape(batch["mask"])[0]
-        if any(np.shape(x)[:1] != (rows,) for x in jax.tree.leaves(local_natural)):
-            raise ValueError(
-                f"the starting local parameters must have one row per data point ({rows}), "
-                f"got shapes {jax.tree.map(np.shape, local_natural)}"
-            )
-    compile_time, first_sweep = 0.0, len(trace)
-    converged = False
+    global_natural, local_natural = _start(model, batch, seed, init, "resume" if trace else "init")
+    # Exponential families: mean parameters have the natural ones' shapes, so the
+    # globals stand in for their means in the first call (see _sweep).
+    state = (global_natural, global_natural, np.float64(0.0), local_natural)
+    # Few local parameters: a sweep costs little next to its compilation (xla.py).
+    small = sum(np.size(x) for x in jax.tree.leaves(local_natural)) <= SMALL_LOCALS
+    compile_time, first_sweep, converged, warm_redone = 0.0, len(trace), False, 0
     previous = trace[-1] if trace else -np.inf
+    last_log = time.perf_counter()
 
-    def save(step):
+    def save():
         save_checkpoint(
             checkpoint_path,
-            global_natural,
-            step,
+            state[0],
+            len(trace),
             jax.random.PRNGKey(seed),
             model.name,
-            local_natural=local_natural,
+            local_natural=state[3],
             elbo_trace=trace,
             method="cavi",
             fingerprint=fingerprint,
         )
 
-    # Exponential families: mean parameters have the natural ones' shapes, so the
-    # globals stand in for their means in the first call (see _sweep).
-    global_mean, prior_constant = global_natural, np.float64(0.0)
-    # Few local parameters: a sweep costs little next to its compilation (xla.py).
-    small = sum(np.size(x) for x in jax.tree.leaves(local_natural)) <= SMALL_LOCALS
-    warm_redone, last_log = 0, time.perf_counter()
     bar = progress_bar("cavi", "sweep", int(max_iter), first_sweep, progress)
     with bar:
         for sweep in range(first_sweep, int(max_iter)):
-            state = (model, global_natural, global_mean, prior_constant, local_natural, batch)
-            first = np.bool_(sweep == first_sweep)
-            (g, gm, constant, local, value), seconds = _sweep_compiled(
-                *state, first, np.bool_(True), fast_compile=small
+            state, value, seconds, redone = _sweep_redone(
+                model, state, batch, sweep == first_sweep, previous, small
             )
             compile_time += seconds
-            if model.restart_locals and _decreased(float(value), previous):
-                # The restarted local fit landed below the previous locals: the sweep
-                # again from them (see the module docstring), by the same program.
-                (g, gm, constant, local, value), _ = _sweep_compiled(
-                    *state, first, np.bool_(False), fast_compile=small
-                )
-                warm_redone += 1
-            value = float(value)
+            warm_redone += redone
             trace.append(value)
-            if not np.isfinite(value):
-                raise FloatingPointError(f"CAVI produced a non-finite ELBO at sweep {len(trace)}")
-            if _decreased(value, previous):
-                raise ElboDecreaseError(
-                    f"CAVI sweep {len(trace)} lowered the ELBO from {previous:.10g} to "
-                    f"{value:.10g} (by {previous - value:.3g}): coordinate ascent cannot do "
-                    "that, so the model's expected log joint or its factors are wrong"
-                )
-            gain, scale, prior_constant = value - previous, abs(value), constant
-            global_natural, global_mean, local_natural = g, gm, local
+            _check_sweep(value, previous, len(trace))
+            gain = value - previous
             bar.set_postfix_str(f"elbo {value:.8g}", refresh=False)
             bar.update(1)
             if log_every and len(trace) % log_every == 0:
@@ -269,36 +231,33 @@ def cavi(
                     + (f"\tchange {gain:.5g}" if np.isfinite(gain) else "")
                 )
                 last_log = now
+            if checkpoint_path is not None and len(trace) % checkpoint_every == 0:
+                save()
             # The first sweep has no previous ELBO to compare with; tol = atol = 0 runs
             # all max_iter sweeps.
-            if checkpoint_path is not None and len(trace) % checkpoint_every == 0:
-                save(len(trace))
-            threshold = max(tol * scale, atol)
+            threshold = max(tol * abs(value), atol)
             if np.isfinite(previous) and threshold > 0 and gain < threshold:
                 converged = True
                 break
             previous = value
     if checkpoint_path is not None and len(trace) % checkpoint_every != 0:
-        save(len(trace))
+        save()
+    global_natural, _, _, local_natural = state
     steps = len(trace)
-    trace = np.asarray(trace)
-    message = (
-        f"relative ELBO gain below tol after {steps} sweeps"
-        if converged
-        else f"reached max_iter={max_iter} sweeps"
-    )
-    sampler = make_sampler(model, global_natural)
-    global_natural = to_numpy_tree(global_natural)
     return Result(
         method="cavi",
         algorithm="coordinate-ascent",
         family="conjugate-meanfield",
-        params={"global": global_natural, "local": to_numpy_tree(local_natural)},
-        elbo_trace=trace,
-        elbo=float(trace[-1]),
+        params={"global": to_numpy_tree(global_natural), "local": to_numpy_tree(local_natural)},
+        elbo_trace=np.asarray(trace),
+        elbo=trace[-1],
         elbo_se=0.0,
         converged=converged,
-        message=message,
+        message=(
+            f"relative ELBO gain below tol after {steps} sweeps"
+            if converged
+            else f"reached max_iter={max_iter} sweeps"
+        ),
         num_steps=steps,
         wall_time=time.perf_counter() - start,
         compile_time=compile_time,
@@ -310,8 +269,60 @@ def cavi(
             "warm_redone": warm_redone,
             "first_sweep": first_sweep,
         },
-        sampler=sampler,
+        sampler=make_sampler(model, global_natural),
     )
+
+
+def _check_arguments(max_iter, tol, atol, log_every, checkpoint_every) -> None:
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if not (tol >= 0 and atol >= 0):
+        raise ValueError(f"tol and atol must be >= 0, got {tol}, {atol}")
+    if log_every < 0:
+        raise ValueError(f"log_every must be >= 0, got {log_every}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+
+
+def _start(model: ConjugateModel, batch, seed: int, init, what: str):
+    """(globals, locals) to start from: the model's, or ``init``'s (its locals
+    ``None``: the model's given its globals), checked against the model."""
+    if init is None:
+        return _init_jit(model, batch, int(seed))
+    check_globals(model, init[0], what)
+    if init[1] is None:
+        return _init_jit(model, batch, int(seed), init[0])
+    rows = np.shape(batch["mask"])[0]
+    if any(np.shape(x)[:1] != (rows,) for x in jax.tree.leaves(init[1])):
+        raise ValueError(
+            f"the starting local parameters must have one row per data point ({rows}), "
+            f"got shapes {jax.tree.map(np.shape, init[1])}"
+        )
+    return init
+
+
+def _sweep_redone(model, state, batch, first: bool, previous: float, small: bool):
+    """One sweep from ``state`` = (globals, their means, the prior's normaliser,
+    locals): (the new state, its ELBO, seconds compiling, whether it was redone warm
+    because a restarted local fit lowered the ELBO; see the module docstring)."""
+    args = (model, *state, batch, np.bool_(first))
+    (*new, value), seconds = _sweep_compiled(*args, np.bool_(True), fast_compile=small)
+    redone = bool(model.restart_locals and _decreased(float(value), previous))
+    if redone:
+        # The same program, the locals started from the previous ones.
+        (*new, value), _ = _sweep_compiled(*args, np.bool_(False), fast_compile=small)
+    return tuple(new), float(value), seconds, redone
+
+
+def _check_sweep(value: float, previous: float, sweep: int) -> None:
+    if not np.isfinite(value):
+        raise FloatingPointError(f"CAVI produced a non-finite ELBO at sweep {sweep}")
+    if _decreased(value, previous):
+        raise ElboDecreaseError(
+            f"CAVI sweep {sweep} lowered the ELBO from {previous:.10g} to "
+            f"{value:.10g} (by {previous - value:.3g}): coordinate ascent cannot do "
+            "that, so the model's expected log joint or its factors are wrong"
+        )
 
 
 def _resumed(model: ConjugateModel, path, fingerprint: str):
