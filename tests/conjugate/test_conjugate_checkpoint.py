@@ -158,16 +158,25 @@ def test_cavi_resume_refuses_other_data_a_finished_run_and_svi_checkpoints(tmp_p
         cavi(model, X, checkpoint_path=path, checkpoint_every=0, progress=False)
 
 
-def test_naive_resumed_from_a_checkpoint_takes_the_uninterrupted_runs_steps(tmp_path):
+@pytest.mark.slow
+def test_naive_with_adam_climbs_and_resumes_from_a_checkpoint(tmp_path):
+    # A first-order optax optimiser, which ignores L-BFGS's extra arguments, on the
+    # regression model (a chunk that compiles in seconds): the posterior is in the
+    # family, so the optimum ELBO is the exact log evidence, which no ELBO may pass.
     # Adam's state (its moments and step count) travels in the checkpoint: without it
-    # the resumed steps would restart the moments and differ.  The regression model's
-    # chunk compiles in seconds; tol = 0 runs every step.
+    # the resumed steps would restart the moments and differ.  tol = 0 runs every step.
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40, 2))
     data = (X, X @ [1.0, -2.0] + 0.1 * rng.normal(size=40))
     model, adam, path = LinearRegressionModel.default(2), optax.adam(5e-2), tmp_path / "n.npz"
     kwargs = dict(optimizer=adam, chunk_size=20, tol=0.0, progress=False)
     reference = naive(model, data, num_steps=100, **kwargs)
+    evidence = cavi(model, data, progress=False).elbo
+    # Measured: from −3900 to −96 in 100 steps (the optimum is −6.4).
+    assert reference.elbo_trace[-1] > reference.elbo_trace[0] + 1000.0
+    assert np.all(reference.elbo_trace <= evidence + 1e-9 * abs(evidence))
+    assert reference.elbo <= evidence + 1e-9 * abs(evidence)
+
     stopped = naive(model, data, num_steps=60, checkpoint_path=path, checkpoint_every=40, **kwargs)
     saved = load_checkpoint(path)
     assert saved["step"] == 60 and saved["method"] == "naive" and len(saved["elbo_trace"]) == 60

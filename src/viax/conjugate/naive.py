@@ -122,9 +122,18 @@ def _run_chunk(free, opt_state, scale, model, batch, *, optimizer, chunk_size: i
     def loss(u):
         return _negative_elbo(u, model, batch, scale)
 
+    # L-BFGS's line search ends with the loss and gradient at the point it accepts and
+    # keeps them in its state: reusing them saves one loss-and-gradient per step.
+    stored = optax.tree.get(opt_state, "value") is not None
+    value_and_grad = (
+        optax.value_and_grad_from_state(loss)
+        if stored
+        else lambda u, state: jax.value_and_grad(loss)(u)
+    )
+
     def step(carry, _):
         free, opt_state = carry
-        value, grad = jax.value_and_grad(loss)(free)
+        value, grad = value_and_grad(free, state=opt_state)
         updates, opt_state = optimizer.update(
             grad, opt_state, free, value=value, grad=grad, value_fn=loss
         )
@@ -208,7 +217,9 @@ def naive(
             model, batch, key, start_fn, path, fingerprint, chunk_size, num_steps
         )
     else:
-        free, opt_state, scale = start_fn(model, batch, key, init)
+        free, opt_state = start_fn(model, batch, key, init)
+        # The guard's scale: the starting |ELBO|, from the program that also ends the run.
+        scale = to_device(max(abs(float(_finish(model, batch, free)[2])), 1.0))
     steps = first_step = sum(len(t) for t in traces)
     previous = float(traces[-1][-1]) if traces else -np.inf
     compile_time, stopped, grad_max = 0.0, False, np.inf
@@ -216,7 +227,7 @@ def naive(
     def save():
         save_checkpoint(
             checkpoint_path,
-            _globals(model, free),
+            _finish(model, batch, free)[0],
             steps,
             key,
             model.name,
@@ -329,15 +340,10 @@ def _resumed(model, batch, key, start_fn, path, fingerprint, chunk_size, num_ste
         raise ValueError(
             f"the checkpoint holds {steps} steps, num_steps={num_steps}: nothing to do"
         )
-    free_like, opt_like, _ = jax.eval_shape(start_fn, model, batch, key, None)
+    free_like, opt_like = jax.eval_shape(start_fn, model, batch, key, None)
     free = _unpack(extra, "free", free_like, path)
     opt_state = _unpack(extra, "opt", opt_like, path)
     return free, opt_state, to_device(extra["scale"]), [np.asarray(saved["elbo_trace"])]
-
-
-@partial(jit, fast_compile=True)
-def _globals(model, free):
-    return _from_free(model, free)
 
 
 @partial(jit, fast_compile=True)
@@ -371,8 +377,7 @@ def _chunk_fn(optimizer):
             else:
                 global_natural = init[0]
             free = _to_free(model, global_natural)
-            value, _ = _elbo(free, model, batch)
-            return free, optimizer.init(free), jnp.maximum(jnp.abs(value), 1.0)
+            return free, optimizer.init(free)
 
         # The start in one program: run eagerly, optax's L-BFGS init, the means and the
         # transforms were ~100 small compiles (8 s on a 2-core machine).
