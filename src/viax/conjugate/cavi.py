@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from viax.conjugate.checkpoint import data_fingerprint, resume_checkpoint, save_checkpoint
+from viax.conjugate.checkpoint import (
+    data_fingerprint,
+    resume_checkpoint,
+    resume_path,
+    save_checkpoint,
+)
 from viax.conjugate.engine import (
     ConjugateModel,
     check_globals,
@@ -178,12 +183,13 @@ def cavi(
     _check_arguments(max_iter, tol, atol, log_every, checkpoint_every)
     start = time.perf_counter()
     batch = data if _is_prepared(data) else model.prepare(data)
-    fingerprint = data_fingerprint(batch) if checkpoint_path or resume else ""
+    path = resume_path(resume, checkpoint_path)
+    fingerprint = data_fingerprint(batch) if checkpoint_path or path else ""
     trace: list[float] = []
-    if resume is not None and resume is not False:
+    if path is not None:
         if init is not None:
             raise ValueError("give init or resume, not both")
-        init, trace = _resumed(model, checkpoint_path if resume is True else resume, fingerprint)
+        init, trace = _resumed(model, path, fingerprint)
         if len(trace) >= max_iter:
             raise ValueError(
                 f"the checkpoint holds {len(trace)} sweeps, max_iter={max_iter}: nothing to do"

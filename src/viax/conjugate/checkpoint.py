@@ -17,7 +17,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-__all__ = ["data_fingerprint", "load_checkpoint", "resume_checkpoint", "save_checkpoint"]
+__all__ = [
+    "data_fingerprint",
+    "load_checkpoint",
+    "resume_checkpoint",
+    "resume_path",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 
@@ -102,11 +108,20 @@ def load_checkpoint(path) -> dict:
         return out
 
 
+def resume_path(resume, checkpoint_path):
+    """The file a run's ``resume=`` argument names: None (also for False) when the run
+    does not resume, ``checkpoint_path`` for True, else ``resume`` itself."""
+    if resume is None or resume is False:
+        return None
+    path = checkpoint_path if resume is True else resume
+    if path is None:
+        raise ValueError("resume=True needs checkpoint_path")
+    return path
+
+
 def resume_checkpoint(path, method: str, model_name: str, fingerprint: str | None = None) -> dict:
     """:func:`load_checkpoint` of a run of ``method`` on this model (and, with
     ``fingerprint``, these data), or a ValueError saying which it is not."""
-    if path is None:
-        raise ValueError("resume=True needs checkpoint_path")
     saved = load_checkpoint(path)
     if saved["method"] != method:
         raise ValueError(f"{path} was written by {saved['method']}, not by {method}")

@@ -35,7 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from viax.conjugate.checkpoint import data_fingerprint, resume_checkpoint, save_checkpoint
+from viax.conjugate.checkpoint import (
+    data_fingerprint,
+    resume_checkpoint,
+    resume_path,
+    save_checkpoint,
+)
 from viax.conjugate.engine import (
     ConjugateModel,
     check_globals,
@@ -202,17 +207,16 @@ def naive(
     start = time.perf_counter()
     optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     batch = data if isinstance(data, dict) and "mask" in data else model.prepare(data)
-    resuming = resume is not None and resume is not False
-    if resuming and init is not None:
+    path = resume_path(resume, checkpoint_path)
+    if path is not None and init is not None:
         raise ValueError("give init or resume, not both")
     if init is not None:
         check_globals(model, init[0])
-    fingerprint = data_fingerprint(batch) if checkpoint_path or resuming else ""
+    fingerprint = data_fingerprint(batch) if checkpoint_path or path else ""
     run, start_fn = _chunk_fn(optimizer)
     key = jax.random.PRNGKey(seed)
     traces: list[np.ndarray] = []
-    if resuming:
-        path = checkpoint_path if resume is True else resume
+    if path is not None:
         free, opt_state, scale, traces = _resumed(
             model, batch, key, start_fn, path, fingerprint, chunk_size, num_steps
         )
@@ -224,10 +228,10 @@ def naive(
     previous = float(traces[-1][-1]) if traces else -np.inf
     compile_time, stopped, grad_max = 0.0, False, np.inf
 
-    def save():
+    def save(global_natural):
         save_checkpoint(
             checkpoint_path,
-            _finish(model, batch, free)[0],
+            global_natural,
             steps,
             key,
             model.name,
@@ -257,14 +261,14 @@ def naive(
             stopped = current - previous < tol * abs(current)
             passed = steps // checkpoint_every > (steps - chunk_size) // checkpoint_every
             if checkpoint_path is not None and passed and not stopped and steps < num_steps:
-                save()
+                save(_finish(model, batch, free)[0])
             if stopped:
                 break
             previous = current
-    if checkpoint_path is not None:
-        save()
     converged = stopped and grad_max <= gtol
     global_natural, local_natural, final = _finish(model, batch, free)
+    if checkpoint_path is not None:
+        save(global_natural)
     final = float(final)
     return Result(
         method="naive",

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-from viax.conjugate.checkpoint import resume_checkpoint, save_checkpoint
+from viax.conjugate.checkpoint import resume_checkpoint, resume_path, save_checkpoint
 from viax.conjugate.engine import (
     ConjugateModel,
     all_finite,
@@ -274,8 +274,8 @@ def svi(
     if not num_data >= 1:
         raise ValueError(f"num_data must be >= 1, got {num_data}")
 
-    if resume is not None and resume is not False:
-        path = checkpoint_path if resume is True else resume
+    path = resume_path(resume, checkpoint_path)
+    if path is not None:
         saved = resume_checkpoint(path, "svi", model.name)
         global_natural = to_device_tree(saved["global_natural"])
         step0 = saved["step"]
