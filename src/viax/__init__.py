@@ -14,7 +14,7 @@ from viax import cache  # noqa: E402
 
 cache._enable_on_import()
 
-from viax import conjugate, diagnostics  # noqa: E402
+from viax import conjugate, data, diagnostics  # noqa: E402
 from viax.conjugate import cavi, naive, svi  # noqa: E402
 from viax.diagnostics import Evidence, khat_verdict  # noqa: E402
 from viax.families import FAMILIES, FullRank, LowRank, MeanField, make_family  # noqa: E402
@@ -42,6 +42,7 @@ __all__ = [
     "cache",
     "cavi",
     "conjugate",
+    "data",
     "diagnostics",
     "fit",
     "gradient_variance",

@@ -1,0 +1,247 @@
+"""Prefetch: a background thread reads batches ahead, stacks K of them into one chunk for
+the driver's ``lax.scan`` over K steps, and moves the chunk to the devices, so a step
+never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from viax.data.sharding import put
+from viax.data.source import DataError
+
+__all__ = ["Prefetcher", "prefetch", "stack_batches"]
+
+_END = object()
+_POLL_S = 0.1  # how often blocked queue calls look at the stop flag
+
+
+class _Raised:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack K batches into one chunk: ``{name: array (K, b, ...)}``."""
+    keys = batches[0].keys()
+    for i, b in enumerate(batches[1:], 1):
+        if b.keys() != keys:
+            raise DataError(f"batch {i} of a chunk has columns {sorted(b)}, not {sorted(keys)}")
+    try:
+        return {k: np.stack([b[k] for b in batches]) for k in keys}
+    except ValueError as error:
+        shapes = {k: sorted({b[k].shape for b in batches}) for k in keys}
+        raise DataError(f"batches of one chunk differ in shape: {shapes}") from error
+
+
+class Prefetcher(Iterator[Any]):
+    """Iterator over prefetched (stacked, device-resident) chunks.  Use
+    :func:`prefetch` to make one; close it (or use it as a context manager) to stop the
+    thread early.
+
+    Attributes:
+        wait_fraction: the fraction of the consumer's wall time (from its first
+            ``next``) spent waiting for a chunk; near 0 when reading keeps up.
+        wait_seconds, wall_seconds: the two terms of that fraction.
+        num_chunks: chunks handed out so far.
+    """
+
+    def __init__(
+        self,
+        iterator: Iterable[dict[str, np.ndarray]],
+        *,
+        size: int = 2,
+        sharding: jax.sharding.Sharding | None = None,
+        stack: int | None = None,
+        remainder: str = "keep",
+        to_device: bool = True,
+    ):
+        if size < 1:
+            raise ValueError(f"prefetch size must be at least 1, got {size}")
+        if stack is not None and stack < 1:
+            raise ValueError(f"stack must be a positive number of batches, got {stack}")
+        if remainder not in ("keep", "drop"):
+            raise ValueError(f"remainder must be 'keep' or 'drop', got {remainder!r}")
+        self._source = iter(iterator)
+        self._stack = stack
+        self._remainder = remainder
+        self._sharding = sharding
+        self._to_device = to_device
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._done = False
+        self.wait_seconds = 0.0
+        self.num_chunks = 0
+        self._start: float | None = None
+        self._thread = threading.Thread(target=self._produce, name="viax-prefetch", daemon=True)
+        self._thread.start()
+
+    # -- producer (background thread) -------------------------------------------------
+    def _chunks(self) -> Iterator[Any]:
+        if self._stack is None:
+            yield from self._source
+            return
+        group: list[dict[str, np.ndarray]] = []
+        for batch in self._source:
+            group.append(batch)
+            if len(group) == self._stack:
+                yield stack_batches(group)
+                group = []
+        if group and self._remainder == "keep":
+            yield stack_batches(group)
+
+    def _place(self, chunk: Any) -> Any:
+        if not self._to_device:
+            return chunk
+        try:
+            return put(chunk, self._sharding)
+        except ValueError as error:
+            shapes = jax.tree_util.tree_map(np.shape, chunk)
+            raise DataError(
+                f"a chunk with shapes {shapes} cannot be placed with {self._sharding}: the "
+                "batch axis must split evenly over the devices (make batch_size a multiple "
+                f"of the device count): {error}"
+            ) from error
+
+    def _offer(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for chunk in self._chunks():
+                if self._stop.is_set() or not self._offer(self._place(chunk)):
+                    return
+            self._offer(_END)
+        except BaseException as error:  # handed to the consumer, raised there
+            self._offer(_Raised(error))
+        finally:
+            close = getattr(self._source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001  (closing a generator at exit; nothing to report)
+                    pass
+
+    # -- consumer ---------------------------------------------------------------------
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        now = time.perf_counter()
+        if self._start is None:
+            self._start = now
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=_POLL_S)
+                    break
+                except queue.Empty:
+                    if not self._thread.is_alive() and self._queue.empty():
+                        self._done = True
+                        raise StopIteration from None
+        finally:
+            self.wait_seconds += time.perf_counter() - now
+        if item is _END:
+            self._done = True
+            self._thread.join()
+            raise StopIteration
+        if isinstance(item, _Raised):
+            self._done = True
+            self._thread.join()
+            raise item.error
+        self.num_chunks += 1
+        return item
+
+    @property
+    def wall_seconds(self) -> float:
+        return 0.0 if self._start is None else time.perf_counter() - self._start
+
+    @property
+    def wait_fraction(self) -> float:
+        wall = self.wall_seconds
+        return self.wait_seconds / wall if wall > 0 else 0.0
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the read in progress) and drop queued chunks."""
+        self._done = True
+        self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            # The thread stops after the read in progress; a source that blocks for ever
+            # is left behind (the thread is a daemon) rather than hanging the caller.
+            self._thread.join(timeout=60)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+
+def prefetch(
+    iterator: Iterable[dict[str, np.ndarray]],
+    *,
+    size: int = 2,
+    sharding: jax.sharding.Sharding | None = None,
+    stack: int | None = None,
+    remainder: str = "keep",
+    to_device: bool = True,
+) -> Prefetcher:
+    """Read batches ahead in a background thread.
+
+    Args:
+        iterator: batches, e.g. ``source.batches(B, seed=0, epoch=e)``.
+        size: chunks held ready (memory: ``size + 1`` chunks on the devices).
+        sharding: where the chunks go, e.g. ``batch_sharding(mesh, stacked=True)``;
+            ``None``: the default device.  A sharding spanning several processes
+            assembles the global array from each process's slice
+            (``jax.make_array_from_process_local_data``).
+        stack: K; stack K consecutive batches into one chunk ``{name: (K, b, ...)}`` for
+            a ``lax.scan`` over K steps; ``None``: hand out single batches.
+        remainder: a last chunk of fewer than K batches is handed out (``"keep"``, its
+            leading axis shorter) or dropped (``"drop"``).
+        to_device: ``False`` keeps NumPy arrays (reading ahead only).
+
+    Returns:
+        a :class:`Prefetcher`: an iterator with ``wait_fraction``; exceptions raised in
+        the thread (a :class:`DataError`, a disk error) are raised by its ``next``.
+
+    Example:
+        >>> import numpy as np, viax
+        >>> src = viax.data.as_source({"x": np.arange(12.0)})
+        >>> with viax.data.prefetch(src.batches(2, seed=0, epoch=0), stack=3) as chunks:
+        ...     print([c["x"].shape for c in chunks])
+        [(3, 2), (3, 2)]
+    """
+    return Prefetcher(
+        iterator,
+        size=size,
+        sharding=sharding,
+        stack=stack,
+        remainder=remainder,
+        to_device=to_device,
+    )
