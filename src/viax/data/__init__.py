@@ -48,6 +48,7 @@ Example:
     ((32, 3), dtype('int64'))
 """
 
+from viax.data.parquet import ParquetSource, parquet, unique_values
 from viax.data.prefetch import Prefetcher, prefetch, stack_batches
 from viax.data.sharding import (
     DATA_AXIS,
@@ -76,14 +77,17 @@ __all__ = [
     "Batch",
     "DataError",
     "IterableSource",
+    "ParquetSource",
     "Prefetcher",
     "Source",
     "as_source",
     "batch_sharding",
     "data_mesh",
+    "parquet",
     "prefetch",
     "process_share",
     "put",
     "replicated",
     "stack_batches",
+    "unique_values",
 ]

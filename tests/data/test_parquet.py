@@ -1,0 +1,124 @@
+"""Parquet sources: a file written here round-trips through shuffled, column-selected
+batches; the batch order does not depend on the process count; resume; bad input."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from viax import data
+from viax.data import DataError
+
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def table():
+    rng = np.random.default_rng(0)
+    return {
+        "a": np.arange(N, dtype=np.float64),
+        "b": rng.normal(size=N),
+        "c": rng.integers(0, 3, N),
+        "s": np.array(["x", "y", "z"])[rng.integers(0, 3, N)],
+        "unused": rng.normal(size=N),
+    }
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, table):
+    """Two files (600 + 400 rows) in row groups of 64 rows."""
+    path = tmp_path_factory.mktemp("pq")
+    whole = pa.table(table)
+    pq.write_table(whole.slice(0, 600), path / "part-0.parquet", row_group_size=64)
+    pq.write_table(whole.slice(600), path / "part-1.parquet", row_group_size=64)
+    return path
+
+
+def _rows(batches):
+    return np.concatenate([b["_rows"] for b in batches])
+
+
+def test_round_trip_with_shuffling_and_column_selection(folder, table):
+    src = data.parquet(folder, {"X": ["a", "b"], "y": "c"})
+    assert src.num_rows == N and src.read == ["a", "b", "c"]
+    assert src.columns == {"X": ((2,), np.dtype(float)), "y": ((), np.dtype(np.int64))}
+    batches = list(src.batches(32, seed=0, epoch=0))
+    assert len(batches) == src.num_batches(32) == 31  # 8 streams of 125 rows, 4 x 4 each
+    rows = _rows(batches)
+    assert len(np.unique(rows)) == len(rows) == 992  # an epoch: distinct rows
+    for b in batches:  # every row carries its own data
+        np.testing.assert_array_equal(b["X"], np.stack([table["a"], table["b"]], 1)[b["_rows"]])
+        np.testing.assert_array_equal(b["y"], table["c"][b["_rows"]])
+    # shuffled: far from file order, and a new order each epoch
+    assert abs(np.corrcoef(rows, np.arange(len(rows)))[0, 1]) < 0.2
+    assert not np.array_equal(rows, _rows(src.batches(32, seed=0, epoch=1)))
+    # in file order without shuffling
+    plain = data.parquet(folder, ["a"], shuffle=False, num_shards=1)
+    np.testing.assert_array_equal(_rows(plain.batches(100, seed=0, epoch=0)), np.arange(N))
+
+
+def test_same_global_batches_for_any_process_count_and_resume(folder):
+    src = data.parquet(folder, {"X": ["a", "b"]}, shuffle_buffer=200, read_block=50)
+    one = list(src.batches(32, seed=4, epoch=2))
+    for count in (2, 4, 8):
+        shares = [
+            list(src.batches(32, seed=4, epoch=2, process_index=p, process_count=count))
+            for p in range(count)
+        ]
+        for k, batch in enumerate(one):
+            np.testing.assert_array_equal(
+                np.concatenate([shares[p][k]["X"] for p in range(count)]), batch["X"]
+            )
+    rest = list(src.batches(32, seed=4, epoch=2, start_batch=10, process_index=1, process_count=2))
+    full = list(src.batches(32, seed=4, epoch=2, process_index=1, process_count=2))
+    for a, b in zip(full[10:], rest, strict=True):
+        np.testing.assert_array_equal(a["_rows"], b["_rows"])
+    # record-batch boundaries do not change the order
+    other = data.parquet(folder, {"X": ["a", "b"]}, shuffle_buffer=200, read_block=7)
+    np.testing.assert_array_equal(_rows(other.batches(32, seed=4, epoch=2)), _rows(one))
+    with pytest.raises(DataError, match="3 processes cannot split the 8 streams"):
+        src.batches(48, seed=0, epoch=0, process_count=3)
+
+
+def test_transform_categories_and_dropped_rows(folder, table):
+    vocabulary = data.unique_values(folder, "s")
+    np.testing.assert_array_equal(vocabulary, ["x", "y", "z"])
+
+    def transform(block):
+        keep = block["c"] != 0
+        out = {k: v[keep] for k, v in block.items()}
+        out["code"] = np.searchsorted(vocabulary, out["s"])
+        out["log_a"] = np.log1p(out["a"])
+        return out
+
+    src = data.parquet(
+        folder, {"X": ["log_a", "b"], "k": "code"}, transform=transform, read=["a", "b", "c", "s"]
+    )
+    assert src.num_rows == int((table["c"] != 0).sum())
+    batches = list(src.batches(32, seed=1, epoch=0))
+    assert len(batches) == 31  # a short stream re-reads its rows: the count stays fixed
+    rows = _rows(batches)
+    assert (table["c"][rows] != 0).all()
+    codes = np.concatenate([b["k"] for b in batches])
+    np.testing.assert_array_equal(vocabulary[codes], table["s"][rows])
+
+
+def test_bad_input_is_named(folder, tmp_path, table):
+    with pytest.raises(DataError, match=r"column 'zz' not in .*; available: a, b, c, s, unused"):
+        data.parquet(folder, {"X": ["a", "zz"]})
+    with pytest.raises(DataError, match="'late' .* nor made by transform="):
+        data.parquet(folder, {"y": "late"}, transform=lambda b: b)
+    with pytest.raises(DataError, match="column 's' holds object values"):
+        data.parquet(folder, ["s"])
+    bad = dict(table, b=table["b"].copy())
+    bad["b"][70] = np.nan
+    pq.write_table(pa.table(bad), tmp_path / "nan.parquet", row_group_size=64)
+    src = data.parquet(tmp_path / "nan.parquet", {"X": ["a", "b"]})
+    with pytest.raises(
+        DataError,
+        match=r"column 'b' has a non-finite value \(nan\) at nan.parquet row group 1, "
+        r"row 6 of the group \(global row 70\)",
+    ):
+        list(src.batches(32, seed=0, epoch=0))
+    with pytest.raises(DataError, match="no such Parquet file"):
+        data.parquet(tmp_path / "absent.parquet", ["a"])
