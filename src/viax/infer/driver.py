@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -29,6 +29,7 @@ __all__ = [
     "guard_init",
     "guarded_update",
     "abstract",
+    "batched_chunk_fn",
     "chunk_fn",
     "jit_once",
     "precompile",
@@ -173,6 +174,26 @@ def chunk_fn(step_fn: Callable, fast_compile: bool = False) -> Callable:
     return fn
 
 
+def batched_chunk_fn(step_fn: Callable) -> Callable:
+    """``jit(scan(step))`` over a chunk of K pre-stacked batches, for a minibatch
+    algorithm whose ``step(state, rng_key, data, batch)`` takes one batch: ``chunk`` is a
+    pytree with leading axis K (the scan axis), ``data`` is passed whole to every step.
+    Cached per step function like :func:`chunk_fn`."""
+    key = (step_fn, "batched")
+    fn = _CHUNK_FNS.get(key)
+    if fn is None:
+
+        def run_chunk(state, rng_key, chunk_index, data, chunk):
+            num_steps = jax.tree_util.tree_leaves(chunk)[0].shape[0]
+            keys = jax.random.split(jax.random.fold_in(rng_key, chunk_index), num_steps)
+            return jax.lax.scan(
+                lambda s, xs: step_fn(s, xs[0], data, xs[1]), state, (keys, chunk)
+            )
+
+        fn = _CHUNK_FNS[key] = jax.jit(run_chunk)
+    return fn
+
+
 def run(
     step_fn: Callable,
     state: Any,
@@ -187,14 +208,24 @@ def run(
     max_backoffs: int = 5,
     objective_name: str = "elbo",
     fast_compile: bool = False,
+    batches: Iterator | None = None,
+    postfix_fn: Callable[[Any, Any, int], str] | None = None,
 ) -> RunOutput:
     """Run ``step_fn`` for up to ``num_steps`` steps in chunks of ``chunk_size``.
 
     ``check_fn(state, chunk_info, steps_done)`` is called after each chunk with the
     stacked Info of its steps; it returns ``None`` to go on, or ``(converged, message)``
     to stop: converged, or stuck with no hope of progress.
+
+    Minibatch algorithms pass ``batches``: an iterator of chunks of K stacked batches
+    (e.g. :func:`viax.data.prefetch` with ``stack=K``, which fills the next chunk while
+    this one runs); each chunk is one compiled scan of K steps of
+    ``step_fn(state, rng_key, data, batch)`` (``chunk_size`` is then unused), and the run
+    also ends when the iterator does.  ``postfix_fn(state, chunk_info, steps_done)``
+    gives the progress bar's text after each chunk.
     """
-    run_chunk = chunk_fn(step_fn, fast_compile)
+    run_chunk = chunk_fn(step_fn, fast_compile) if batches is None else batched_chunk_fn(step_fn)
+    pending = None  # the chunk of batches being run (kept to retry it after a backoff)
     chunk_size = max(1, min(chunk_size, num_steps))
     traces, steps_done, backoffs, chunk_index = [], 0, 0, 0
     converged, message = False, f"reached the maximum of {num_steps} steps"
@@ -202,9 +233,17 @@ def run(
     start = time.perf_counter()
     with tqdm(total=num_steps, desc=description, disable=not progress, leave=False) as bar:
         while steps_done < num_steps:
-            n = min(chunk_size, num_steps - steps_done)
             t0 = time.perf_counter()
-            new_state, info = run_chunk(state, rng_key, np.int32(chunk_index), n, data)
+            if batches is None:
+                n = min(chunk_size, num_steps - steps_done)
+                new_state, info = run_chunk(state, rng_key, np.int32(chunk_index), n, data)
+            else:
+                pending = next(batches, None) if pending is None else pending
+                if pending is None:
+                    message = f"reached the end of the data after {steps_done} steps"
+                    break
+                n = jax.tree_util.tree_leaves(pending)[0].shape[0]
+                new_state, info = run_chunk(state, rng_key, np.int32(chunk_index), data, pending)
             chunk_index += 1
             objective = np.asarray(info.objective)
             if int(new_state.guard.num_nonfinite) > int(state.guard.num_nonfinite):
@@ -217,11 +256,14 @@ def run(
                 )
                 bar.set_postfix_str(f"non-finite {objective_name}: step size / 10")
                 continue
-            state = new_state
+            state, pending = new_state, None
             traces.append(objective)
             steps_done += n
             bar.update(n)
-            bar.set_postfix_str(f"{objective_name} {objective[-1]:.4g}")
+            if postfix_fn is not None:
+                bar.set_postfix_str(postfix_fn(state, info, steps_done))
+            else:
+                bar.set_postfix_str(f"{objective_name} {objective[-1]:.4g}")
             verdict = check_fn(state, info, steps_done) if check_fn is not None else None
             durations.append((time.perf_counter() - t0) / n)
             if verdict is not None:

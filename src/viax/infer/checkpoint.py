@@ -1,0 +1,142 @@
+"""Checkpoints of a minibatch run: the whole algorithm state (parameters, optimiser
+moments, per-row parameters, step counter and RNG key, which together fix the data
+position: step t is batch t mod (batches per epoch) of epoch t div it), the stopping
+rule's state, the ELBO trace, the whitening and the control variate's anchor.
+
+One atomic ``.npz`` (written to a temporary file, fsynced, then ``os.replace``d, as
+the conjugate checkpoints of :mod:`viax.conjugate.checkpoint`), plain arrays only,
+loaded with ``allow_pickle=False``.  A run killed at any moment and resumed from its
+last checkpoint gives the uninterrupted run's numbers: the batches of step t are a
+function of (seed, t) and step t's draws of ``fold_in(key, t)``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from viax.conjugate.checkpoint import resume_path
+
+__all__ = ["load", "restore_state", "restore_tracker", "resume_path", "save"]
+
+FORMAT = "viax-minibatch-1"
+
+
+def _tracker_arrays(tracker) -> dict:
+    """The stopping rule's host state as named arrays (its settings are not saved: the
+    resumed run passes the same ones)."""
+    out = {}
+    for name, value in vars(tracker).items():
+        if name in ("config", "_scale"):
+            continue
+        key = f"rule/{name}"
+        if isinstance(value, list):
+            out[f"{key}#len"] = np.asarray(len(value))
+            for i, item in enumerate(value):
+                for j, part in enumerate(item):
+                    out[f"{key}#{i}#{j}"] = np.asarray(part)
+        elif value is None:
+            out[f"{key}#none"] = np.asarray(0)
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+def restore_tracker(tracker, saved: dict) -> None:
+    """Put the saved stopping-rule state into a fresh ``tracker`` of the same settings."""
+    for name, value in list(vars(tracker).items()):
+        if name in ("config", "_scale"):
+            continue
+        key = f"rule/{name}"
+        if f"{key}#len" in saved:
+            items = []
+            template = type(value[0]) if value else None
+            for i in range(int(saved[f"{key}#len"])):
+                parts = []
+                j = 0
+                while f"{key}#{i}#{j}" in saved:
+                    parts.append(_scalar(saved[f"{key}#{i}#{j}"]))
+                    j += 1
+                items.append(tuple(parts))
+            if template is not None and hasattr(template, "_fields"):
+                items = [template(*p) for p in items]
+            elif name == "levels":
+                from viax.infer.stopping import _Level
+
+                items = [_Level(*p) for p in items]
+            setattr(tracker, name, items)
+        elif f"{key}#none" in saved:
+            setattr(tracker, name, None)
+        elif key in saved:
+            setattr(tracker, name, _scalar(saved[key], like=value))
+
+
+def _scalar(array: np.ndarray, like=None):
+    if array.ndim == 0:
+        value = array.item()
+        if isinstance(like, bool):
+            return bool(value)
+        return value
+    return np.array(array)
+
+
+def save(path, state, tracker, elbo_trace, whitening, anchor, info: dict) -> Path | None:
+    """Write the checkpoint (process 0 only: every process holds the same state)."""
+    if jax.process_index() != 0:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"format": np.asarray(FORMAT), "elbo_trace": np.asarray(elbo_trace, np.float64)}
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
+        arrays[f"state/{i}"] = np.asarray(leaf)
+    arrays.update(_tracker_arrays(tracker))
+    arrays["whitening/center"] = np.asarray(whitening.center)
+    arrays["whitening/scale"] = np.asarray(whitening.scale)
+    if whitening.tril is not None:
+        arrays["whitening/tril"] = np.asarray(whitening.tril)
+    for field in anchor._fields:
+        arrays[f"anchor/{field}"] = np.asarray(getattr(anchor, field))
+    for key, value in info.items():
+        arrays[f"info/{key}"] = np.asarray(value)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load(path) -> dict:
+    """The saved arrays by name, with ``"info"`` gathered into a dict."""
+    with np.load(Path(path), allow_pickle=False) as f:
+        if "format" not in f.files or str(f["format"]) != FORMAT:
+            raise ValueError(f"{path} is not a viax minibatch checkpoint")
+        saved = {key: np.asarray(f[key]) for key in f.files}
+    saved["info"] = {
+        key.removeprefix("info/"): _scalar(value)
+        for key, value in list(saved.items())
+        if key.startswith("info/")
+    }
+    return saved
+
+
+def restore_state(state, saved: dict):
+    """``state`` (a fresh one of the same run) with the saved leaves, checked leaf by
+    leaf: a checkpoint of another model, family or data size is refused."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    restored = []
+    for i, leaf in enumerate(leaves):
+        key = f"state/{i}"
+        if key not in saved or saved[key].shape != np.shape(leaf):
+            raise ValueError(
+                "the checkpoint was written by another run (model, family, batch size or "
+                "data differ): its state does not match this one's"
+            )
+        restored.append(jax.numpy.asarray(saved[key], dtype=np.asarray(leaf).dtype))
+    if f"state/{len(leaves)}" in saved:
+        raise ValueError("the checkpoint was written by another run: its state is larger")
+    return jax.tree_util.tree_unflatten(treedef, restored)

@@ -1,0 +1,1061 @@
+"""Minibatch VI for any NumPyro model: doubly stochastic ELBO gradients from batches of
+rows, preconditioned, variance-reduced, averaged, stopped by the Monte Carlo error.
+
+The ELBO of all N rows, with global latents z_g ~ q_λ (a core family: mean-field,
+full-rank, low-rank) and per-row latents z_i ~ N(m_i, diag(s_i²)) (mean-field, stored
+at full size),
+
+    L = E_q[G(z_g) + Σ_{i≤N} ℓ_i(z_g, z_i)] + H[q_λ] + Σ_i H[q_i],
+
+is estimated from a batch B of rows by scaling the local terms by N/|B| (Hoffman et
+al. 2013; Titsias & Lázaro-Gredilla 2014: reparameterised draws and a random batch,
+"doubly stochastic").  The default needs no tuning on raw-scale data:
+
+1. **Whitening** (Laplace on a subsample): the MAP ẑ of the global latents on up to
+   ``num_precondition_rows`` rows (local terms scaled to N) by L-BFGS, the Hessian H
+   there (dense for D_g ≤ 256, else its diagonal by Hessian-vector products), and the
+   global parameters optimised in coordinates where the posterior is about N(0, I):
+   ``m = ẑ + A a`` with A = chol(H⁻¹) (or diag(H)^(−1/2)), scales relative to
+   diag(H)^(−1/2).  Skipped (A = I) for models with per-row latents.
+2. **A control variate at the anchor ẑ** (models without per-row latents): one pass
+   over the data gives ``S = Σ_i ℓ_i(ẑ)`` and ``g = Σ_i ∇ℓ_i(ẑ)``, and each batch's
+   local sum is replaced by
+
+       (N/|B|) Σ_{i∈B} [ℓ_i(z) − ℓ_i(ẑ) − ∇ℓ_i(ẑ)ᵀ(z − ẑ)] + S + gᵀ(z − ẑ),
+
+   unbiased for Σ_i ℓ_i(z) with a variance that shrinks with |z − ẑ|² instead of
+   growing with N/|B|: the subsampling noise of plain SGD, which costs about one epoch
+   per posterior sd of accuracy, is gone (the anchor of SVRG, Johnson & Zhang 2013;
+   as a Taylor control variate in Baker et al. 2019, "Control variates for stochastic
+   gradient MCMC").
+3. **Adam with iterate averaging**, stopped by :mod:`viax.infer.stopping` (R̂
+   stationarity, then Polyak–Ruppert averaging until the Monte Carlo standard error of
+   the average is under ``tol`` posterior scales; Dhaka et al. 2020, Welandawe et al.
+   2022).  ``Result.info["mcse"]`` reports that error.
+
+Per-row variational parameters and their Adam moments live at full size (N, k) and are
+gathered and scattered by the batch's row indices: a step costs O(|B|), not O(N) (lazy
+Adam: a row's moments and bias correction advance only when the row is in a batch).
+
+The variational parameters are a pytree ``{"global": ..., "local": {site: {"loc",
+"log_scale"}}}``; the per-batch objective is a function ``objective(params, batch,
+key) -> (loss, aux)`` that other objectives (importance-weighted bounds, amortised
+encoders, parameters θ) can replace.
+
+Devices: a :class:`jax.sharding.Mesh` over the axis "data" (every device by default,
+those of every process after ``jax.distributed.initialize()``), batches sharded,
+parameters replicated; the row order is a function of the seed alone, so the numbers
+do not depend on the number of devices or processes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from viax import data as vdata
+from viax.batched import ROWS, BatchedModel, analyse
+from viax.diagnostics import psis
+from viax.families.gaussian import Family, FullRank, LowRank, MeanField, make_family
+from viax.infer.driver import Guard, guard_init, jit_once, run
+from viax.infer.optimize import minimize_on_host
+from viax.infer.stopping import MCSEStop, parse_stop_rule, robust_max
+from viax.model import Model, ModelError
+from viax.result import Result, mean_and_se
+
+__all__ = [
+    "MinibatchInfo",
+    "MinibatchState",
+    "Whitening",
+    "build_minibatch",
+    "elbo_objective",
+    "fit_minibatch",
+]
+
+_LOG_2PI = math.log(2 * math.pi)
+_MASK = "_mask"
+_MAX_DENSE_DIM = 256  # above: diagonal curvature (Hessian-vector products)
+_NUM_EVAL_DRAWS = 200  # draws of the final ELBO / k̂ pass over the data
+
+
+# -- whitening ------------------------------------------------------------------------
+class Whitening(NamedTuple):
+    """Global coordinates: ``m = center + A a`` with ``A = tril`` (dense) or
+    ``diag(scale)``; the scale parameters are relative to ``scale`` = diag(H)^(−1/2)."""
+
+    center: jax.Array  # (D_g,)
+    tril: jax.Array | None  # (D_g, D_g) lower triangular, or None
+    scale: jax.Array  # (D_g,)
+
+    def push(self, family: Family, params_w: dict) -> dict:
+        """The family's parameters in the model's unconstrained space."""
+        if self.tril is not None and isinstance(family, FullRank):
+            return family.affine_tril(params_w, self.center, self.tril)
+        if isinstance(family, FullRank):
+            return family.affine(params_w, self.center, self.scale)
+        a = params_w["loc"]
+        loc = self.center + (self.tril @ a if self.tril is not None else self.scale * a)
+        if isinstance(family, MeanField):
+            return {"loc": loc, "log_scale": params_w["log_scale"] + jnp.log(self.scale)}
+        if isinstance(family, LowRank):
+            return {
+                "loc": loc,
+                "cov_factor": self.scale[:, None] * params_w["cov_factor"],
+                "log_diag": params_w["log_diag"] + jnp.log(self.scale),
+            }
+        raise TypeError(f"unknown family {family!r}")
+
+
+class Anchor(NamedTuple):
+    """The control variate's anchor: ``position`` ẑ (D_g,), the full-data local sum
+    ``value`` = Σ_i ℓ_i(ẑ) and its gradient ``grad`` (D_g,); ``enabled`` 0 or 1."""
+
+    position: jax.Array
+    value: jax.Array
+    grad: jax.Array
+    enabled: jax.Array
+
+
+# -- state ----------------------------------------------------------------------------
+class MinibatchState(NamedTuple):
+    params: dict  # {"global": whitened family params, "local": {site: {"loc", "log_scale"}}}
+    opt_state: Any  # optax state of params["global"]
+    local_moments: dict  # {site: {"m": {...}, "v": {...}, "count": (N,) int32}}
+    local_average: dict  # {site: {"loc", "log_scale", "count": (N,) int32}}
+    averaging: jax.Array  # bool: average the per-row parameters
+    step: jax.Array  # int32: steps taken
+    rng_key: jax.Array  # the run's key; step t uses fold_in(rng_key, t)
+    guard: Guard
+
+
+class MinibatchInfo(NamedTuple):
+    objective: jax.Array  # the batch's ELBO estimate (full-data scale)
+    position: jax.Array  # flat global parameters after the step (for the stopping rule)
+
+
+class Minibatch(NamedTuple):
+    init: Callable
+    step: Callable  # (state, rng_key, data, batch) -> (state, info)
+    objective: Callable  # (params, batch, key) -> (loss, aux)
+
+
+def _local_gather(local: dict, rows) -> dict:
+    return jax.tree_util.tree_map(lambda a: a[rows], local)
+
+
+def elbo_objective(
+    bm: BatchedModel,
+    family: Family,
+    whitening: Whitening,
+    anchor: Anchor,
+    num_particles: int,
+) -> Callable:
+    """The batch ELBO estimate ``objective(params, batch, key) -> (−ELBO, ELBO)`` with
+    ``params = {"global": whitened params, "local": {site: {"loc", "log_scale"} (|B|, k)}}``
+    (the batch's rows already gathered); see the module docstring for the estimator."""
+    n = bm.num_rows
+
+    def local_sum_at(zg, zl, batch):
+        return bm.log_joint_parts(zg, zl, batch)
+
+    def objective(params, batch, key):
+        rows = batch[ROWS]
+        factor = n / rows.shape[0]
+        fam_params = whitening.push(family, params["global"])
+        key_g, key_l = jax.random.split(key)
+        eps = jax.random.normal(key_g, (num_particles, family.noise_dim))
+        zg = jax.vmap(lambda e: family.transform(fam_params, e))(eps)
+        zl, local_entropy = {}, 0.0
+        for index, site in enumerate(bm.local_sites):
+            p = params["local"][site.name]
+            e = jax.random.normal(
+                jax.random.fold_in(key_l, index),
+                (num_particles, *p["loc"].shape),
+            )
+            zl[site.name] = p["loc"] + jnp.exp(p["log_scale"]) * e
+            local_entropy += jnp.sum(p["log_scale"]) + 0.5 * p["loc"].size * (1 + _LOG_2PI)
+
+        # The anchor's batch terms: value and gradient at ẑ (no per-row latents here).
+        def at_anchor(z):
+            return bm.log_joint_parts(z, {}, batch)[1]
+
+        if bm.local_sites:
+            anchor_value, anchor_grad = 0.0, jnp.zeros_like(anchor.position)
+        else:
+            anchor_value, anchor_grad = jax.value_and_grad(at_anchor)(anchor.position)
+            anchor_value = jax.lax.stop_gradient(anchor_value) * anchor.enabled
+            anchor_grad = jax.lax.stop_gradient(anchor_grad) * anchor.enabled
+
+        def one(z, zloc):
+            global_sum, local_sum = local_sum_at(z, zloc, batch)
+            delta = z - anchor.position
+            corrected = (
+                factor * (local_sum - anchor_value - anchor_grad @ delta)
+                + (anchor.value + anchor.grad @ delta) * anchor.enabled
+            )
+            return global_sum + corrected
+
+        values = jax.vmap(one)(zg, zl)
+        elbo = jnp.mean(values) + family.entropy(fam_params) + factor * local_entropy
+        return -elbo, elbo
+
+    return objective
+
+
+def build_minibatch(
+    bm: BatchedModel,
+    family: Family,
+    whitening: Whitening,
+    anchor: Anchor,
+    *,
+    num_particles: int = 1,
+    learning_rate: float = 0.02,
+    local_learning_rate: float = 0.05,
+    objective: Callable | None = None,
+    sharding=None,
+) -> Minibatch:
+    """The pure init/step pair; ``step(state, rng_key, data, batch)`` ignores the
+    driver's key (step t draws from ``fold_in(state.rng_key, t)``, so the numbers do not
+    depend on how the steps are cut into chunks) and ``data`` holds the constant arrays."""
+    optimizer = optax.adam(learning_rate)
+    objective = objective or elbo_objective(bm, family, whitening, anchor, num_particles)
+    b1, b2, eps_adam = 0.9, 0.999, 1e-8
+
+    def init(params_w: dict, rng_key, local_init: dict | None = None) -> MinibatchState:
+        local = local_init or {
+            s.name: {
+                "loc": jnp.zeros((bm.num_rows, s.size)),
+                "log_scale": jnp.full((bm.num_rows, s.size), -1.0),
+            }
+            for s in bm.local_sites
+        }
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, local)
+        counts = {s.name: jnp.zeros(bm.num_rows, jnp.int32) for s in bm.local_sites}
+        params = {"global": params_w, "local": local}
+        flat, _ = ravel_pytree(params_w)
+        return MinibatchState(
+            params=params,
+            opt_state=optimizer.init(params_w),
+            local_moments={k: {"m": zeros[k], "v": zeros[k], "count": counts[k]} for k in local},
+            local_average={k: {**zeros[k], "count": counts[k]} for k in local},
+            averaging=jnp.asarray(False),
+            step=jnp.asarray(0, jnp.int32),
+            rng_key=rng_key,
+            guard=guard_init(flat.shape[0]),
+        )
+
+    def step(state: MinibatchState, rng_key, data, batch):
+        del rng_key
+        batch = {**data, **batch}
+        rows = batch[ROWS]
+        factor = bm.num_rows / rows.shape[0]
+        key = jax.random.fold_in(state.rng_key, state.step)
+        gathered = _local_gather(state.params["local"], rows)
+        params = {"global": state.params["global"], "local": gathered}
+        (loss, elbo), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, key)
+        flat_grad, _ = ravel_pytree(grads["global"])
+        local_grads = jax.tree_util.tree_map(lambda g: g / factor, grads["local"])
+        finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(flat_grad))
+        for g in jax.tree_util.tree_leaves(local_grads):
+            finite &= jnp.all(jnp.isfinite(g))
+        scale = state.guard.step_scale
+
+        def apply(old):
+            p, opt_state = old
+            updates, opt_state = optimizer.update(grads["global"], opt_state, p)
+            updates = jax.tree_util.tree_map(lambda u: scale * u, updates)
+            return optax.apply_updates(p, updates), opt_state
+
+        new_global, opt_state = jax.lax.cond(
+            finite, apply, lambda o: o, (state.params["global"], state.opt_state)
+        )
+        # Per-row parameters: lazy Adam on the gathered rows, scattered back.  A
+        # non-finite step writes the old rows back (a where over |B| rows, not N).
+        local, moments, average = {}, {}, {}
+        for name, p_rows in gathered.items():
+            mom = state.local_moments[name]
+            count = mom["count"][rows] + 1
+            t = count.astype(jnp.float64)[:, None]
+            m_new = jax.tree_util.tree_map(
+                lambda m, g: b1 * m[rows] + (1 - b1) * g, mom["m"], local_grads[name]
+            )
+            v_new = jax.tree_util.tree_map(
+                lambda v, g: b2 * v[rows] + (1 - b2) * g**2, mom["v"], local_grads[name]
+            )
+            p_new = jax.tree_util.tree_map(
+                lambda p, m, v, t=t: (
+                    p
+                    - scale
+                    * local_learning_rate
+                    * (m / (1 - b1**t))
+                    / (jnp.sqrt(v / (1 - b2**t)) + eps_adam)
+                ),
+                p_rows,
+                m_new,
+                v_new,
+            )
+            keep = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(finite, new, old), p_new, p_rows
+            )
+            local[name] = jax.tree_util.tree_map(
+                lambda full, new: full.at[rows].set(new), state.params["local"][name], keep
+            )
+            m_keep = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(finite, new, old[rows]), m_new, mom["m"]
+            )
+            v_keep = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(finite, new, old[rows]), v_new, mom["v"]
+            )
+            moments[name] = {
+                "m": jax.tree_util.tree_map(lambda f, n: f.at[rows].set(n), mom["m"], m_keep),
+                "v": jax.tree_util.tree_map(lambda f, n: f.at[rows].set(n), mom["v"], v_keep),
+                "count": mom["count"].at[rows].set(jnp.where(finite, count, count - 1)),
+            }
+            avg = state.local_average[name]
+            n_avg = avg["count"][rows] + (state.averaging & finite).astype(jnp.int32)
+            w = jnp.where(state.averaging, 1.0 / jnp.maximum(n_avg, 1), 0.0)[:, None]
+            average[name] = {
+                key_: avg[key_].at[rows].set(avg[key_][rows] + w * (keep[key_] - avg[key_][rows]))
+                for key_ in ("loc", "log_scale")
+            }
+            average[name]["count"] = avg["count"].at[rows].set(n_avg)
+        guard = state.guard._replace(
+            step=state.guard.step + 1,
+            num_nonfinite=state.guard.num_nonfinite + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(
+                (state.guard.first_nonfinite_step < 0) & ~finite,
+                state.guard.step + 1,
+                state.guard.first_nonfinite_step,
+            ),
+            nonfinite_mask=state.guard.nonfinite_mask | ~jnp.isfinite(flat_grad),
+        )
+        new_state = state._replace(
+            params={"global": new_global, "local": local},
+            opt_state=opt_state,
+            local_moments=moments,
+            local_average=average,
+            step=state.step + 1,
+            guard=guard,
+        )
+        if sharding is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, sharding)
+        position, _ = ravel_pytree(new_global)
+        return new_state, MinibatchInfo(objective=elbo, position=position)
+
+    return Minibatch(init, step, objective)
+
+
+# -- set-up: whitening and anchor ---------------------------------------------------------
+def _rows_of(source, batch_size, count, seed, pc) -> dict:
+    """Up to ``count`` rows (whole batches of epoch 0) of this process, concatenated."""
+    out: list[dict] = []
+    got = 0
+    for batch in source.batches(
+        batch_size, seed=seed, epoch=0, process_index=pc[0], process_count=pc[1]
+    ):
+        out.append(batch)
+        got += batch[ROWS].shape[0]
+        if got >= count:
+            break
+    return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
+
+
+def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
+    """MAP and curvature of the global latents on ``batch`` (local terms scaled to N)."""
+    dim = bm.global_dim
+    identity = Whitening(jnp.asarray(init_u), None, jnp.ones(dim))
+    if bm.local_sites or dim == 0:
+        return identity, {"preconditioner": "identity (per-row latents)" if dim else "none"}
+    factor = bm.num_rows / num_sample_rows
+
+    def negative(u, batch):
+        global_sum, local_sum = bm.log_joint_parts(u, {}, batch)
+        return -(global_sum + factor * local_sum)
+
+    value_and_grad = jit_once(jax.value_and_grad(negative))
+    center, value, grad, steps = minimize_on_host(
+        # A rough MAP is enough to whiten (the stochastic phase finds the optimum): the
+        # gradient's tolerance is relative to the data's size.
+        lambda u: value_and_grad(jnp.asarray(u), batch),
+        np.asarray(init_u),
+        300,
+        1e-6 * bm.num_rows,
+    )
+    info = {"map_steps": int(steps), "precondition_rows": int(num_sample_rows)}
+    if not (np.isfinite(value) and np.all(np.isfinite(center))):
+        return identity, {**info, "preconditioner": "identity (no finite MAP)"}
+    center_j = jnp.asarray(center)
+    if dim <= _MAX_DENSE_DIM:
+        hessian = np.asarray(jit_once(jax.hessian(negative))(center_j, batch))
+        hessian = 0.5 * (hessian + hessian.T)
+        diag = np.diagonal(hessian)
+        try:
+            tril = np.linalg.cholesky(np.linalg.inv(hessian))
+            if np.all(np.isfinite(tril)) and np.all(diag > 0):
+                return Whitening(center_j, jnp.asarray(tril), jnp.asarray(diag**-0.5)), {
+                    **info,
+                    "preconditioner": "laplace (subsample MAP, dense Hessian)",
+                }
+        except np.linalg.LinAlgError:
+            pass
+    else:
+        diag = np.asarray(_hessian_diagonal(negative, dim)(center_j, batch))
+    ok = np.isfinite(diag) & (diag > 0)
+    if not ok.any():
+        return Whitening(center_j, None, jnp.ones(dim)), {
+            **info,
+            "preconditioner": "MAP centre, identity scale (curvature not positive)",
+        }
+    # Coordinates with no positive curvature get the median scale.
+    scale = np.where(ok, np.abs(diag) ** -0.5, np.median(np.abs(diag[ok]) ** -0.5))
+    return Whitening(center_j, None, jnp.asarray(scale)), {
+        **info,
+        "preconditioner": "laplace (subsample MAP, diagonal Hessian)",
+    }
+
+
+def _hessian_diagonal(fn, dim: int, block: int = 32):
+    """diag ∇²fn at u by Hessian-vector products with unit vectors, ``block`` at a
+    time (exact; memory O(block × one gradient))."""
+
+    def run(u, batch):
+        grad = jax.grad(fn)
+
+        def hvp_diag(start):
+            basis = jax.nn.one_hot(start + jnp.arange(block), dim, dtype=u.dtype)
+            hv = jax.vmap(lambda v: jax.jvp(lambda x: grad(x, batch), (u,), (v,))[1])(basis)
+            return jnp.sum(hv * basis, axis=1)
+
+        starts = jnp.arange(0, dim, block)
+        return jax.lax.map(hvp_diag, starts).reshape(-1)[:dim]
+
+    return jit_once(run)
+
+
+def _full_pass(fn, source, batch_size, seed, pc, put, constants, init):
+    """Σ over every row of ``fn(batch) -> pytree`` (padded batches masked), one epoch."""
+    total = init
+    for batch in source.batches(
+        batch_size,
+        seed=seed,
+        epoch=0,
+        process_index=pc[0],
+        process_count=pc[1],
+        remainder="pad",
+    ):
+        value = fn({**constants, **put(batch)})
+        total = jax.tree_util.tree_map(lambda a, b: a + b, total, value)
+    return total
+
+
+# -- the fit ------------------------------------------------------------------------------
+def _epochs(source, batch_size, seed, start_step, num_steps, per_epoch, pc) -> Iterator:
+    """The batch stream from global step ``start_step`` on: epochs chained, each in the
+    order of (seed, epoch); ``num_steps`` batches in all."""
+    epoch, start = divmod(start_step, per_epoch)
+    left = num_steps
+    while left > 0:
+        for batch in source.batches(
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            start_batch=start,
+            process_index=pc[0],
+            process_count=pc[1],
+        ):
+            batch = {k: v for k, v in batch.items() if k != _MASK}
+            yield batch
+            left -= 1
+            if left == 0:
+                return
+        epoch, start = epoch + 1, 0
+
+
+def _analyse_cached(model_fn, source, batch_size):
+    static = dict(source.static)
+    scalars = {k: v for k, v in static.items() if np.ndim(v) == 0 and not hasattr(v, "dtype")}
+    scalars.update(
+        {k: v.item() for k, v in static.items() if hasattr(v, "dtype") and np.ndim(v) == 0}
+    )
+    constants = {k: np.asarray(v) for k, v in static.items() if k not in scalars}
+    rows = {
+        k: jax.ShapeDtypeStruct((batch_size, *shape), dtype)
+        for k, (shape, dtype) in source.columns.items()
+        if k != "_index"
+    }
+    key = None
+    try:
+        key = (
+            model_fn,
+            tuple(sorted(scalars.items())),
+            tuple((k, v.shape, str(v.dtype)) for k, v in sorted(constants.items())),
+            tuple((k, v.shape, str(v.dtype)) for k, v in sorted(rows.items())),
+            source.num_rows,
+            batch_size,
+        )
+        hash(key)
+    except TypeError:
+        key = None
+    bm = _ANALYSED.get(key) if key is not None else None
+    if bm is None:
+        bm = analyse(model_fn, scalars, rows, constants, source.num_rows, batch_size)
+        if key is not None:
+            _ANALYSED[key] = bm
+    return bm, constants
+
+
+_ANALYSED: dict = {}
+
+
+def _subsample_batch_size(model_fn, data) -> int | None:
+    """The ``subsample_size`` of a model written NumPyro's way (None otherwise)."""
+    from viax.batched import _subsampled_plates
+
+    trace = _abstract_model_trace(model_fn, data)
+    plates = _subsampled_plates(trace) if trace is not None else {}
+    return next(iter(plates.values()))[1] if plates else None
+
+
+PATHS = ("auto", "full-batch", "minibatch")
+FULL_BATCH_BYTES = 2 * 1024**3  # the full-batch path's budget: rows × row size × 64 draws
+
+
+def minibatch_route(model_fn, data, batch_size, num_epochs, path: str) -> str | None:
+    """Why :func:`viax.fit` should take the minibatch path (a sentence for
+    ``info["path_reason"]``), or None for the full-batch path.  Models with parameters θ
+    (``numpyro.param``) are left to :mod:`viax.infer.learn`."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; use one of {', '.join(PATHS)}")
+    streamed = data is not None and not isinstance(data, Mapping)
+    if path == "full-batch":
+        if streamed:
+            raise ValueError(
+                "path='full-batch' needs the data in memory (a dict of arrays); a viax.data "
+                "source is read in batches: use path='minibatch' or 'auto'"
+            )
+        return None
+    if streamed:
+        return "the data are a viax.data source (read in batches)"
+    if not callable(model_fn) or isinstance(model_fn, Model):
+        return None
+    trace = _abstract_model_trace(model_fn, data)
+    if trace is None or any(site["type"] == "param" for site in trace.values()):
+        return None
+    if path == "minibatch":
+        return "asked for (path='minibatch')"
+    from viax.batched import _subsampled_plates
+
+    if _subsampled_plates(trace):
+        return "the model subsamples a plate (numpyro.plate(..., subsample_size=B))"
+    if batch_size is not None or num_epochs is not None:
+        return "batch_size/num_epochs given"
+    arrays = [np.asarray(v) for v in (data or {}).values() if np.ndim(v) > 0]
+    if arrays:
+        rows = max(a.shape[0] for a in arrays)
+        row_bytes = sum(a.nbytes // a.shape[0] for a in arrays if a.shape[0] == rows)
+        need = rows * max(row_bytes, 8) * 64
+        if need > FULL_BATCH_BYTES:
+            return (
+                f"the full-batch path would hold about {need / 1e9:.1f} GB ({rows} rows × "
+                f"64 draws), over its {FULL_BATCH_BYTES / 1e9:.1f} GB budget"
+            )
+    return None
+
+
+def _abstract_model_trace(model_fn, data):
+    try:
+        from viax.batched import _abstract, _abstract_trace
+
+        kwargs = {
+            k: (_abstract(v) if np.ndim(v) > 0 else (v.item() if hasattr(v, "item") else v))
+            for k, v in dict(data or {}).items()
+        }
+        trace, _ = _abstract_trace(model_fn, kwargs)
+        return trace
+    except Exception:  # noqa: BLE001  the full-batch path reports a model that fails
+        return None
+
+
+def fit_minibatch(
+    model_fn: Callable,
+    data: Any,
+    *,
+    family: str = "meanfield",
+    rank: int | None = None,
+    batch_size: int | None = None,
+    num_epochs: int | None = None,
+    num_steps: int | None = None,
+    num_particles: int = 8,
+    learning_rate: float = 0.03,
+    local_learning_rate: float = 0.05,
+    stop_rule: MCSEStop | str | None = None,
+    precondition: bool = True,
+    control_variate: bool = True,
+    num_precondition_rows: int = 65_536,
+    steps_per_chunk: int | None = None,
+    devices=None,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: float = 60.0,
+    resume: bool | str | os.PathLike = False,
+    evaluate: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+    path_reason: str = "",
+) -> Result:
+    """Minibatch VI (see the module docstring); called by :func:`viax.fit` with
+    ``batch_size``, ``path="minibatch"``, a streamed data source, or a model that
+    subsamples a plate.
+
+    Args:
+        model_fn: a NumPyro model; ``model_fn(**batch)``, or NumPyro's way with
+            ``numpyro.plate(name, N, subsample_size=B)`` over the whole data.
+        data: a dict of arrays, or a :class:`viax.data.Source` (e.g.
+            :func:`viax.data.parquet`).
+        batch_size: rows per step (global over devices and processes); default the
+            plate's ``subsample_size``, else min(N, 1024).
+        num_epochs: passes over the data at most (default: as many as ``num_steps``
+            allows; the stopping rule usually ends the run first).
+        num_steps: steps at most (default 20,000).
+        steps_per_chunk: K, steps per compiled scan (default: about a tenth of an
+            epoch, between 20 and 200).
+        devices: devices of the "data" mesh (default: all).
+        checkpoint_path, checkpoint_every, resume: write a checkpoint (atomic ``.npz``,
+            no pickle) at most every ``checkpoint_every`` seconds and at the end;
+            ``resume=True`` continues from ``checkpoint_path`` (or a path given) with
+            the numbers the uninterrupted run would have produced.
+        evaluate: after the run, one pass over the data with 200 draws of q for the
+            final ELBO and PSIS k̂.
+
+    Returns:
+        a :class:`~viax.result.Result` over the global latents (``result.sample()``,
+        ``summary()``); per-row latents' q in ``result.info["local"]``.
+    """
+    from viax.infer import checkpoint as ckpt
+
+    start_time = time.perf_counter()
+    # One level (Dhaka et al.'s rule): with the whitening and the control variate the
+    # step-size bias is small, and each halving costs about twice the steps run so far.
+    rule_config = MCSEStop(max_halvings=0) if stop_rule is None else parse_stop_rule(stop_rule)
+    if rule_config == "stan":
+        raise ValueError("the minibatch path stops by the MCSE rule only (stop_rule='mcse')")
+    pc = vdata.process_share()
+    subsample = (
+        _subsample_batch_size(model_fn, data) if not isinstance(data, vdata.Source) else None
+    )
+    if subsample is not None:
+        # NumPyro's way: the model indexes the whole data; batches carry the rows only.
+        whole = {k: v for k, v in dict(data).items()}
+        sizes = [np.shape(v)[0] for v in whole.values() if np.ndim(v) > 0]
+        constants_src = {k: v for k, v in whole.items()}
+        batch_size = batch_size or subsample
+        bm0 = analyse(
+            model_fn,
+            {k: v for k, v in whole.items() if np.ndim(v) == 0},
+            {},
+            {k: v for k, v in whole.items() if np.ndim(v) > 0},
+            max(sizes, default=0),
+            batch_size,
+        )
+        source = vdata.as_source({"_index": np.arange(bm0.num_rows)})
+        bm = bm0
+        constants = {k: np.asarray(v) for k, v in constants_src.items() if np.ndim(v) > 0}
+    else:
+        source = vdata.as_source(data)
+        if source.num_rows is None:
+            raise ModelError("the data source does not know its number of rows: pass num_rows")
+        batch_size = batch_size or min(source.num_rows, 1024)
+        bm, constants = _analyse_cached(model_fn, source, batch_size)
+    num_rows = bm.num_rows
+    if batch_size > num_rows:
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_rows} rows of the data")
+    mesh = vdata.data_mesh(devices)
+    num_devices = mesh.devices.size
+    if batch_size % num_devices:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of the number of devices "
+            f"({num_devices}) so that every device gets the same rows"
+        )
+    rep = vdata.replicated(mesh)
+    chunk_sharding = vdata.batch_sharding(mesh, stacked=True)
+    one_sharding = vdata.batch_sharding(mesh)
+
+    def put_rep(tree):
+        return vdata.put(tree, rep)
+
+    def put_batch(tree):
+        return vdata.put({k: v for k, v in tree.items() if k != "_index"}, one_sharding)
+
+    constants_dev = put_rep(constants)
+    per_epoch = num_rows // batch_size
+    max_steps = num_steps or 20_000
+    if num_epochs is not None:
+        max_steps = min(max_steps, num_epochs * per_epoch)
+    chunk = steps_per_chunk or int(min(200, max(20, per_epoch // 10)))
+    fam = make_family(family, bm.global_dim, rank)
+    rng_key = jax.random.PRNGKey(seed)
+
+    # Set-up: whitening (MAP + curvature on a subsample) and the control variate's anchor.
+    t_setup = time.perf_counter()
+    init_u = np.zeros(bm.global_dim)
+    info: dict[str, Any] = {"path": "minibatch", "path_reason": path_reason}
+    resume_from = ckpt.resume_path(resume, checkpoint_path)
+    saved = None
+    if resume_from is not None and os.path.exists(resume_from):
+        saved = ckpt.load(resume_from)
+    if saved is not None:
+        whitening = Whitening(
+            jnp.asarray(saved["whitening/center"]),
+            None if "whitening/tril" not in saved else jnp.asarray(saved["whitening/tril"]),
+            jnp.asarray(saved["whitening/scale"]),
+        )
+        anchor = Anchor(*(jnp.asarray(saved[f"anchor/{f}"]) for f in Anchor._fields))
+        info.update(saved["info"])
+    else:
+        if precondition and not bm.local_sites:
+            sample = _rows_of(source, batch_size, min(num_rows, num_precondition_rows), seed, pc)
+            sample = {k: v for k, v in sample.items() if k not in ("_index", _MASK)}
+            batch = {**constants_dev, **vdata.put(sample, one_sharding)}
+            whitening, pre_info = _whitening(bm, batch, sample[ROWS].shape[0], init_u)
+        else:
+            reason = "identity (per-row latents)" if bm.local_sites else "identity (off)"
+            whitening, pre_info = (
+                Whitening(jnp.asarray(init_u), None, jnp.ones(bm.global_dim)),
+                {"preconditioner": reason},
+            )
+        info.update(pre_info)
+        anchor = Anchor(
+            whitening.center, jnp.asarray(0.0), jnp.zeros(bm.global_dim), jnp.asarray(0.0)
+        )
+        if control_variate and not bm.local_sites and bm.global_dim:
+            anchor = _anchor(
+                bm, whitening.center, source, batch_size, seed, pc, put_batch, constants_dev
+            )
+            info["control_variate"] = "anchor at the subsample MAP, one pass over the data"
+        else:
+            info["control_variate"] = "none" + (" (per-row latents)" if bm.local_sites else "")
+    info["setup_seconds"] = time.perf_counter() - t_setup
+
+    algo = build_minibatch(
+        bm,
+        fam,
+        whitening,
+        anchor,
+        num_particles=num_particles,
+        learning_rate=learning_rate,
+        local_learning_rate=local_learning_rate,
+        sharding=rep,
+    )
+    state = algo.init(fam.init(), rng_key)
+    flat0, unravel_w = ravel_pytree(state.params["global"])
+    scale_fn = _scale_fn(fam, unravel_w)
+    rule = rule_config.start(flat0.shape[0], scale_fn, max_steps)
+    trace: list[np.ndarray] = []
+    if saved is not None:
+        state = ckpt.restore_state(state, saved)
+        ckpt.restore_tracker(rule, saved)
+        trace = [saved["elbo_trace"]]
+    state = put_rep(state)
+    steps_done = int(state.step)
+
+    # The run: chunks of K stacked batches, prefetched and sharded in a thread.
+    stream = _epochs(source, batch_size, seed, steps_done, max_steps - steps_done, per_epoch, pc)
+    chunks = vdata.prefetch(
+        ({k: v for k, v in b.items() if k != "_index"} for b in stream),
+        size=2,
+        sharding=chunk_sharding,
+        stack=chunk,
+    )
+    last_save = [time.perf_counter()]
+    run_start = time.perf_counter()
+    steps_at_start = steps_done
+
+    def save(state):
+        ckpt.save(
+            checkpoint_path,
+            state,
+            rule,
+            np.concatenate(trace) if trace else np.zeros(0),
+            whitening,
+            anchor,
+            {k: v for k, v in info.items() if isinstance(v, str | int | float)},
+        )
+        last_save[0] = time.perf_counter()
+
+    def postfix(state, chunk_info, steps):
+        objective = np.asarray(chunk_info.objective)
+        mean, se = mean_and_se(objective)
+        done = int(state.step)
+        rate = (done - steps_at_start) * batch_size / max(time.perf_counter() - run_start, 1e-9)
+        return (
+            f"epoch {done / per_epoch:.2f}, {rate:.3g} rows/s, elbo {mean:.6g} ± {se:.2g}, "
+            f"{rule.phase}"
+        )
+
+    converged, message, segment_outputs = False, "", []
+    total_steps = steps_done
+    try:
+        while total_steps < max_steps:
+            applied = rule.step_scale
+
+            def check(state, chunk_info, steps, applied=applied):
+                trace.append(np.asarray(chunk_info.objective))
+                stop, msg = rule.update(np.asarray(chunk_info.position))
+                if checkpoint_path is not None and (
+                    stop or time.perf_counter() - last_save[0] >= checkpoint_every
+                ):
+                    save(state)
+                if stop:
+                    return rule.converged, msg
+                if rule.step_scale != applied:
+                    return False, msg
+                return None
+
+            output = run(
+                algo.step,
+                state,
+                constants_dev,
+                rng_key,
+                max_steps - total_steps,
+                chunk,
+                check_fn=check,
+                site_of_index=bm.site_of_index,
+                progress=progress,
+                description="viax minibatch",
+                batches=chunks,
+                postfix_fn=postfix,
+            )
+            segment_outputs.append(output)
+            state = output.state
+            total_steps = int(state.step)
+            if rule.phase == "done":
+                converged, message = rule.converged, output.message
+                break
+            if rule.step_scale != applied:
+                state = state._replace(
+                    guard=state.guard._replace(
+                        step_scale=state.guard.step_scale * rule.step_scale / applied
+                    )
+                )
+                continue
+            averaging = rule.phase == "averaging"
+            if averaging != bool(state.averaging):
+                state = state._replace(averaging=jnp.asarray(averaging))
+            if (
+                output.num_steps == 0
+                or total_steps >= max_steps
+                or "end of the data" in (output.message)
+            ):
+                relative = rule.relative_mcse
+                worst = robust_max(relative) if np.all(np.isfinite(relative)) else float("nan")
+                message = (
+                    f"reached the step budget ({total_steps} steps, "
+                    f"{total_steps / per_epoch:.2f} epochs) before the stopping rule was met "
+                    f"(phase {rule.phase}, R̂ {rule.rhat:.3g}, MCSE {worst:.3g} posterior "
+                    f"scales, tol {rule.config.tol})"
+                )
+                break
+    finally:
+        wait_fraction = float(chunks.wait_fraction)
+        chunks.close()
+    if checkpoint_path is not None:
+        save(state)
+    run_seconds = time.perf_counter() - run_start
+    # The answer: the stopping rule's average of the global iterates; the per-row
+    # parameters' running average where it has begun.
+    params_w = unravel_w(jnp.asarray(rule.average))
+    params = whitening.push(fam, params_w)
+    local = {}
+    for site in bm.local_sites:
+        avg = state.local_average[site.name]
+        use = (np.asarray(avg["count"]) > 0)[:, None]
+        local[site.name] = {
+            key: np.where(
+                use, np.asarray(avg[key]), np.asarray(state.params["local"][site.name][key])
+            )
+            for key in ("loc", "log_scale")
+        }
+    elbo_trace = np.concatenate(trace) if trace else np.zeros(0)
+    steps_run = total_steps - steps_at_start
+    info.update(
+        {
+            "devices": num_devices,
+            "processes": pc[1],
+            "batch_size": batch_size,
+            "num_rows": num_rows,
+            "epochs": total_steps / per_epoch,
+            "rows_per_second": steps_run * batch_size / max(run_seconds, 1e-9),
+            "wait_fraction": wait_fraction,
+            "steps_per_chunk": chunk,
+            "local": local,
+            "global_sites": [s.name for s in bm.global_sites],
+            "local_sites": [s.name for s in bm.local_sites],
+            "seconds_per_step": run_seconds / max(steps_run, 1),
+        }
+    )
+    info.update(rule.summary())
+    info["mcse"] = jax.tree_util.tree_map(np.asarray, unravel_w(jnp.asarray(rule.mcse)))
+    first_batch = put_batch(next(iter(_epochs(source, batch_size, seed, 0, 1, per_epoch, pc))))
+    evaluator = _Evaluator(
+        bm, fam, params, local, source, batch_size, seed, pc, put_batch, constants_dev
+    )
+    khat, elbo, elbo_se = float("nan"), float("nan"), float("nan")
+    if evaluate:
+        log_weights = evaluator(_NUM_EVAL_DRAWS, seed + 1)
+        if np.all(np.isfinite(log_weights)):
+            khat = float(psis(log_weights)[1])
+        elbo, elbo_se = mean_and_se(log_weights)
+        info["num_khat_draws"] = _NUM_EVAL_DRAWS
+    else:
+        tail = elbo_trace[-max(1, len(elbo_trace) // 4) :]
+        elbo, elbo_se = mean_and_se(tail)
+    info["khat_note"] = "from one pass over the data with 200 draws of q" if evaluate else ""
+    return Result(
+        method="advi",
+        algorithm="minibatch",
+        family=fam,
+        params=params,
+        elbo_trace=elbo_trace,
+        elbo=float(elbo),
+        elbo_se=float(elbo_se),
+        converged=bool(converged),
+        message=message,
+        num_steps=total_steps,
+        wall_time=time.perf_counter() - start_time,
+        compile_time=float(segment_outputs[0].compile_time) if segment_outputs else 0.0,
+        target=None,
+        data={},
+        info=info,
+        sampler=_sampler(bm, fam, params, {**constants_dev, **first_batch}),
+        log_weights_fn=evaluator,
+        khat=khat if evaluate else float("nan"),
+    )
+
+
+def _scale_fn(family: Family, unravel_w):
+    """Posterior scale of each whitened coordinate for the MCSE tolerance: q's sd for a
+    mean-field location (exp of its whitened log-scale), 1 for other locations, 1/√2 for
+    scale parameters (their Fisher information)."""
+
+    def scale(average):
+        params = unravel_w(jnp.asarray(average))
+        out = jax.tree_util.tree_map(lambda a: jnp.full(a.shape, 2**-0.5), params)
+        if isinstance(family, MeanField):
+            out["loc"] = jnp.exp(params["log_scale"])
+        else:
+            out["loc"] = jnp.ones_like(params["loc"])
+        return np.asarray(ravel_pytree(out)[0])
+
+    return scale
+
+
+def _anchor(bm, center, source, batch_size, seed, pc, put_batch, constants) -> Anchor:
+    def local_masked(u, batch):
+        return bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1]
+
+    fn = jax.jit(jax.value_and_grad(local_masked))
+    value, grad = _full_pass(
+        lambda b: fn(center, b),
+        source,
+        batch_size,
+        seed,
+        pc,
+        put_batch,
+        constants,
+        (jnp.asarray(0.0), jnp.zeros_like(center)),
+    )
+    return Anchor(center, value, grad, jnp.asarray(1.0))
+
+
+def _sampler(bm, family, params, batch):
+    @functools.partial(jit_once, static_argnums=1)
+    def draw(key, num):
+        z = family.sample(params, key, num)
+        return jax.vmap(lambda u: bm.constrain_globals(u, batch))(z)
+
+    def sampler(num_samples: int, seed: int) -> dict:
+        return {k: np.asarray(v) for k, v in draw(jax.random.PRNGKey(seed), num_samples).items()}
+
+    return sampler
+
+
+class _Evaluator:
+    """log p(x, z) − log q(z) for draws of q, summed over every row in one pass over the
+    data (padded batches masked): ``(num_samples, seed) -> (num_samples,)``."""
+
+    def __init__(
+        self, bm, family, params, local, source, batch_size, seed, pc, put_batch, constants
+    ):
+        self.args = (bm, family, params, local, source, batch_size, seed, pc, put_batch, constants)
+        self._fn = None
+
+    def __call__(self, num_samples: int, seed: int) -> np.ndarray:
+        bm, family, params, local, source, batch_size, data_seed, pc, put_batch, constants = (
+            self.args
+        )
+        key = jax.random.PRNGKey(seed)
+        z, log_q = jit_once(lambda p, k: family.sample_and_log_prob(p, k, num_samples))(params, key)
+        local_dev = jax.tree_util.tree_map(jnp.asarray, local)
+
+        @jax.jit
+        def batch_terms(z, batch):
+            rows = batch[ROWS]
+            mask = batch[_MASK].astype(z.dtype)
+            zl, log_ql = {}, jnp.zeros(z.shape[0])
+            for site in bm.local_sites:
+                loc = local_dev[site.name]["loc"][rows]
+                log_scale = local_dev[site.name]["log_scale"][rows]
+                eps = jax.vmap(
+                    lambda r, k=site.size: jax.random.normal(
+                        jax.random.fold_in(key, r), (z.shape[0], k)
+                    )
+                )(rows)  # (B, S, k): a row's draws do not depend on its batch
+                eps = jnp.swapaxes(eps, 0, 1)
+                zl[site.name] = loc + jnp.exp(log_scale) * eps
+                per_row = (
+                    -0.5 * jnp.sum(eps**2, -1) - jnp.sum(log_scale, -1) - 0.5 * site.size * _LOG_2PI
+                )
+                log_ql = log_ql + per_row @ mask
+            local_sums = jax.vmap(
+                lambda zg, zloc: bm.log_joint_parts(zg, zloc, batch, mask=batch[_MASK])[1]
+            )(z, zl)
+            return local_sums - log_ql
+
+        total = _full_pass(
+            lambda b: batch_terms(z, b),
+            source,
+            batch_size,
+            data_seed,
+            pc,
+            put_batch,
+            constants,
+            jnp.zeros(num_samples),
+        )
+        first = {
+            **constants,
+            **put_batch(
+                next(
+                    iter(
+                        source.batches(
+                            batch_size,
+                            seed=data_seed,
+                            epoch=0,
+                            process_index=pc[0],
+                            process_count=pc[1],
+                        )
+                    )
+                )
+            ),
+        }
+        zeros = {s.name: jnp.zeros((first[ROWS].shape[0], s.size)) for s in bm.local_sites}
+        global_terms = jit_once(jax.vmap(lambda zg: bm.log_joint_parts(zg, zeros, first)[0]))(z)
+        return np.asarray(global_terms + total - log_q)
