@@ -66,7 +66,8 @@ def test_resume_from_start_batch_continues_the_stream():
 
 def test_static_data_and_dataframe():
     src = data.as_source(_arrays())
-    assert set(src.columns) == {"X", "y"} and src.static["scale"] == 2.5
+    assert set(src.columns) == {"X", "y"} and src.static == {"scale": 2.5}
+    assert type(src.static["scale"]) is float  # Python scalars stay static Python values
     assert src.columns["X"] == ((3,), np.dtype(float))
     # a matrix of leading dimension N forced static, a DataFrame as a mapping
     forced = data.as_source({"x": np.zeros(4), "P": np.eye(4)}, static=["P"])

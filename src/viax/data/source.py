@@ -156,12 +156,6 @@ def _check_remainder(remainder: str) -> None:
         raise DataError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
 
 
-def _is_arraylike(value: Any) -> bool:
-    return isinstance(value, (np.ndarray, np.generic, int, float, bool, complex)) or hasattr(
-        value, "__array__"
-    )
-
-
 class ArraySource(Source):
     """Rows held in NumPy arrays or ``np.memmap``s (read lazily, batch by batch).
 
@@ -463,10 +457,13 @@ def _from_mapping(data, static, num_rows, shuffle, check_finite) -> ArraySource:
         raise DataError(f"static names {sorted(missing)} are not in the data {sorted(data)}")
     values: dict[str, Any] = {}
     for k, v in data.items():
+        # Python scalars stay Python scalars: a model may use them as shapes (plate sizes).
         if hasattr(v, "to_numpy") and not isinstance(v, np.ndarray):  # pandas Series
             v = v.to_numpy()
-        if isinstance(v, np.ndarray) or (_is_arraylike(v) and not isinstance(v, np.generic)):
-            v = v if isinstance(v, np.ndarray) else np.asarray(v)
+        elif isinstance(v, (list, tuple)) or (
+            hasattr(v, "__array__") and not isinstance(v, (np.ndarray, np.generic))
+        ):
+            v = np.asarray(v)  # lists, JAX arrays
         values[str(k)] = v
     leading = {
         k: v.shape[0]
