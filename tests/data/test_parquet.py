@@ -73,9 +73,11 @@ def test_same_global_batches_for_any_process_count_and_resume(folder):
     full = list(src.batches(32, seed=4, epoch=2, process_index=1, process_count=2))
     for a, b in zip(full[10:], rest, strict=True):
         np.testing.assert_array_equal(a["_rows"], b["_rows"])
-    # record-batch boundaries do not change the order
+    # record-batch boundaries and reading threads do not change the order
     other = data.parquet(folder, {"X": ["a", "b"]}, shuffle_buffer=200, read_block=7)
     np.testing.assert_array_equal(_rows(other.batches(32, seed=4, epoch=2)), _rows(one))
+    threaded = data.parquet(folder, {"X": ["a", "b"]}, shuffle_buffer=200, num_threads=3)
+    np.testing.assert_array_equal(_rows(threaded.batches(32, seed=4, epoch=2)), _rows(one))
     with pytest.raises(DataError, match="3 processes cannot split the 8 streams"):
         src.batches(48, seed=0, epoch=0, process_count=3)
 
@@ -101,6 +103,10 @@ def test_transform_categories_and_dropped_rows(folder, table):
     assert (table["c"][rows] != 0).all()
     codes = np.concatenate([b["k"] for b in batches])
     np.testing.assert_array_equal(vocabulary[codes], table["s"][rows])
+    # resuming with a transform replays the reads (the row counts depend on the data)
+    np.testing.assert_array_equal(
+        _rows(src.batches(32, seed=1, epoch=0, start_batch=25)), rows[25 * 32 :]
+    )
 
 
 def test_bad_input_is_named(folder, tmp_path, table):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,7 @@ class ParquetSource(Source):
         read_block: int = 16384,
         num_rows: int | None = None,
         check_finite: bool = True,
+        num_threads: int | None = None,
     ):
         import pyarrow.parquet as pq
 
@@ -165,6 +167,7 @@ class ParquetSource(Source):
             raise DataError(f"num_shards must be positive, got {num_shards}")
         self.read_block = int(read_block)
         self.check_finite = check_finite
+        self.num_threads = num_threads
 
         # Row groups of all files, in file order: (file index, group index, rows, first row).
         groups = []
@@ -266,7 +269,7 @@ class ParquetSource(Source):
 
         f, rg, _, first = self.groups[g]
         if f not in handles:
-            handles[f] = pq.ParquetFile(self.files[f])
+            handles[f] = pq.ParquetFile(self.files[f], memory_map=True)
         offset = 0
         batches = handles[f].iter_batches(
             batch_size=self.read_block, row_groups=[rg], columns=self.read, use_threads=False
@@ -376,48 +379,102 @@ class ParquetSource(Source):
     def _stream(
         self, pieces: list[tuple[int, int, int]], rng, b: int, capacity: int, count: int, skip: int
     ) -> Iterator[dict[str, np.ndarray]]:
+        """The ``count - skip`` sub-batches of one stream from sub-batch ``skip`` on."""
         handles: dict[int, Any] = {}
 
-        def blocks():
+        def blocks(first_row: int = 0):
+            """Data blocks of the stream's rows from its row ``first_row`` on; ``None`` at
+            the end of each pass; passes repeat (only a filtered stream needs them)."""
             while True:
-                produced = 0
+                full_pass, produced, offset = first_row == 0, 0, 0
                 for g, start, stop in pieces:
-                    for block in self._read_piece(g, start, stop, handles):
+                    lo = start + max(first_row - offset, 0)
+                    offset += stop - start
+                    for block in self._read_piece(g, lo, stop, handles) if lo < stop else ():
                         produced += len(block[ROWS])
                         yield block
-                if produced == 0:
+                if full_pass and produced == 0:
                     raise DataError(
                         "transform= dropped every row of a stream of the epoch; "
                         f"it reads row groups {sorted({p[0] for p in pieces})}"
                     )
-                yield None  # end of a pass over the stream's rows
+                first_row = 0
+                yield None
 
-        source = blocks()
-        pool = _Pool(capacity + b)
-        pending: dict[str, np.ndarray] | None = None
-        exhausted = False  # the pass over the stream's rows has ended
-        for k in range(count):
+        def index_blocks():
+            """The stream's global row indices from the metadata alone (no reading)."""
+            for g, start, stop in pieces:
+                first = int(self.group_first[g])
+                yield {ROWS: np.arange(first + start, first + stop, dtype=np.int64)}
+            while True:
+                yield None
+
+        state = {"pending": None, "exhausted": False, "absorbed": 0}
+
+        def fill(pool: _Pool, source: Iterator) -> None:
             # Refill to exactly capacity + b rows (or to the end of the stream's rows),
             # splitting blocks, so the draws depend on the row sequence alone, not on
             # where record batches end.  Only a stream short of rows (transform= dropped
             # some) reads its rows a second time.
-            while pool.size < (b if exhausted else capacity + b):
+            while pool.size < (b if state["exhausted"] else capacity + b):
+                pending = state["pending"]
                 if pending is None:
                     pending = next(source)
-                    exhausted = pending is None
-                    if exhausted:
+                    state["exhausted"] = pending is None
+                    if pending is None:
                         continue
                 n = len(pending[ROWS])
                 need = capacity + b - pool.size
                 if n <= need:
                     pool.add(pending, n)
-                    pending = None
+                    state["pending"] = None
                 else:
                     pool.add({c: v[:need] for c, v in pending.items()}, need)
-                    pending = {c: v[need:] for c, v in pending.items()}
+                    state["pending"] = {c: v[need:] for c, v in pending.items()}
+                    n = need
+                state["absorbed"] += n
+
+        first = 0
+        pool = _Pool(capacity + b)
+        if skip and self.transform is None:
+            # Resume without reading: with no transform the rows of the stream are known
+            # from the metadata, and the draws depend on the row count alone.  Replay
+            # them on row indices, then read only the rows left in the buffer.
+            indices = _Pool(capacity + b)
+            source = index_blocks()
+            for _ in range(skip):
+                fill(indices, source)
+                indices.take(rng, b)
+            if indices.size:
+                pool.add(
+                    self._rows_data(indices.arrays[ROWS][: indices.size], handles), indices.size
+                )
+            state["pending"] = None
+            first = skip
+            source = blocks(state["absorbed"])
+        else:
+            source = blocks()
+        for k in range(first, count):
+            fill(pool, source)
             out = pool.take(rng, b)
             if k >= skip:
                 yield out
+
+    def _rows_data(self, rows: np.ndarray, handles: dict[int, Any]) -> dict[str, np.ndarray]:
+        """The assembled columns of the given global rows (no transform), in their order."""
+        groups = np.searchsorted(self.group_first, rows, side="right") - 1
+        out: dict[str, np.ndarray] = {
+            c: np.empty((len(rows), *shape), dtype) for c, (shape, dtype) in self._columns.items()
+        }
+        out[ROWS] = rows.copy()
+        for g in np.unique(groups):
+            where = np.flatnonzero(groups == g)
+            offsets = rows[where] - self.group_first[g]
+            lo, hi = int(offsets.min()), int(offsets.max()) + 1
+            parts = list(self._read_piece(int(g), lo, hi, handles))
+            for c in self._columns:
+                out[c][where] = np.concatenate([p[c] for p in parts])[offsets - lo]
+        return out
 
     def batches(
         self,
@@ -461,12 +518,26 @@ class ParquetSource(Source):
             )
             for s in mine
         ]
-        return self._merge(streams)
+        threads = self.num_threads
+        if threads is None:
+            threads = max(1, min(len(streams), (os.cpu_count() or 1) // 2))
+        return self._merge(streams, count - start_batch, min(threads, len(streams)))
 
     @staticmethod
-    def _merge(streams: list[Iterator[dict[str, np.ndarray]]]) -> Iterator[Batch]:
-        for parts in zip(*streams, strict=True):
-            yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    def _merge(
+        streams: list[Iterator[dict[str, np.ndarray]]], count: int, threads: int
+    ) -> Iterator[Batch]:
+        """Sub-batch k of every stream, concatenated in stream order; with several
+        threads the streams are read concurrently (Parquet decoding and NumPy copies
+        release the GIL), which changes nothing in the result."""
+        if threads <= 1:
+            for parts in zip(*streams, strict=True):
+                yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="viax-parquet") as pool:
+            for _ in range(count):
+                parts = list(pool.map(next, streams))
+                yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def parquet(
@@ -482,6 +553,7 @@ def parquet(
     read_block: int = 16384,
     num_rows: int | None = None,
     check_finite: bool = True,
+    num_threads: int | None = None,
 ) -> ParquetSource:
     """A data source streaming Parquet files with pyarrow; memory flat in the rows.
 
@@ -510,6 +582,9 @@ def parquet(
         num_rows: N, if known, when ``transform`` drops rows (saves a counting pass).
         check_finite: raise :class:`DataError` naming the column, file, row group and
             row of any NaN or infinity.
+        num_threads: threads reading this process's streams concurrently (default: half
+            the CPU cores, at most one per stream); the batches are the same for any
+            number.
 
     Example:
         >>> import numpy as np, pyarrow as pa, pyarrow.parquet as pq, tempfile, viax
@@ -532,6 +607,7 @@ def parquet(
         read_block=read_block,
         num_rows=num_rows,
         check_finite=check_finite,
+        num_threads=num_threads,
     )
 
 
