@@ -9,6 +9,7 @@ import importlib.util
 import json
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import click
@@ -39,10 +40,24 @@ def load_data(path: str | Path | None) -> dict:
     if not path.is_file():
         raise click.BadParameter(f"no such data file: {path}", param_hint="--data")
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise click.BadParameter(
+                f"{path}: not a readable .npz archive of plain arrays ({type(err).__name__})",
+                param_hint="--data",
+            ) from None
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise click.BadParameter(
+                f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}",
+                param_hint="--data",
+            ) from None
+        except UnicodeDecodeError as err:
+            raise click.BadParameter(f"{path}: not UTF-8 ({err})", param_hint="--data") from None
         if not isinstance(data, dict):
             raise click.BadParameter(f"{path}: expected a JSON object", param_hint="--data")
         return data
@@ -75,7 +90,9 @@ def main():
 @click.option(
     "--family", default="meanfield", show_default=True, help="meanfield, fullrank or lowrank."
 )
-@click.option("--rank", type=int, default=None, help="Rank of the lowrank family.")
+@click.option(
+    "--rank", type=click.IntRange(min=1), default=None, help="Rank of the lowrank family."
+)
 @click.option(
     "--optimizer",
     default="dadvi",
@@ -84,19 +101,25 @@ def main():
 )
 @click.option(
     "--num-steps",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Maximum number of steps (cavi: sweeps; svi: passes over the data).",
 )
-@click.option("--batch-size", type=int, default=256, show_default=True, help="svi minibatch.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="svi minibatch.",
+)
 @click.option(
     "--num-samples",
-    type=int,
+    type=click.IntRange(min=2),
     default=1000,
     show_default=True,
     help="Draws for the summary and posterior.nc.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--out",
     "out_dir",
@@ -173,7 +196,9 @@ def fit_command(
                     seed=seed,
                     progress=not no_progress,
                 )
-        except (ValueError, TypeError, viax.DivergenceError, FloatingPointError) as err:
+        except (ValueError, TypeError, viax.DivergenceError, FloatingPointError, OSError) as err:
+            # Checkpoint and data errors included: the message, not click's "Aborted!"
+            # (which is all an EOFError would print).
             raise click.ClickException(str(err)) from err
     for w in caught:
         if "k-hat" not in str(w.message) and "did not converge" not in str(w.message):
@@ -246,9 +271,26 @@ def fit_conjugate(
 ):
     """``model_fn(**data) -> (conjugate model, data to fit)``, fitted by ``method``,
     checkpointed to ``checkpoint_path`` (continued from it with ``resume``)."""
+    import jax
+    from numpyro import handlers
+
     from viax import conjugate
 
-    built = model_fn(**data)
+    # A NumPyro model is recognised abstractly (jax.eval_shape: nothing compiles); a
+    # function that builds a conjugate model may need concrete arrays (NumPy) and fails
+    # there, so it is run for real.
+    tracer = handlers.trace(handlers.seed(model_fn, seed))
+    try:
+        jax.eval_shape(lambda: tracer(**data) and None)
+    except Exception:  # noqa: BLE001  judged by the sites recorded so far
+        pass
+    _refuse_numpyro(tracer.trace, method)
+    try:
+        built = model_fn(**data)
+    except Exception as err:  # noqa: BLE001  the user's function: say so, with its message
+        raise click.ClickException(
+            f"--method {method}: the model function raised {type(err).__name__}: {err}"
+        ) from err
     if not (isinstance(built, tuple) and len(built) == 2):
         raise click.ClickException(
             f"--method {method}: the model function must return (conjugate model, data to "
@@ -269,6 +311,16 @@ def fit_conjugate(
             cmodel, fit_data, batch_size=batch_size, num_epochs=num_steps or 10, **common
         )
     return conjugate.naive(cmodel, fit_data, num_steps=num_steps or 5000, **common)
+
+
+def _refuse_numpyro(trace, method: str) -> None:
+    sites = [name for name, site in trace.items() if site["type"] == "sample"]
+    if sites:
+        raise click.ClickException(
+            f"--method {method} takes a model function that returns (conjugate model, data "
+            f"to fit); this one is a NumPyro model (sample site(s) {', '.join(sites)}): fit it "
+            "with --method advi or bbvi"
+        )
 
 
 def write_report(path: Path, model_file, result, summary, diagnostics) -> None:

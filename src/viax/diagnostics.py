@@ -101,8 +101,12 @@ def _gpd_fit(excess: np.ndarray) -> tuple[float, float]:
     return float((n * k_post + 10 * 0.5) / (n + 10)), float(sigma)
 
 
-def khat_verdict(khat: float) -> str:
-    """ "good" (k̂ < 0.5), "usable" (< 0.7) or "do not trust"."""
+def khat_verdict(khat: float, converged: bool = True) -> str:
+    """ "good" (k̂ < 0.5), "usable" (< 0.7) or "do not trust"; "not converged" for a fit
+    that did not converge, whatever k̂ says: k̂ judges how far q is from the posterior,
+    and a q stopped far from the optimum can still score well."""
+    if not converged:
+        return "not converged"
     if np.isnan(khat):
         return "do not trust"
     if khat < KHAT_GOOD:

@@ -30,6 +30,7 @@ from viax.conjugate.checkpoint import (
 )
 from viax.conjugate.engine import (
     ConjugateModel,
+    check_conjugate_model,
     check_globals,
     compiled,
     fit_locals,
@@ -180,6 +181,7 @@ def cavi(
         >>> bool(result.converged)
         True
     """
+    check_conjugate_model(model, "viax.cavi")
     _check_arguments(max_iter, tol, atol, log_every, checkpoint_every)
     start = time.perf_counter()
     batch = data if _is_prepared(data) else model.prepare(data)

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import jax
 import numpy as np
 
 __all__ = [
+    "CheckpointError",
     "data_fingerprint",
     "load_checkpoint",
     "resume_checkpoint",
@@ -26,6 +29,11 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+_REQUIRED = ("format_version", "model_name", "step", "rng_key")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: missing, empty, truncated, or not one."""
 
 
 def save_checkpoint(
@@ -73,10 +81,57 @@ def save_checkpoint(
 def load_checkpoint(path) -> dict:
     """``{"global_natural", "step", "rng_key", "model_name", "method", "fingerprint",
     "extra"}`` from ``save_checkpoint``, with ``"local_natural"`` and ``"elbo_trace"``
-    where saved."""
-    with np.load(Path(path), allow_pickle=False) as f:
+    where saved.
+
+    Raises:
+        CheckpointError: (a ValueError) naming the file and what is wrong with it: it
+            does not exist, is empty, is not a ``.npz`` archive, is truncated or damaged,
+            or lacks a checkpoint's entries.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path}: the file is empty (0 bytes)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise CheckpointError(
+            f"checkpoint {path}: not a viax checkpoint (a .npz archive starts with a zip "
+            f"header; this file starts with {magic!r})"
+        )
+    try:
+        return _read(path)
+    except CheckpointError:
+        raise
+    except ValueError as err:
+        if "allow_pickle" not in str(err):
+            raise CheckpointError(f"checkpoint {path}: damaged ({err})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: holds an object array, which only pickle could load; viax "
+            "checkpoints hold plain arrays and are never unpickled: not a viax checkpoint"
+        ) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: truncated or damaged ({size} bytes; {type(err).__name__}: "
+            f"{err}); write it again or resume from an older copy"
+        ) from None
+
+
+def _read(path: Path) -> dict:
+    # Our own file handle: np.load leaks its own when the archive is damaged.
+    with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
+        missing = [key for key in _REQUIRED if key not in f.files]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {path}: a .npz archive but not a viax checkpoint (no "
+                f"{', '.join(missing)})"
+            )
         if int(f["format_version"]) != FORMAT_VERSION:
-            raise ValueError(f"{path}: unknown checkpoint format {int(f['format_version'])}")
+            raise CheckpointError(
+                f"checkpoint {path}: unknown checkpoint format {int(f['format_version'])}"
+            )
         trees: dict[str, dict[str, list]] = {"global": {}, "local": {}}
         for key in f.files:
             prefix, _, rest = key.partition("/")

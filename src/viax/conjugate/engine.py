@@ -480,3 +480,16 @@ class compiled:
             seconds = time.perf_counter() - start
             self._cache[key] = executable
         return executable(*args), seconds
+
+
+def check_conjugate_model(model, method: str) -> None:
+    """A TypeError, before anything runs, when ``model`` is not a conjugate model: a
+    NumPyro model function (or a ``viax.Model``) is fitted by :func:`viax.fit` instead."""
+    if isinstance(model, ConjugateModel):
+        return
+    kind = "a NumPyro model function" if callable(model) else type(model).__name__
+    raise TypeError(
+        f"{method} takes a viax.conjugate model (GaussianMixtureModel, LDAModel, "
+        f"LinearRegressionModel, ... or one built with @conjugate_model), got {kind}; "
+        "NumPyro models and viax.Model are fitted with viax.fit (methods advi, bbvi)"
+    )

@@ -43,6 +43,7 @@ from viax.conjugate.checkpoint import (
 )
 from viax.conjugate.engine import (
     ConjugateModel,
+    check_conjugate_model,
     check_globals,
     compiled,
     elbo,
@@ -198,6 +199,7 @@ def naive(
         Result with ``method="naive"`` and ``params`` as natural parameters;
         ``info["first_step"]``: the steps before a resume.
     """
+    check_conjugate_model(model, "viax.naive")
     if num_steps < 1 or chunk_size < 1:
         raise ValueError(f"num_steps and chunk_size must be >= 1, got {num_steps}, {chunk_size}")
     if not (tol >= 0 and gtol >= 0):

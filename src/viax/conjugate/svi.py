@@ -33,6 +33,7 @@ from viax.conjugate.checkpoint import resume_checkpoint, resume_path, save_check
 from viax.conjugate.engine import (
     ConjugateModel,
     all_finite,
+    check_conjugate_model,
     check_globals,
     compiled,
     fit_locals,
@@ -248,6 +249,7 @@ def svi(
         is an array (``elbo_se`` 0), else the mean of the last 10 estimates
         (``elbo_se`` NaN).
     """
+    check_conjugate_model(model, "viax.svi")
     check_learning_rate(learning_decay, learning_offset)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
