@@ -109,6 +109,26 @@ def test_transform_categories_and_dropped_rows(folder, table):
     )
 
 
+def test_categories_become_integer_codes(folder, table, tmp_path):
+    src = data.parquet(folder, {"k": "s", "a": "a"}, categories={"s": None})
+    np.testing.assert_array_equal(src.categories["s"], ["x", "y", "z"])
+    batch = next(src.batches(64, seed=0, epoch=0))
+    np.testing.assert_array_equal(src.categories["s"][batch["k"]], table["s"][batch["_rows"]])
+    with pytest.raises(DataError, match=r"missing from its categories= vocabulary: \['z'\]"):
+        data.parquet(folder, {"k": "s"}, categories={"s": ["x", "y"]})
+    with_null = pa.table({"s": pa.array(["x", None, "y", "x"]), "v": np.arange(4.0)})
+    pq.write_table(with_null, tmp_path / "null.parquet")
+    with pytest.raises(DataError, match="column 's' is null at null.parquet row group 0, row 1"):
+        data.parquet(tmp_path / "null.parquet", {"k": "s"}, categories={"s": None})
+    kept = data.parquet(
+        tmp_path / "null.parquet",
+        {"k": "s", "v": "v"},
+        categories={"s": None},
+        transform=lambda b: {k: v[b["s"] >= 0] for k, v in b.items()},
+    )
+    np.testing.assert_array_equal(np.sort(next(kept.batches(3, seed=0, epoch=0))["v"]), [0, 2, 3])
+
+
 def test_bad_input_is_named(folder, tmp_path, table):
     with pytest.raises(DataError, match=r"column 'zz' not in .*; available: a, b, c, s, unused"):
         data.parquet(folder, {"X": ["a", "zz"]})

@@ -74,8 +74,12 @@ def _distinct(rng: np.random.Generator, n: int, b: int) -> np.ndarray:
     out = np.empty(0, np.int64)
     while len(out) < b:
         candidates = np.concatenate([out, rng.integers(0, n, size=b + b // 8 + 8)])
-        _, first = np.unique(candidates, return_index=True)
-        out = candidates[np.sort(first)][:b]
+        # keep the first occurrence of each value, in draw order
+        order = np.argsort(candidates, kind="stable")
+        ordered = candidates[order]
+        repeat = np.zeros(len(candidates), bool)
+        repeat[order[1:][ordered[1:] == ordered[:-1]]] = True
+        out = candidates[~repeat][:b]
     return out
 
 
@@ -147,7 +151,9 @@ class ParquetSource(Source):
         num_rows: int | None = None,
         check_finite: bool = True,
         num_threads: int | None = None,
+        categories: Mapping[str, Sequence[Any] | None] | None = None,
     ):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path = Path(path)
@@ -207,6 +213,19 @@ class ParquetSource(Source):
             self.read = wanted
         else:
             self.read = [c for c in wanted if c in self.available]
+        categories = dict(categories or {})
+        self._check_in_file(list(categories))
+        unread = [c for c in categories if c not in self.read]
+        if unread:
+            raise DataError(
+                f"categories= names {unread}, which are not read (read: {self.read}); "
+                "name them in columns= or read="
+            )
+        self.categories: dict[str, np.ndarray] = {
+            c: np.asarray(unique_values(self.path, c) if v is None else v)
+            for c, v in categories.items()
+        }
+        self._codes = {c: pa.array(v) for c, v in self.categories.items()}
         self._num_rows = (
             num_rows if num_rows is not None else (None if transform else self.total_rows)
         )
@@ -269,7 +288,8 @@ class ParquetSource(Source):
 
         f, rg, _, first = self.groups[g]
         if f not in handles:
-            handles[f] = pq.ParquetFile(self.files[f], memory_map=True)
+            # Not memory-mapped: mapped pages would count in the RSS, growing with the file.
+            handles[f] = pq.ParquetFile(self.files[f])
         offset = 0
         batches = handles[f].iter_batches(
             batch_size=self.read_block, row_groups=[rg], columns=self.read, use_threads=False
@@ -280,7 +300,7 @@ class ParquetSource(Source):
             if lo < hi:
                 part = record_batch.slice(lo, hi - lo)
                 raw = {
-                    name: part.column(i).to_numpy(zero_copy_only=False)
+                    name: self._to_numpy(name, part.column(i))
                     for i, name in enumerate(part.schema.names)
                 }
                 raw[ROWS] = np.arange(first + offset + lo, first + offset + hi, dtype=np.int64)
@@ -288,6 +308,21 @@ class ParquetSource(Source):
             offset += n
             if offset >= stop:
                 break
+
+    def _to_numpy(self, name: str, column: Any) -> np.ndarray:
+        if name not in self._codes:
+            return column.to_numpy(zero_copy_only=False)
+        import pyarrow.compute as pc
+
+        codes = pc.index_in(column, value_set=self._codes[name])  # a hash lookup, in C++
+        if codes.null_count > column.null_count:
+            known = pc.is_in(column, value_set=self._codes[name])
+            unknown = pc.filter(column, pc.invert(pc.fill_null(known, True)))
+            raise DataError(
+                f"column {name!r} has values missing from its categories= vocabulary: "
+                f"{unknown.unique().to_pylist()[:5]}"
+            )
+        return pc.fill_null(codes, -1).to_numpy(zero_copy_only=False)
 
     def _assemble(self, raw: dict[str, np.ndarray], g: int) -> dict[str, np.ndarray]:
         block = raw
@@ -334,6 +369,12 @@ class ParquetSource(Source):
                     )
                 if self.check_finite:
                     check_finite({c: value}, lambda _, i: self.where(int(rows[i])))
+                if c in self._codes and len(value) and value.min() < 0:
+                    i = int(np.argmin(value))
+                    raise DataError(
+                        f"column {c!r} is null at {self.where(int(rows[i]))}; its code is -1 "
+                        "there: drop such rows in transform= (keep = block[name] >= 0)"
+                    )
             if isinstance(spec, str):
                 out[name] = block[spec]
             else:
@@ -554,6 +595,7 @@ def parquet(
     num_rows: int | None = None,
     check_finite: bool = True,
     num_threads: int | None = None,
+    categories: Mapping[str, Sequence[Any] | None] | None = None,
 ) -> ParquetSource:
     """A data source streaming Parquet files with pyarrow; memory flat in the rows.
 
@@ -585,6 +627,13 @@ def parquet(
         num_threads: threads reading this process's streams concurrently (default: half
             the CPU cores, at most one per stream); the batches are the same for any
             number.
+        categories: ``{column: vocabulary}`` turns a (string) column into integer codes,
+            ``vocabulary[code]`` is the value, by a hash lookup in Arrow (fast: no
+            Python strings); ``None`` as the vocabulary: its sorted distinct values
+            (:func:`unique_values`, one pass over that column).  Nulls get code -1, which
+            the batch may not contain (drop those rows in ``transform``); a value
+            missing from a given vocabulary is an error.  ``source.categories`` keeps the
+            vocabularies.
 
     Example:
         >>> import numpy as np, pyarrow as pa, pyarrow.parquet as pq, tempfile, viax
@@ -608,6 +657,7 @@ def parquet(
         num_rows=num_rows,
         check_finite=check_finite,
         num_threads=num_threads,
+        categories=categories,
     )
 
 
