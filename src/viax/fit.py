@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -17,7 +19,7 @@ from viax.families.gaussian import FAMILIES, Family, FullRank, make_family
 from viax.infer import advi, dadvi
 from viax.infer.driver import DivergenceError, abstract, chunk_fn, precompile, run
 from viax.infer.optimize import minimize_on_host
-from viax.model import Model, ModelError, Target, _log_density_jit, build_target
+from viax.model import Model, ModelError, Target, _log_density_jit, build_target, data_argument
 from viax.result import Result, log_weights_fn, mean_and_se
 
 __all__ = ["METHODS", "OPTIMIZERS", "fit", "refit_dadvi_means"]
@@ -119,6 +121,7 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    data = data_argument(data)
     if method == "bbvi":
         from viax.infer.bbvi import fit_bbvi
 
@@ -138,6 +141,7 @@ def fit(
             seed=_check_positive_int("seed", seed, minimum=0),
             progress=progress,
         )
+        result = _flag_runaway(result)
         _warn_untrusted(result)
         return result
     if family not in FAMILIES:
@@ -162,6 +166,8 @@ def fit(
     if eta is not None:
         eta = _check_positive_float("eta", eta)
     seed = _check_positive_int("seed", seed, minimum=0)
+    for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
+        _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
 
     target, arrays, init_position = build_target(model, data, seed=seed)
     if target.discrete_sites:
@@ -170,6 +176,8 @@ def fit(
             "latents (marginalise them out, e.g. with numpyro's enumeration)"
         )
     fam = make_family(family, target.dim, rank)
+    for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
+        _check_memory(name, count, fam.noise_dim + 2 * target.dim, arrays)
     rng_key = jax.random.PRNGKey(seed)
     if optimizer == "dadvi":
         output = _fit_dadvi(
@@ -233,6 +241,7 @@ def fit(
         info=info,
         khat=khat,
     )
+    result = _flag_runaway(result)
     _warn_untrusted(result)
     return result
 
@@ -247,9 +256,85 @@ def _more_log_weights(draw_log_weights, seed, log_weights, batches: int = 9):
     return np.concatenate([log_weights, *more])
 
 
+# Beyond this, a mean or sd of q in the unconstrained space has run off (float64 ends at
+# 1.8e308; no posterior of real data sits at 1e100).
+_RUNAWAY = 1e100
+
+
+def _flag_runaway(result: Result) -> Result:
+    """``result``, not converged, when its answer is not finite or its q ran off: a
+    non-finite ELBO, or a site whose mean or sd (unconstrained) is not finite or beyond
+    1e100 — an improper posterior (flat priors, too little data) does that, and no stopping
+    rule makes it an answer."""
+    causes = []
+    try:
+        mean = np.asarray(result.family.mean(result.params), dtype=float)
+        sd = np.asarray(result.family.stddev(result.params), dtype=float)
+    except Exception:  # noqa: BLE001  a family without moments: its parameters then
+        mean = np.concatenate([np.ravel(x) for x in jax.tree.leaves(result.params)] or [[0.0]])
+        sd = np.zeros_like(mean)
+    off = ~(np.isfinite(mean) & np.isfinite(sd) & (np.abs(mean) < _RUNAWAY) & (sd < _RUNAWAY))
+    if off.any():
+        sites = {}
+        for i in np.flatnonzero(off):
+            try:
+                name = result.target.site_of_index(int(i))
+            except (AttributeError, IndexError):
+                name = "params"
+            sites.setdefault(name, f"{name} (mean {mean[i]:.3g}, sd {sd[i]:.3g})")
+        causes.append(
+            f"q ran off to infinity in site(s) {', '.join(sites.values())}: the posterior "
+            "may be improper (flat priors, too little data); give the model proper priors"
+        )
+    if not np.isfinite(result.elbo):
+        causes.append(f"the ELBO of the final q is {result.elbo} (not finite)")
+    if not causes:
+        return result
+    message = "; ".join(causes) + f" [the run stopped with: {result.message}]"
+    info = {**result.info, "runaway": "; ".join(causes)}
+    return dataclasses.replace(result, converged=False, message=message, info=info)
+
+
+def _available_memory() -> float:
+    """Bytes of memory available now (Linux MemAvailable, else the physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return 1024.0 * float(line.split()[1])
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+def _check_memory(name: str, count: int | None, per_draw: int, arrays) -> None:
+    """Refuse ``count`` Monte Carlo draws that cannot fit in memory, before compiling:
+    each draw holds about ``per_draw`` numbers of q plus one number per data element
+    (the model's terms), 8 bytes each."""
+    if count is None:
+        return
+    data_size = sum(int(np.size(x)) for x in jax.tree.leaves(arrays))
+    needed = 8.0 * count * (per_draw + data_size)
+    available = _available_memory()
+    if needed > available:
+        raise ValueError(
+            f"{name}={count} needs about {needed / 2**30:.3g} GiB (8 bytes x {count} draws x "
+            f"{per_draw + data_size} numbers per draw), more than the {available / 2**30:.3g} "
+            f"GiB of memory available; use fewer (the default is chosen for you when None)"
+        )
+
+
 def _warn_untrusted(result: Result) -> None:
     if not result.converged:
-        warnings.warn(f"viax.fit did not converge: {result.message}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"viax.fit did not converge: {result.message}; its k-hat verdict is 'not "
+            "converged', whatever k-hat says",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not result.khat < KHAT_USABLE:
         family = getattr(result.family, "name", result.family)
         if result.method == "advi" and result.algorithm in ("stan", "optax"):

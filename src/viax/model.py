@@ -38,7 +38,7 @@ from numpyro.infer.util import _unconstrain_reparam, constrain_fn, log_density
 
 from viax.infer.driver import jit_once
 
-__all__ = ["Model", "ModelError", "Site", "Target", "build_target", "prepare_data"]
+__all__ = ["Model", "ModelError", "Site", "Target", "build_target", "data_argument", "prepare_data"]
 
 
 class ModelError(ValueError):
@@ -149,11 +149,15 @@ class PreparedData(NamedTuple):
 def prepare_data(model_fn: Callable, data: Mapping[str, Any] | None) -> PreparedData:
     """Check ``data`` against the model's signature and split it static/dynamic.
 
-    Raises ModelError for a missing argument, an unexpected key (unless the model
-    takes ``**kwargs``) or a non-finite value.
+    ``data``: a mapping, or a pandas DataFrame whose columns are the model's arguments;
+    a DataFrame or Series as one argument's value becomes its NumPy array.
+
+    Raises ModelError for data that is not a mapping, a missing argument, an unexpected
+    key (unless the model takes ``**kwargs``), a non-finite value, and values that are not
+    real numbers (strings, dates, complex numbers, ragged lists), before anything runs.
     """
-    data = dict(data or {})
     params = inspect.signature(model_fn).parameters
+    data = _as_mapping(data)
     has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     missing = [n for n, p in named.items() if p.default is p.empty and n not in data]
@@ -167,12 +171,12 @@ def prepare_data(model_fn: Callable, data: Mapping[str, Any] | None) -> Prepared
         )
     static, dynamic = [], {}
     for key, value in data.items():
-        if value is None or isinstance(value, str | bool):
+        # A string is passed through to an option whose default is a string.
+        option = isinstance(value, str) and key in named and isinstance(named[key].default, str)
+        if value is None or isinstance(value, bool) or option:
             static.append((key, value))
             continue
-        array = np.asarray(value)
-        if array.dtype == object:
-            raise ModelError(f"data[{key!r}] is not numeric (ragged lists are not supported)")
+        array = _numeric_array(key, value)
         if np.issubdtype(array.dtype, np.number) and not np.all(np.isfinite(array)):
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
             raise ModelError(f"data[{key!r}] holds {bad} NaN or infinite value(s)")
@@ -181,6 +185,76 @@ def prepare_data(model_fn: Callable, data: Mapping[str, Any] | None) -> Prepared
         else:
             dynamic[key] = jnp.asarray(array)
     return PreparedData(tuple(sorted(static)), dynamic)
+
+
+def _as_mapping(data) -> dict:
+    """``data`` as a dict of the model's arguments: a mapping, or a pandas DataFrame
+    whose columns are the arguments (each column one argument); anything else is refused
+    by name, before it reaches the model."""
+    if data is None:
+        return {}
+    if _is_dataframe(data):
+        return {str(column): data[column] for column in data.columns}
+    if isinstance(data, Mapping):
+        return dict(data)
+    raise ModelError(
+        f"data must be a mapping from the model's argument names to values (a dict, or a "
+        f"pandas DataFrame whose columns are the model's arguments), got "
+        f"{type(data).__name__}; e.g. data={{'y': y}} for model(y) (minibatches: a "
+        "viax.data source or an iterable of dict batches)"
+    )
+
+
+def data_argument(data):
+    """:func:`viax.fit`'s ``data`` as given, a DataFrame as the dict of its columns; a
+    ModelError, before anything runs, for a value that is neither a mapping nor a stream
+    of dict batches (a list of numbers, an array, a string, a number)."""
+    if data is None or isinstance(data, Mapping):
+        return data
+    if _is_dataframe(data):
+        return _as_mapping(data)
+    plain = isinstance(data, str | bytes | int | float | complex | np.ndarray | np.generic)
+    batches = isinstance(data, list | tuple) and data and all(isinstance(b, Mapping) for b in data)
+    if plain or isinstance(data, list | tuple) and not batches:
+        _as_mapping(data)  # raises, naming the type
+    return data
+
+
+def _is_dataframe(value) -> bool:
+    return type(value).__name__ == "DataFrame" and hasattr(value, "columns")
+
+
+def _numeric_array(key: str, value) -> np.ndarray:
+    """``value`` as a real-valued NumPy array, or a ModelError naming what it is."""
+    if isinstance(value, str | bytes):
+        raise ModelError(
+            f"data[{key!r}] is a string ({value!r:.40}), not numbers; pass an array (a string "
+            "is only passed through to an argument whose default is a string)"
+        )
+    if _is_dataframe(value):
+        bad = [str(c) for c in value.select_dtypes(exclude=["number", "bool"]).columns]
+        if bad:
+            raise ModelError(
+                f"data[{key!r}] is a DataFrame with non-numeric column(s) {', '.join(bad)}; "
+                "encode them as numbers first (e.g. pandas.get_dummies)"
+            )
+        value = value.to_numpy()  # one argument: the (rows, columns) matrix
+    elif type(value).__name__ == "Series":
+        value = value.to_numpy()
+    try:
+        array = np.asarray(value)
+    except ValueError as err:  # NumPy >= 1.24 refuses ragged nested lists
+        raise ModelError(f"data[{key!r}] is not a rectangular array ({err})") from None
+    if array.dtype == object:
+        raise ModelError(f"data[{key!r}] is not numeric (ragged lists are not supported)")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise ModelError(f"data[{key!r}] holds complex numbers; viax models take real data")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise ModelError(
+            f"data[{key!r}] has dtype {array.dtype} (strings or dates?), not numbers; "
+            "encode it as numbers first"
+        )
+    return array
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,6 +272,8 @@ class Target:
     init_position: jax.Array  # (dim,)
     unravel_fn: Callable = field(repr=False)
     discrete_sites: tuple[str, ...] = ()
+    # (site, argument): latent sites whose obs= argument was None (_latent_from_none).
+    latent_from_none: tuple[tuple[str, str], ...] = ()
 
     @property
     def dim(self) -> int:
@@ -255,6 +331,7 @@ def build_target(model: Callable | Model, data: Mapping[str, Any] | None, seed: 
     differ only in the values of the data arrays share one Target and its compiled
     code.
     """
+    _refuse_conjugate(model, "this is")
     model_fn = _numpyro_fn(model) if isinstance(model, Model) else model
     if not callable(model_fn):
         raise ModelError(f"model must be a NumPyro model function or viax.Model, got {model!r}")
@@ -265,6 +342,7 @@ def build_target(model: Callable | Model, data: Mapping[str, Any] | None, seed: 
         target = _trace(model_fn, prepared, seed)
         if key is not None:
             _TARGETS[key] = target
+    _warn_latent_from_none(target)
     init_position = _check_finite_at(target, prepared.dynamic, target.init_position, seed)
     return target, prepared.dynamic, init_position
 
@@ -289,8 +367,9 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
         seeded = handlers.substitute(
             handlers.seed(model_fn, jax.random.PRNGKey(0)), substitute_fn=init_to_uniform(radius=2)
         )
-        trace = handlers.trace(seeded).get_trace(**static, **dynamic)
-        captured["trace"] = trace
+        tracer = handlers.trace(seeded)
+        captured["returned"] = tracer(**static, **dynamic)
+        trace = captured["trace"] = tracer.trace
         return {
             name: _bijection(name, site["fn"].support).inv(site["value"])
             for name, site in trace.items()
@@ -302,9 +381,13 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
     except ModelError:
         raise
     except Exception as err:  # the user's model raised: say so, with its message
+        # A function that builds a conjugate model (the CLI's cavi/svi/naive model files)
+        # fails on traced arrays: say which methods it is for.
+        _refuse_conjugate(_returned_concretely(model_fn, prepared), "the model function returns")
         raise ModelError(
             f"the model raised while tracing it with the data: {type(err).__name__}: {err}"
         ) from err
+    _refuse_conjugate(captured["returned"], "the model function returns")
     trace = captured["trace"]
     latent_sites = [site for site in trace.values() if _is_latent(site)]
     if not latent_sites:
@@ -340,6 +423,7 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
         jnp.asarray(init_position, dtype=float),
         unravel_fn,
         discrete,
+        latent_from_none=_latent_from_none(model_fn, prepared, [s["name"] for s in latent_sites]),
     )
 
 
@@ -396,3 +480,92 @@ def _check_finite_at(target: Target, data, position, seed: int = 0) -> jax.Array
     bad = [n for n, v in site_log_probs(target, position, data).items() if not math.isfinite(v)]
     where = ", ".join(bad) if bad else "(no single site; check numpyro.factor terms)"
     raise ModelError(f"the log density is not finite at the initial point; site(s): {where}")
+
+
+# -- refusals and warnings about what the user passed -------------------------------
+
+
+def _refuse_conjugate(value, what: str) -> None:
+    """A ModelError saying which methods fit a conjugate model, if ``value`` is one (or a
+    ``(conjugate model, data)`` pair)."""
+    from viax.conjugate.engine import ConjugateModel
+
+    built = value[0] if isinstance(value, tuple) and value else value
+    if isinstance(built, ConjugateModel):
+        raise ModelError(
+            f"{what} a viax.conjugate model ({type(built).__name__}): fit it with viax.cavi, "
+            "viax.svi or viax.naive (CLI: --method cavi, svi or naive); viax.fit (methods "
+            "advi, bbvi) takes a NumPyro model function or a viax.Model"
+        )
+
+
+def _returned_concretely(model_fn, prepared: PreparedData):
+    """What ``model_fn`` returns on the concrete data (None if it raises)."""
+    data = {**dict(prepared.static), **{k: np.asarray(v) for k, v in prepared.dynamic.items()}}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return handlers.seed(model_fn, 0)(**data)
+    except Exception:  # noqa: BLE001  only a hint for the error being raised
+        return None
+
+
+class _NoneData:
+    """Stands in for a None argument while looking for the sites that observe it."""
+
+    def __init__(self, argument: str):
+        self.argument = argument
+
+
+class _FindNoneData(numpyro.primitives.Messenger):
+    """Records the sample sites given a :class:`_NoneData` as ``obs``, and samples them."""
+
+    def __init__(self, fn):
+        super().__init__(fn)
+        self.found: dict[str, str] = {}
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and isinstance(msg["value"], _NoneData):
+            self.found[msg["name"]] = msg["value"].argument
+            msg["value"], msg["is_observed"] = None, False
+
+
+def _latent_from_none(model_fn, prepared: PreparedData, latent: list[str]):
+    """``((site, argument), ...)``: latent sites whose ``obs=`` is an argument that is
+    None (given as None or left at a None default), found by one more abstract trace with
+    a marker in place of each None; where the model uses the argument otherwise (``if y
+    is None: ...``), the latent sites named like a None argument."""
+    static = dict(prepared.static)
+    params = inspect.signature(model_fn).parameters
+    defaults = [n for n, p in params.items() if p.default is None and n not in static]
+    none_args = [n for n, v in static.items() if v is None] + defaults
+    none_args = [n for n in none_args if n not in prepared.dynamic]
+    if not none_args:
+        return ()
+    markers = {n: _NoneData(n) for n in none_args}
+    finder = _FindNoneData(model_fn)
+
+    def run(dynamic):
+        seeded = handlers.seed(finder, jax.random.PRNGKey(0))
+        handlers.trace(seeded).get_trace(**{**static, **markers}, **dynamic)
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            jax.eval_shape(run, prepared.dynamic)
+        found = finder.found
+    except Exception:  # noqa: BLE001  the model used the argument: fall back to names
+        found = {n: n for n in none_args}
+    return tuple((site, arg) for site, arg in found.items() if site in latent)
+
+
+def _warn_latent_from_none(target: Target) -> None:
+    if target.latent_from_none:
+        sites = ", ".join(f"{site} (data {arg!r} is None)" for site, arg in target.latent_from_none)
+        warnings.warn(
+            f"viax: site(s) {sites} became latent because their data is None: they are "
+            "fitted as unknowns (drawn from the model), not observed; pass the data to "
+            "condition on it",
+            RuntimeWarning,
+            stacklevel=4,
+        )

@@ -172,6 +172,7 @@ class Result:
 
     def log_weights(self, num_samples: int = 1000, seed: int = 0) -> np.ndarray:
         """log p(x, z) − log q(z) for z ~ q, shape (num_samples,)."""
+        num_samples = _check_num_samples(num_samples)
         return self._draws_and_log_weights(num_samples, seed, keep_positions=False)[1]
 
     def log_evidence(self, num_samples: int = 10_000, seed: int = 0):
@@ -179,6 +180,7 @@ class Result:
         the PSIS importance-sampling estimate ± se, and k̂ (see :mod:`viax.diagnostics`)."""
         from viax.diagnostics import evidence_from_log_weights
 
+        num_samples = _check_num_samples(num_samples, minimum=2)
         defensive = None
         if self.target is not None and self.target.dim <= _MAX_DENSE_DIM:
             chunks = self._in_chunks(defensive_log_weights_fn, num_samples, seed + 7919)
@@ -191,7 +193,7 @@ class Result:
     def khat_verdict(self) -> str:
         from viax.diagnostics import khat_verdict
 
-        return khat_verdict(self.khat)
+        return khat_verdict(self.khat, converged=bool(self.converged))
 
     def diagnostics(self, num_samples: int = 10_000, seed: int = 0) -> pd.DataFrame:
         """One table: convergence, steps, ELBO ± se, k̂ and its verdict, log p(x)."""
@@ -390,6 +392,15 @@ class Result:
         return ax
 
 
+def _check_num_samples(num_samples, minimum: int = 1) -> int:
+    """``num_samples`` as an int, or a ValueError before anything is drawn."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
+        raise ValueError(f"num_samples must be an integer, got {num_samples!r}")
+    if num_samples < minimum:
+        raise ValueError(f"num_samples must be >= {minimum}, got {num_samples}")
+    return int(num_samples)
+
+
 def mean_and_se(values: np.ndarray) -> tuple[float, float]:
     """Mean and Monte Carlo standard error; (-inf, nan) if any value is not finite."""
     values = np.asarray(values)
@@ -446,6 +457,7 @@ def _khat_note(verdict: str) -> str:
         "good": "good (< 0.5): q's draws and ELBO can be trusted",
         "usable": "usable (0.5-0.7): use importance resampling, check with care",
         "do not trust": "DO NOT TRUST (> 0.7): q is too far from the posterior",
+        "not converged": "NOT CONVERGED: k-hat says nothing about an unfinished q",
     }[verdict]
 
 
