@@ -37,11 +37,14 @@ from jax.flatten_util import ravel_pytree
 __all__ = [
     "LBFGSInfo",
     "LBFGSState",
+    "NewtonResult",
     "lbfgs",
     "lbfgs_direction",
     "lbfgs_direction_np",
     "minimize",
     "minimize_on_host",
+    "newton_direction_np",
+    "newton_on_host",
 ]
 
 _ARMIJO = 1e-4
@@ -240,3 +243,82 @@ def lbfgs_direction_np(s: np.ndarray, y: np.ndarray, num_pairs: int, g: np.ndarr
     inner = np.where(valid, d, 0.0) * rinv_sg + gamma * (yy @ rinv_sg) - gamma * yg
     p1 = scipy.linalg.solve_triangular(r, inner, trans=1, lower=False)
     return gamma * g + s.T @ p1 - gamma * (y.T @ rinv_sg)
+
+
+class NewtonResult(NamedTuple):
+    position: np.ndarray  # (n,) the best point found
+    value: float
+    grad: np.ndarray  # (n,)
+    hessian: np.ndarray  # (n, n) at ``position``
+    decrement: float  # gᵀ H₊⁻¹ g at ``position`` (H₊: H made positive definite)
+    num_steps: int  # Hessians evaluated
+    converged: bool  # decrement ≤ tol
+
+
+def newton_direction_np(hessian: np.ndarray, grad: np.ndarray, floor: float = 1e-13):
+    """``(d, decrement)``: the modified Newton step d = H₊⁻¹ g and gᵀ d.
+
+    The Hessian is first scaled to unit diagonal, Hₛ = S H S with S = diag(|H_ii|)^(−1/2)
+    (Jacobi), so that a slope of sd 1e-3 next to an intercept of sd 1e3 costs no
+    precision: the eigenvalues of Hₛ measure correlation, not units.  With Hₛ = V Λ Vᵀ,
+    H₊ = S⁻¹ V |Λ|₊ Vᵀ S⁻¹ where |Λ|₊ = max(|λ|, floor · max|λ|): negative curvature is
+    turned around (a saddle-free step, Dauphin et al. 2014) and flat directions are
+    floored rather than inverted.  The decrement gᵀ H₊⁻¹ g is invariant under a change
+    of units of x: half of it is the decrease the quadratic model predicts (nats), so
+    ``decrement ≤ tol`` is a scale-free stopping test (Boyd & Vandenberghe 2004, §9.5).
+    """
+    diag = np.abs(np.diagonal(hessian))
+    scale = np.where(
+        np.isfinite(diag) & (diag > 0), 1.0 / np.sqrt(np.where(diag > 0, diag, 1.0)), 1.0
+    )
+    scaled = scale[:, None] * hessian * scale[None, :]
+    eigval, eigvec = np.linalg.eigh(0.5 * (scaled + scaled.T))
+    eigval = np.abs(eigval)
+    eigval = np.maximum(eigval, floor * max(float(eigval.max(initial=0.0)), 1e-300))
+    sg = scale * grad
+    step = scale * (eigvec @ ((eigvec.T @ sg) / eigval))
+    return step, float(grad @ step)
+
+
+def newton_on_host(
+    value_and_grad: Callable[[np.ndarray], tuple[Any, Any]],
+    hessian_fn: Callable[[np.ndarray], Any],
+    position: np.ndarray,
+    max_steps: int = 50,
+    tol: float = 1e-10,
+) -> NewtonResult:
+    """Minimise f by modified Newton steps (:func:`newton_direction_np`) with a
+    backtracking Armijo line search, on the host around compiled ``value_and_grad``
+    and ``hessian_fn`` (dense, (n, n)): for posteriors so ill-conditioned (posterior
+    correlations of 1 − 1e-8, predictors on raw scales) that L-BFGS cannot resolve
+    them in float64 within its budget.  Newton's step is affine invariant, so the
+    units of the coordinates do not matter, and near the optimum it converges
+    quadratically.  Stops when the Newton decrement gᵀH₊⁻¹g ≤ ``tol``, when no step
+    along the direction decreases f (round-off), or after ``max_steps`` Hessians.
+    Starts from ``position``, which must have a finite value."""
+    x = np.array(position, dtype=np.float64)
+    value, grad = value_and_grad(x)
+    value, grad = float(value), np.asarray(grad, dtype=np.float64)
+    hess = np.asarray(hessian_fn(x), dtype=np.float64)
+    decrement = np.inf
+    for k in range(1, max_steps + 1):
+        if not (np.isfinite(value) and np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))):
+            return NewtonResult(x, value, grad, hess, np.inf, k, False)
+        direction, decrement = newton_direction_np(hess, grad)
+        if decrement <= tol:
+            return NewtonResult(x, value, grad, hess, decrement, k, True)
+        step_size, accepted = 1.0, False
+        while step_size > 1e-10:
+            proposal = x - step_size * direction
+            new_value, new_grad = value_and_grad(proposal)
+            new_value = float(new_value)
+            if np.isfinite(new_value) and new_value <= value - _ARMIJO * step_size * decrement:
+                accepted = True
+                break
+            step_size *= 0.25
+        if not accepted:  # round-off: f cannot be decreased along the Newton direction
+            return NewtonResult(x, value, grad, hess, decrement, k, decrement <= tol)
+        x, value, grad = proposal, new_value, np.asarray(new_grad, dtype=np.float64)
+        hess = np.asarray(hessian_fn(x), dtype=np.float64)
+    _, decrement = newton_direction_np(hess, grad)
+    return NewtonResult(x, value, grad, hess, decrement, max_steps, decrement <= tol)
