@@ -17,11 +17,14 @@ cache._enable_on_import()
 from viax import conjugate, data, diagnostics  # noqa: E402
 from viax.conjugate import cavi, naive, svi  # noqa: E402
 from viax.diagnostics import Evidence, khat_verdict  # noqa: E402
+from viax.encoders import MLPEncoder, ModuleEncoder  # noqa: E402
+from viax.estimators.objectives import ELBO, IWAE  # noqa: E402
 from viax.families import FAMILIES, FullRank, LowRank, MeanField, make_family  # noqa: E402
 from viax.fit import METHODS, OPTIMIZERS, fit  # noqa: E402
 from viax.infer.advi import scale_by_stan_advi, stan_advi  # noqa: E402
 from viax.infer.bbvi import gradient_variance  # noqa: E402
 from viax.infer.driver import DivergenceError  # noqa: E402
+from viax.infer.learn import RowEvidence  # noqa: E402
 from viax.model import Model, ModelError  # noqa: E402
 from viax.result import Result  # noqa: E402
 
@@ -32,13 +35,18 @@ __all__ = [
     "METHODS",
     "OPTIMIZERS",
     "DivergenceError",
+    "ELBO",
     "Evidence",
     "FullRank",
+    "IWAE",
     "LowRank",
+    "MLPEncoder",
     "MeanField",
     "Model",
     "ModelError",
+    "ModuleEncoder",
     "Result",
+    "RowEvidence",
     "cache",
     "cavi",
     "conjugate",

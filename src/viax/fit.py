@@ -81,6 +81,10 @@ def fit(
     estimator: str = "auto",
     rao_blackwell: bool = True,
     control_variate: bool | str = True,
+    encoder: Any = None,
+    objective: Any = None,
+    batch_size: int | None = None,
+    num_epochs: int | None = None,
 ) -> Result:
     """Fit a Gaussian variational approximation to the posterior of ``model``.
 
@@ -116,6 +120,25 @@ def fit(
         control_variate: bbvi only: ``True`` (leave-one-out a_i), ``"ema"`` (baseline)
             or ``False``.
 
+        encoder: amortize the local latents of the data plate: ``viax.MLPEncoder(...)``
+            (or ``viax.ModuleEncoder``); see docs/guide/learning.md.
+        objective: ``viax.ELBO(...)`` or ``viax.IWAE(num_samples=K)`` (DReG gradients).
+        batch_size, num_epochs: minibatch training (Adam, or an optax ``optimizer``).
+        path: ``"auto"`` (default), ``"full-batch"`` or ``"minibatch"``.  Without θ,
+            encoder or objective, minibatch VI (:func:`viax.infer.minibatch.fit_minibatch`:
+            whitened, variance-reduced, averaged, stopped by the MCSE) runs when asked,
+            when ``batch_size`` is given, when ``data`` is a :mod:`viax.data` source
+            (e.g. ``viax.data.parquet``), when the model subsamples a plate, or when the
+            full-batch path would need more than 2 GB; ``info["path"]`` and
+            ``info["path_reason"]`` say which and why.  See docs/guide/scale.md.
+        devices, checkpoint_path, resume: minibatch path: the devices of its "data"
+            mesh (default all), an atomic checkpoint file, and resuming from it.
+
+        A model with ``numpyro.param`` sites (θ), or any of the four arguments above, is
+        fitted by :func:`viax.infer.learn.fit_learn`: θ learned jointly with q
+        (``result.model_params``), full batch by L-BFGS on fixed draws unless
+        ``batch_size``/``num_epochs``/an optax optimizer asks for minibatches.
+
     Returns:
         A :class:`~viax.result.Result`.
 
@@ -128,6 +151,11 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    learning = {"encoder": encoder, "objective": objective, "batch_size": batch_size}
+    learning["num_epochs"] = num_epochs
+    if method == "bbvi" and any(v is not None for v in learning.values()):
+        given = ", ".join(k for k, v in learning.items() if v is not None)
+        raise ValueError(f"{given}: only method='advi' learns models (viax.infer.learn)")
     data = data_argument(data)
     if method == "bbvi":
         from viax.infer.bbvi import fit_bbvi
@@ -177,6 +205,30 @@ def fit(
         _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
 
     target, arrays, init_position = build_target(model, data, seed=seed)
+    if target.param_sites or any(v is not None for v in learning.values()):
+        from viax.infer.learn import fit_learn
+
+        if optimizer == "stan":
+            raise ValueError(
+                "optimizer='stan' does not learn model parameters; use the default (L-BFGS on "
+                "fixed draws) or an optax optimizer with batch_size="
+            )
+
+        result = fit_learn(
+            model,
+            data,
+            **learning,
+            family=family,
+            rank=rank,
+            num_steps=num_steps,
+            num_draws=num_draws,
+            optimizer=None if isinstance(optimizer, str) else optimizer,
+            seed=seed,
+            progress=progress,
+        )
+        result = _flag_runaway(result)
+        _warn_untrusted(result)
+        return result
     if target.discrete_sites:
         raise ModelError(
             f"site(s) {', '.join(target.discrete_sites)} are discrete; ADVI needs continuous "

@@ -38,7 +38,21 @@ from numpyro.infer.util import _unconstrain_reparam, constrain_fn, log_density
 
 from viax.infer.driver import jit_once
 
-__all__ = ["Model", "ModelError", "Site", "Target", "build_target", "data_argument", "prepare_data"]
+__all__ = [
+    "PARAMS_KEY",
+    "Model",
+    "ModelError",
+    "ParamSite",
+    "Site",
+    "Target",
+    "build_target",
+    "data_argument",
+    "prepare_data",
+]
+
+# The data key under which learned model parameters θ (constrained, by site name) enter
+# a Target's log density: a dynamic input, so the same compiled code serves every θ.
+PARAMS_KEY = "__viax_model_params__"
 
 
 class ModelError(ValueError):
@@ -131,6 +145,15 @@ class Site(NamedTuple):
     start: int
     size: int
     is_discrete: bool
+
+
+class ParamSite(NamedTuple):
+    """One ``numpyro.param`` site (a ``numpyro.contrib.module`` network is one site whose
+    value is a pytree of weights): its constraint and its initial value."""
+
+    name: str
+    constraint: Any
+    init_value: Any  # constrained pytree, as the model's init gives it
 
 
 class PreparedData(NamedTuple):
@@ -272,6 +295,9 @@ class Target:
     init_position: jax.Array  # (dim,)
     unravel_fn: Callable = field(repr=False)
     discrete_sites: tuple[str, ...] = ()
+    # numpyro.param sites: held at their initial value unless ``data[PARAMS_KEY]`` gives
+    # their (constrained) values, which is how the learning path feeds θ in.
+    param_sites: tuple[ParamSite, ...] = ()
     # (site, argument): latent sites whose obs= argument was None (_latent_from_none).
     latent_from_none: tuple[tuple[str, str], ...] = ()
 
@@ -284,11 +310,18 @@ class Target:
         return tuple(s.name for s in self.sites)
 
     def _kwargs(self, data):
-        return {**dict(self.static_data), **data}
+        return {**dict(self.static_data), **{k: v for k, v in data.items() if k != PARAMS_KEY}}
+
+    def _values(self, position, data) -> dict:
+        # Latents (unconstrained, by name) and model parameters θ (constrained): numpyro's
+        # _unconstrain_reparam returns a non-sample site's entry as it is.
+        initial = {site.name: site.init_value for site in self.param_sites}
+        return {**self.unravel_fn(position), **initial, **dict(data.get(PARAMS_KEY, {}))}
 
     def log_density(self, position: jax.Array, data: Mapping[str, jax.Array]) -> jax.Array:
-        """log p(x, T(u)) + log|J_T(u)| at ``u`` of shape (dim,)."""
-        params = self.unravel_fn(position)
+        """log p_θ(x, T(u)) + log|J_T(u)| at ``u`` of shape (dim,); θ from
+        ``data[PARAMS_KEY]`` where given, else the model's initial values."""
+        params = self._values(position, data)
         model = handlers.substitute(
             self.model_fn, substitute_fn=lambda site: _unconstrain_reparam(params, site)
         )
@@ -297,7 +330,7 @@ class Target:
 
     def constrain(self, position: jax.Array, data: Mapping[str, jax.Array]) -> dict:
         """Constrained latents and deterministic sites at ``u`` (dim,)."""
-        params = self.unravel_fn(position)
+        params = self._values(position, data)
         values = constrain_fn(
             self.model_fn, (), self._kwargs(data), params, return_deterministic=True
         )
@@ -423,8 +456,31 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
         jnp.asarray(init_position, dtype=float),
         unravel_fn,
         discrete,
+        param_sites=_param_sites(model_fn, prepared, trace),
         latent_from_none=_latent_from_none(model_fn, prepared, [s["name"] for s in latent_sites]),
     )
+
+
+def _param_sites(model_fn, prepared: PreparedData, trace) -> tuple[ParamSite, ...]:
+    """The ``numpyro.param`` sites with their constraints and concrete initial values.
+
+    The abstract trace holds tracers, so a model with params is run once more, eagerly,
+    for the values (its init functions may draw from the seed's key)."""
+    names = [name for name, site in trace.items() if site["type"] == "param"]
+    if not names:
+        return ()
+    seeded = handlers.substitute(
+        handlers.seed(model_fn, jax.random.PRNGKey(0)), substitute_fn=init_to_uniform(radius=2)
+    )
+    concrete = handlers.trace(seeded).get_trace(**dict(prepared.static), **prepared.dynamic)
+    out = []
+    for name in names:
+        site = concrete[name]
+        constraint = site["kwargs"].get("constraint", constraints.real)
+        _bijection(name, constraint)
+        value = jax.tree_util.tree_map(jnp.asarray, site["value"])
+        out.append(ParamSite(name, constraint, value))
+    return tuple(out)
 
 
 def _is_latent(site) -> bool:
@@ -437,7 +493,7 @@ def _is_latent(site) -> bool:
 
 def site_log_probs(target: Target, position, data) -> dict[str, float]:
     """Per-site summed log density at ``u``, used to name the site that is not finite."""
-    params = target.unravel_fn(position)
+    params = target._values(position, data)
     model = handlers.substitute(
         target.model_fn, substitute_fn=lambda site: _unconstrain_reparam(params, site)
     )

@@ -75,6 +75,12 @@ class Result:
     # estimates and k̂.
     log_weights_fn: Callable[[int, int], np.ndarray] | None = field(default=None, repr=False)
     khat: float = float("nan")  # PSIS k̂ of p/q on the draws of the final ELBO estimate
+    # Learned model parameters θ (numpyro.param sites, constrained), by site name; a
+    # network's value is its pytree of weights (viax.infer.learn).
+    model_params: dict = field(default_factory=dict, repr=False)
+    # Held-out evidence of an amortized q: evidence_fn(data, num_samples, seed) ->
+    # viax.infer.learn.RowEvidence.
+    evidence_fn: Callable | None = field(default=None, repr=False)
 
     def __repr__(self):
         verdict = "converged" if self.converged else "NOT converged"
@@ -175,10 +181,23 @@ class Result:
         num_samples = _check_num_samples(num_samples)
         return self._draws_and_log_weights(num_samples, seed, keep_positions=False)[1]
 
-    def log_evidence(self, num_samples: int = 10_000, seed: int = 0):
+    def log_evidence(self, num_samples: int = 10_000, seed: int = 0, data: dict | None = None):
         """Estimates of log p(x): ELBO ± se, IWAE bounds L_K (K = 1, 10, 100, 1000) ± se,
-        the PSIS importance-sampling estimate ± se, and k̂ (see :mod:`viax.diagnostics`)."""
+        the PSIS importance-sampling estimate ± se, and k̂ (see :mod:`viax.diagnostics`).
+
+        ``data``: held-out rows (e.g. ``{"x": x_test}``) for a model learned with an
+        encoder: per-row estimates of log p_θ(x_n) from the amortized q(z_n | x_n), in
+        chunks (a :class:`viax.infer.learn.RowEvidence`: ``log_p`` summed,
+        ``log_p_rows``, ``log_p_se``, ``khat_rows``, ``elbo``)."""
         from viax.diagnostics import evidence_from_log_weights
+
+        if data is not None:
+            if self.evidence_fn is None:
+                raise NotImplementedError(
+                    "held-out evidence needs a q for new rows: fit with encoder=... on a model "
+                    "whose rows are independent given its params (no global latents)"
+                )
+            return self.evidence_fn(data, _check_num_samples(num_samples, minimum=2), seed)
 
         num_samples = _check_num_samples(num_samples, minimum=2)
         defensive = None
@@ -247,7 +266,24 @@ class Result:
                     "50%": q[1],
                     "95%": q[2],
                 }
-        return pd.DataFrame.from_dict(rows, orient="index")
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        if self.model_params:
+            # Learned θ, listed after the latents: a point value (no sd); a network as
+            # one row per weight array (mean and sd of its weights).
+            frame["kind"] = "latent"
+            params = {}
+            for label, value in _flat_model_params(self.model_params).items():
+                if label in self.model_params and value.size <= _MAX_PARAM_ROWS:
+                    for i, element in enumerate(element_names(label, value.shape)):
+                        v = float(value.ravel()[i])
+                        params[element] = {"mean": v, "sd": np.nan, "5%": v, "50%": v, "95%": v}
+                else:
+                    params[label] = {"mean": value.mean(), "sd": value.std(), "5%": np.nan}
+                    params[label].update({"50%": np.nan, "95%": np.nan})
+            extra = pd.DataFrame.from_dict(params, orient="index")
+            extra["kind"] = "param"
+            frame = pd.concat([frame, extra])
+        return frame
 
     def to_arviz(self, num_samples: int = 1000, seed: int = 0):
         """ArviZ InferenceData: ``posterior`` from draws of q (one chain);
@@ -293,6 +329,20 @@ class Result:
             },
             attrs=attrs,
         )
+        if self.model_params:
+            # Learned θ are data of the fitted model, not draws: constant_data, one
+            # variable per array (named in attrs too).
+            flat = _flat_model_params(self.model_params)
+            constant = xr.Dataset(
+                {
+                    name: (tuple(f"{name}_dim_{i}" for i in range(v.ndim)), v)
+                    for name, v in flat.items()
+                },
+                attrs={"model_params": ", ".join(flat)},
+            )
+            return az.InferenceData(
+                posterior=posterior, sample_stats=sample_stats, constant_data=constant
+            )
         return az.InferenceData(posterior=posterior, sample_stats=sample_stats)
 
     def plot(
@@ -390,6 +440,21 @@ class Result:
             fig.savefig(path, dpi=110)
             plt.close(fig)
         return ax
+
+
+_MAX_PARAM_ROWS = 100  # a param with more elements is one summary row
+
+
+def _flat_model_params(model_params: dict) -> dict[str, np.ndarray]:
+    """``{"tau": 1.7, "decoder$params": <pytree>}`` as ``{"tau": array, "decoder$params.w":
+    array, …}``: one entry per array, pytree paths joined with dots."""
+    out = {}
+    for name, value in model_params.items():
+        leaves = jax.tree_util.tree_flatten_with_path(value)[0]
+        for path, leaf in leaves:
+            suffix = "".join(jax.tree_util.keystr((k,)) for k in path)
+            out[name + suffix] = np.asarray(leaf)
+    return out
 
 
 def _check_num_samples(num_samples, minimum: int = 1) -> int:
