@@ -98,15 +98,41 @@ def test_transform_categories_and_dropped_rows(folder, table):
     )
     assert src.num_rows == int((table["c"] != 0).sum())
     batches = list(src.batches(32, seed=1, epoch=0))
-    assert len(batches) == 31  # a short stream re-reads its rows: the count stays fixed
+    assert len(batches) == src.num_batches(32) == (src.num_rows // 8) // 4 == 21
     rows = _rows(batches)
-    assert (table["c"][rows] != 0).all()
+    assert (table["c"][rows] != 0).all() and len(np.unique(rows)) == len(rows)
     codes = np.concatenate([b["k"] for b in batches])
     np.testing.assert_array_equal(vocabulary[codes], table["s"][rows])
-    # resuming with a transform replays the reads (the row counts depend on the data)
+    # resuming with a transform: the counts come from the counting pass
     np.testing.assert_array_equal(
-        _rows(src.batches(32, seed=1, epoch=0, start_batch=25)), rows[25 * 32 :]
+        _rows(src.batches(32, seed=1, epoch=0, start_batch=15)), rows[15 * 32 :]
     )
+
+
+def test_pad_is_a_full_pass_for_any_process_count(folder, table):
+    kept = np.flatnonzero(table["c"] != 0)
+    src = data.parquet(
+        folder,
+        {"a": "a"},
+        transform=lambda b: {k: v[b["c"] != 0] for k, v in b.items()},
+        read=["a", "c"],
+    )
+    one = list(src.batches(48, seed=2, epoch=0, remainder="pad"))
+    assert len(one) == src.num_batches(48, remainder="pad") == 15  # streams of 85 or 84 rows
+    rows = _rows(one)[np.concatenate([b["_mask"] for b in one])]
+    np.testing.assert_array_equal(np.sort(rows), kept)  # every kept row once
+    for b in one:
+        np.testing.assert_array_equal(b["a"], table["a"][b["_rows"]])
+    shares = [
+        list(src.batches(48, seed=2, epoch=0, process_index=p, process_count=4, remainder="pad"))
+        for p in range(4)
+    ]
+    for k, batch in enumerate(one):
+        for name in ("_rows", "_mask"):
+            joined = np.concatenate([shares[p][k][name] for p in range(4)])
+            np.testing.assert_array_equal(joined, batch[name])
+    resumed = list(src.batches(48, seed=2, epoch=0, start_batch=9, remainder="pad"))
+    np.testing.assert_array_equal(_rows(resumed), _rows(one[9:]))
 
 
 def test_categories_become_integer_codes(folder, table, tmp_path):

@@ -1,20 +1,21 @@
 """Parquet: rows streamed from Apache Parquet files as Arrow record batches, memory flat
 in the number of rows.
 
-How an epoch is read (all of it a pure function of ``(seed, epoch)`` and the files'
-metadata, never of the number of processes):
+How an epoch is read (all of it a pure function of ``(seed, epoch)`` and of the files,
+never of the number of processes):
 
 1. The row groups of all files are put in a random order drawn from ``(seed, epoch)``;
-   read in that order they form one virtual sequence of T rows.
-2. The sequence is cut into S equal *streams* (``num_shards``), each of L = ⌊T/S⌋
+   read in that order, after ``transform``, they form one virtual sequence of N rows.
+2. The sequence is cut into S equal *streams* (``num_shards``), each of L = ⌊N/S⌋
    consecutive rows (a row group on a cut is read, in part, by both of its streams).
 3. Each stream reads its rows in record batches of ``read_block`` rows, applies
    ``transform``, and feeds a shuffle buffer of ``shuffle_buffer / S`` rows; every
    sub-batch is b = B/S rows drawn at random from the buffer (the buffer is refilled
    to the same size before each draw, so its content depends on the row sequence only).
 4. Global batch k is the concatenation of sub-batch k of streams 0, ..., S-1; an epoch
-   has ⌊L/b⌋ batches (the rest of each stream, under b + S rows in all, is dropped;
-   a different set each epoch).
+   has ⌊L/b⌋ batches (the rest of each stream, under b + 1 rows, is dropped: a
+   different set each epoch).  ``remainder="pad"`` instead reads every row once, in
+   stream order, for sums over the data.
 
 Process p of P runs only streams ``[p S/P, (p+1) S/P)``, i.e. reads only its share of
 the row groups, and what it gets is exactly rows ``[p B/P, (p+1) B/P)`` of the global
@@ -22,9 +23,11 @@ batch: the global batch is the same set of rows in the same order for every P th
 divides S.  The price of that guarantee is that S is fixed by the data, not by the run:
 P must divide S (default 8; pass ``num_shards`` for more hosts).
 
-A ``transform`` may drop rows (``{k: v[keep] for k, v in block.items()}``: the block
-carries ``"_rows"``, keep it aligned).  A stream short of rows then re-reads its own
-rows from its start, so every process still sees ⌊L/b⌋ batches per epoch.
+Row positions are counted after ``transform``, which may drop rows.  Knowing them takes
+the number of rows each row group keeps: the metadata without a transform, else one
+counting pass over the files (once per source, on first use: every process reads all
+row groups that once).  With the counts, resuming at batch k replays the buffer's draws
+on row positions alone and reads only the rows left in the buffer.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from viax.data.source import (
+    MASK,
     ROWS,
     Batch,
     DataError,
@@ -148,7 +152,6 @@ class ParquetSource(Source):
         shuffle_buffer: int | None = None,
         num_shards: int | None = None,
         read_block: int = 16384,
-        num_rows: int | None = None,
         check_finite: bool = True,
         num_threads: int | None = None,
         categories: Mapping[str, Sequence[Any] | None] | None = None,
@@ -226,9 +229,7 @@ class ParquetSource(Source):
             for c, v in categories.items()
         }
         self._codes = {c: pa.array(v) for c, v in self.categories.items()}
-        self._num_rows = (
-            num_rows if num_rows is not None else (None if transform else self.total_rows)
-        )
+        self._counts = None if transform is not None else self.group_rows.copy()
         self._columns = self._first_block_columns()
         self.shuffle_buffer = (
             shuffle_buffer if shuffle_buffer is not None else self._default_buffer()
@@ -251,7 +252,13 @@ class ParquetSource(Source):
         return int(min(2**17, max(4096, _BUFFER_BYTES // max(row_bytes + 8, 1))))
 
     def _first_block_columns(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        block = next(self._read_piece(0, 0, min(self.read_block, int(self.group_rows[0])), {}))
+        import pyarrow.parquet as pq
+
+        f, rg, _, first = self.groups[0]
+        reader = pq.ParquetFile(self.files[f]).iter_batches(
+            batch_size=min(self.read_block, 1024), row_groups=[rg], columns=self.read
+        )
+        block = self._assemble(self._raw(next(reader), first), 0)  # may be empty: shapes only
         return {k: (tuple(v.shape[1:]), v.dtype) for k, v in block.items() if k != ROWS}
 
     @property
@@ -260,16 +267,26 @@ class ParquetSource(Source):
 
     @property
     def num_rows(self) -> int:
-        """N.  With a ``transform`` (which may drop rows) and no ``num_rows=``, the first
-        access counts the rows in one pass over the files."""
-        if self._num_rows is None:
+        """N, the rows after ``transform``.  With a transform, the first access counts
+        them in one pass over the files (:attr:`counts`)."""
+        return int(self.counts.sum())
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Rows of each row group after ``transform`` (int64, file order): the metadata
+        without a transform; otherwise one counting pass over the files, done once."""
+        if self._counts is None:
             handles: dict[int, Any] = {}
-            self._num_rows = sum(
-                len(block[ROWS])
-                for g in range(len(self.groups))
-                for block in self._read_piece(g, 0, int(self.group_rows[g]), handles)
+            self._counts = np.array(
+                [
+                    sum(len(block[ROWS]) for block in self._read_piece(g, 0, None, handles))
+                    for g in range(len(self.groups))
+                ],
+                dtype=np.int64,
             )
-        return self._num_rows
+            if self._counts.sum() == 0:
+                raise DataError(f"transform= dropped every row of {self.path}")
+        return self._counts
 
     def where(self, row: int) -> str:
         """Describe global row ``row``: file, row group, row within the group."""
@@ -280,34 +297,51 @@ class ParquetSource(Source):
 
     # -- reading ----------------------------------------------------------------------
     def _read_piece(
-        self, g: int, start: int, stop: int, handles: dict[int, Any]
+        self, g: int, start: int, stop: int | None, handles: dict[int, Any]
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Rows ``[start, stop)`` of row group ``g``, transformed and assembled, in
-        blocks of at most ``read_block`` rows."""
+        """Rows ``[start, stop)`` of row group ``g``, counted *after* ``transform``
+        (``stop=None``: to the end), transformed and assembled, in blocks of at most
+        ``read_block`` rows.  Without a transform the record batches before ``start``
+        are skipped undecoded; with one, the group is transformed from its start."""
         import pyarrow.parquet as pq
 
         f, rg, _, first = self.groups[g]
         if f not in handles:
             # Not memory-mapped: mapped pages would count in the RSS, growing with the file.
             handles[f] = pq.ParquetFile(self.files[f])
-        offset = 0
+        stop = int(self.group_rows[g]) if stop is None and self.transform is None else stop
+        offset = 0  # raw rows of the group before this record batch
+        kept = 0  # rows after transform before this record batch
         batches = handles[f].iter_batches(
             batch_size=self.read_block, row_groups=[rg], columns=self.read, use_threads=False
         )
         for record_batch in batches:
             n = record_batch.num_rows
-            lo, hi = max(start - offset, 0), min(stop - offset, n)
-            if lo < hi:
-                part = record_batch.slice(lo, hi - lo)
-                raw = {
-                    name: self._to_numpy(name, part.column(i))
-                    for i, name in enumerate(part.schema.names)
-                }
-                raw[ROWS] = np.arange(first + offset + lo, first + offset + hi, dtype=np.int64)
-                yield self._assemble(raw, g)
+            if self.transform is None:
+                lo, hi = max(start - offset, 0), min(stop - offset, n)
+                if lo < hi:
+                    part = record_batch.slice(lo, hi - lo)
+                    yield self._assemble(self._raw(part, first + offset + lo), g)
+                offset += n
+                if offset >= stop:
+                    break
+                continue
+            block = self._assemble(self._raw(record_batch, first + offset), g)
             offset += n
-            if offset >= stop:
+            m = len(block[ROWS])
+            lo, hi = max(start - kept, 0), m if stop is None else min(stop - kept, m)
+            kept += m
+            if lo < hi:
+                yield block if (lo, hi) == (0, m) else {k: v[lo:hi] for k, v in block.items()}
+            if stop is not None and kept >= stop:
                 break
+
+    def _raw(self, part: Any, first_row: int) -> dict[str, np.ndarray]:
+        raw = {
+            name: self._to_numpy(name, part.column(i)) for i, name in enumerate(part.schema.names)
+        }
+        raw[ROWS] = np.arange(first_row, first_row + part.num_rows, dtype=np.int64)
+        return raw
 
     def _to_numpy(self, name: str, column: Any) -> np.ndarray:
         if name not in self._codes:
@@ -382,23 +416,33 @@ class ParquetSource(Source):
         out[ROWS] = rows.astype(np.int64, copy=False)
         return out
 
-    def _streams(self, seed: int, epoch: int, num_shards: int) -> list[list[tuple[int, int, int]]]:
-        """The pieces ``(group, start, stop)`` of each stream of the epoch."""
+    def _streams(
+        self, seed: int, epoch: int, num_shards: int, remainder: str
+    ) -> list[list[tuple[int, int, int]]]:
+        """The pieces ``(group, start, stop)`` of each stream of the epoch, in rows after
+        ``transform``.  ``"drop"``: S streams of ⌊T/S⌋ rows; ``"pad"``: every row, the
+        first T mod S streams one row longer."""
+        counts = self.counts
         order = (
             epoch_rng(seed, epoch, _SALT_GROUPS).permutation(len(self.groups))
             if self.shuffle
             else np.arange(len(self.groups))
         )
-        ends = np.cumsum(self.group_rows[order])
-        starts = ends - self.group_rows[order]
-        length = self.total_rows // num_shards
+        ends = np.cumsum(counts[order])
+        starts = ends - counts[order]
+        total = int(ends[-1])
+        lengths = np.full(num_shards, total // num_shards)
+        if remainder == "pad":
+            lengths[: total % num_shards] += 1
+        bounds = np.concatenate([[0], np.cumsum(lengths)])
         streams = []
         for s in range(num_shards):
-            lo, hi = s * length, (s + 1) * length
+            lo, hi = bounds[s], bounds[s + 1]
             pieces = []
             for j in np.flatnonzero((ends > lo) & (starts < hi)):
                 a, b = max(lo, starts[j]), min(hi, ends[j])
-                pieces.append((int(order[j]), int(a - starts[j]), int(b - starts[j])))
+                if a < b:
+                    pieces.append((int(order[j]), int(a - starts[j]), int(b - starts[j])))
             streams.append(pieces)
         return streams
 
@@ -414,56 +458,89 @@ class ParquetSource(Source):
         return next(s for s in (8, 4, 2, 1) if batch_size % s == 0)
 
     def num_batches(self, batch_size: int, *, remainder: str = "drop") -> int:
+        """Global batches per epoch: ⌊⌊N/S⌋ / (B/S)⌋ (``"drop"``), ⌈⌈N/S⌉ / (B/S)⌉
+        (``"pad"``); N after ``transform``.  Not N // B in general: use this."""
         s = self.shards(batch_size)
-        return (self.total_rows // s) // (batch_size // s)
+        b = batch_size // s
+        if remainder == "pad":
+            per_stream = -(-self.num_rows // s)
+            return -(-per_stream // b)
+        return (self.num_rows // s) // b
 
     def _stream(
-        self, pieces: list[tuple[int, int, int]], rng, b: int, capacity: int, count: int, skip: int
+        self,
+        pieces: list[tuple[int, int, int]],
+        rng: np.random.Generator | None,
+        b: int,
+        capacity: int,
+        count: int,
+        skip: int,
+        remainder: str,
     ) -> Iterator[dict[str, np.ndarray]]:
-        """The ``count - skip`` sub-batches of one stream from sub-batch ``skip`` on."""
+        """Sub-batches ``skip, ..., count - 1`` of one stream."""
+        skip = min(skip, count)
         handles: dict[int, Any] = {}
+        base = np.concatenate([[0], np.cumsum(self.counts)])  # first (kept) row of each group
 
         def blocks(first_row: int = 0):
-            """Data blocks of the stream's rows from its row ``first_row`` on; ``None`` at
-            the end of each pass; passes repeat (only a filtered stream needs them)."""
-            while True:
-                full_pass, produced, offset = first_row == 0, 0, 0
-                for g, start, stop in pieces:
-                    lo = start + max(first_row - offset, 0)
-                    offset += stop - start
-                    for block in self._read_piece(g, lo, stop, handles) if lo < stop else ():
-                        produced += len(block[ROWS])
-                        yield block
-                if full_pass and produced == 0:
-                    raise DataError(
-                        "transform= dropped every row of a stream of the epoch; "
-                        f"it reads row groups {sorted({p[0] for p in pieces})}"
-                    )
-                first_row = 0
-                yield None
-
-        def index_blocks():
-            """The stream's global row indices from the metadata alone (no reading)."""
+            """Data blocks of the stream's rows from its row ``first_row`` on."""
+            offset = 0
             for g, start, stop in pieces:
-                first = int(self.group_first[g])
-                yield {ROWS: np.arange(first + start, first + stop, dtype=np.int64)}
-            while True:
-                yield None
+                lo = start + max(first_row - offset, 0)
+                offset += stop - start
+                if lo < stop:
+                    yield from self._read_piece(g, lo, stop, handles)
 
-        state = {"pending": None, "exhausted": False, "absorbed": 0}
+        if remainder == "pad":  # a full pass in stream order, the last sub-batch padded
+            head = None
+            source = blocks(skip * b)
+            pending: list[dict[str, np.ndarray]] = []
+            held = 0
+            for _ in range(skip, count):
+                for block in source:
+                    pending.append(block)
+                    held += len(block[ROWS])
+                    if held >= b:
+                        break
+                merged = _concat(pending) if pending else None
+                n = min(held, b)
+                if n < b:
+                    if head is None:
+                        head = _concat(list(self._head(pieces, b, handles)))
+                        if len(head[ROWS]) == 0:
+                            raise DataError(
+                                f"a stream of the epoch has no rows: {self.num_rows} rows "
+                                "cannot fill the streams; pass a smaller num_shards="
+                            )
+                        reps = -(-b // len(head[ROWS]))
+                        head = {k: np.concatenate([v] * reps) for k, v in head.items()}
+                    out = {
+                        k: np.concatenate([merged[k][:n], head[k][: b - n]])
+                        if merged is not None
+                        else head[k][:b]
+                        for k in head
+                    }
+                else:
+                    out = {k: v[:b] for k, v in merged.items()}
+                rest = {k: v[b:] for k, v in merged.items()} if merged is not None else None
+                pending = [rest] if rest is not None and len(rest[ROWS]) else []
+                held = max(held - b, 0)
+                out[MASK] = np.arange(b) < n
+                yield out
+            return
+
+        state = {"pending": None, "absorbed": 0}
 
         def fill(pool: _Pool, source: Iterator) -> None:
-            # Refill to exactly capacity + b rows (or to the end of the stream's rows),
-            # splitting blocks, so the draws depend on the row sequence alone, not on
-            # where record batches end.  Only a stream short of rows (transform= dropped
-            # some) reads its rows a second time.
-            while pool.size < (b if state["exhausted"] else capacity + b):
+            # Refill to exactly capacity + b rows (or to the end of the stream), splitting
+            # blocks, so the draws depend on the row sequence alone, not on where record
+            # batches end.
+            while pool.size < capacity + b:
                 pending = state["pending"]
                 if pending is None:
-                    pending = next(source)
-                    state["exhausted"] = pending is None
+                    pending = next(source, None)
                     if pending is None:
-                        continue
+                        break
                 n = len(pending[ROWS])
                 need = capacity + b - pool.size
                 if n <= need:
@@ -477,44 +554,58 @@ class ParquetSource(Source):
 
         first = 0
         pool = _Pool(capacity + b)
-        if skip and self.transform is None:
-            # Resume without reading: with no transform the rows of the stream are known
-            # from the metadata, and the draws depend on the row count alone.  Replay
-            # them on row indices, then read only the rows left in the buffer.
-            indices = _Pool(capacity + b)
-            source = index_blocks()
+        if skip:
+            # Resume without reading: the draws depend on the row counts alone, which are
+            # known (metadata, or the counting pass of a transform).  Replay them on row
+            # positions, then read only the rows left in the buffer.
+            positions = _Pool(capacity + b)
+            index_blocks = (
+                {ROWS: np.arange(base[g] + start, base[g] + stop, dtype=np.int64)}
+                for g, start, stop in pieces
+            )
             for _ in range(skip):
-                fill(indices, source)
-                indices.take(rng, b)
-            if indices.size:
-                pool.add(
-                    self._rows_data(indices.arrays[ROWS][: indices.size], handles), indices.size
-                )
+                fill(positions, index_blocks)
+                positions.take(rng, b)
+            if positions.size:
+                kept = positions.arrays[ROWS][: positions.size]
+                pool.add(self._positions_data(kept, base, handles), positions.size)
             state["pending"] = None
             first = skip
-            source = blocks(state["absorbed"])
-        else:
-            source = blocks()
-        for k in range(first, count):
+        source = blocks(state["absorbed"])
+        for _ in range(first, count):
             fill(pool, source)
-            out = pool.take(rng, b)
-            if k >= skip:
-                yield out
+            if pool.size < b:  # cannot happen: the epoch's count fits every stream
+                raise AssertionError("a Parquet stream ran out of rows")
+            yield pool.take(rng, b)
 
-    def _rows_data(self, rows: np.ndarray, handles: dict[int, Any]) -> dict[str, np.ndarray]:
-        """The assembled columns of the given global rows (no transform), in their order."""
-        groups = np.searchsorted(self.group_first, rows, side="right") - 1
+    def _head(self, pieces, b: int, handles: dict[int, Any]) -> Iterator[dict[str, np.ndarray]]:
+        """The first (at most) b rows of a stream: its padding."""
+        left = b
+        for g, start, stop in pieces:
+            for block in self._read_piece(g, start, min(stop, start + left), handles):
+                left -= len(block[ROWS])
+                yield block
+            if left <= 0:
+                return
+
+    def _positions_data(
+        self, positions: np.ndarray, base: np.ndarray, handles: dict[int, Any]
+    ) -> dict[str, np.ndarray]:
+        """The assembled rows at the given positions (``base[g] + kept row of group g``),
+        in their order."""
+        groups = np.searchsorted(base, positions, side="right") - 1
         out: dict[str, np.ndarray] = {
-            c: np.empty((len(rows), *shape), dtype) for c, (shape, dtype) in self._columns.items()
+            c: np.empty((len(positions), *shape), dtype)
+            for c, (shape, dtype) in self._columns.items()
         }
-        out[ROWS] = rows.copy()
+        out[ROWS] = np.empty(len(positions), np.int64)
         for g in np.unique(groups):
             where = np.flatnonzero(groups == g)
-            offsets = rows[where] - self.group_first[g]
+            offsets = positions[where] - base[g]
             lo, hi = int(offsets.min()), int(offsets.max()) + 1
-            parts = list(self._read_piece(int(g), lo, hi, handles))
-            for c in self._columns:
-                out[c][where] = np.concatenate([p[c] for p in parts])[offsets - lo]
+            part = _concat(list(self._read_piece(int(g), lo, hi, handles)))
+            for c in out:
+                out[c][where] = part[c][offsets - lo]
         return out
 
     def batches(
@@ -528,9 +619,14 @@ class ParquetSource(Source):
         process_count: int = 1,
         remainder: str = "drop",
     ) -> Iterator[Batch]:
+        """See :meth:`Source.batches`.  ``remainder="drop"``: the shuffled epoch of the
+        module docstring.  ``"pad"``: a full pass (every row once, for sums over the
+        data): row groups in the epoch's order, each stream read in order, without the
+        shuffle buffer, its last sub-batch padded with its own first rows (``"_mask"``
+        False there)."""
         check_share(batch_size, process_index, process_count)
-        if remainder != "drop":
-            raise DataError("a Parquet source drops the last partial batch (remainder='drop')")
+        if remainder not in ("drop", "pad"):
+            raise DataError(f"remainder must be 'drop' or 'pad', got {remainder!r}")
         num_shards = self.shards(batch_size)
         if num_shards % process_count:
             raise DataError(
@@ -539,30 +635,33 @@ class ParquetSource(Source):
                 "viax.data.parquet (it fixes the batch order, so keep it for every run)"
             )
         b = batch_size // num_shards
-        count = self.num_batches(batch_size)
+        count = self.num_batches(batch_size, remainder=remainder)
         if count == 0:
             raise DataError(
-                f"batch_size {batch_size} exceeds the {self.total_rows} rows of the data"
+                f"batch_size {batch_size} exceeds the {self.num_rows} rows of the data; "
+                "use a smaller batch or remainder='pad'"
             )
         per = num_shards // process_count
         mine = range(process_index * per, (process_index + 1) * per)
-        capacity = max(self.shuffle_buffer // num_shards, b) if self.shuffle else 0
-        plan = self._streams(seed, epoch, num_shards)
+        shuffled = self.shuffle and remainder == "drop"
+        capacity = max(self.shuffle_buffer // num_shards, b) if shuffled else 0
+        plan = self._streams(seed, epoch, num_shards, remainder)
         streams = [
             self._stream(
                 plan[s],
-                epoch_rng(seed, epoch, _SALT_STREAM, s) if self.shuffle else None,
+                epoch_rng(seed, epoch, _SALT_STREAM, s) if shuffled else None,
                 b,
                 capacity,
                 count,
                 start_batch,
+                remainder,
             )
             for s in mine
         ]
         threads = self.num_threads
         if threads is None:
             threads = max(1, min(len(streams), (os.cpu_count() or 1) // 2))
-        return self._merge(streams, count - start_batch, min(threads, len(streams)))
+        return self._merge(streams, max(count - start_batch, 0), min(threads, len(streams)))
 
     @staticmethod
     def _merge(
@@ -573,12 +672,17 @@ class ParquetSource(Source):
         release the GIL), which changes nothing in the result."""
         if threads <= 1:
             for parts in zip(*streams, strict=True):
-                yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                yield _concat(list(parts))
             return
         with ThreadPoolExecutor(threads, thread_name_prefix="viax-parquet") as pool:
             for _ in range(count):
-                parts = list(pool.map(next, streams))
-                yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                yield _concat(list(pool.map(next, streams)))
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def parquet(
@@ -592,7 +696,6 @@ def parquet(
     shuffle_buffer: int | None = None,
     num_shards: int | None = None,
     read_block: int = 16384,
-    num_rows: int | None = None,
     check_finite: bool = True,
     num_threads: int | None = None,
     categories: Mapping[str, Sequence[Any] | None] | None = None,
@@ -621,7 +724,6 @@ def parquet(
             the number of processes must divide it.  Default: the largest of 8, 4, 2, 1
             dividing the batch size.  It sets the batch order: keep it across runs.
         read_block: rows per Arrow record batch read.
-        num_rows: N, if known, when ``transform`` drops rows (saves a counting pass).
         check_finite: raise :class:`DataError` naming the column, file, row group and
             row of any NaN or infinity.
         num_threads: threads reading this process's streams concurrently (default: half
@@ -654,7 +756,6 @@ def parquet(
         shuffle_buffer=shuffle_buffer,
         num_shards=num_shards,
         read_block=read_block,
-        num_rows=num_rows,
         check_finite=check_finite,
         num_threads=num_threads,
         categories=categories,
