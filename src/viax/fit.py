@@ -329,8 +329,11 @@ def _flag_runaway(result: Result) -> Result:
     try:
         mean = np.asarray(result.family.mean(result.params), dtype=float)
         sd = np.asarray(result.family.stddev(result.params), dtype=float)
+        if mean.shape != sd.shape:
+            raise ValueError("not one Gaussian over the latents")
     except Exception:  # noqa: BLE001  a family without moments: its parameters then
-        mean = np.concatenate([np.ravel(x) for x in jax.tree.leaves(result.params)] or [[0.0]])
+        leaves = [np.ravel(np.asarray(x, dtype=float)) for x in jax.tree.leaves(result.params)]
+        mean = np.concatenate(leaves or [np.zeros(1)])
         sd = np.zeros_like(mean)
     off = ~(np.isfinite(mean) & np.isfinite(sd) & (np.abs(mean) < _RUNAWAY) & (sd < _RUNAWAY))
     if off.any():
@@ -338,7 +341,7 @@ def _flag_runaway(result: Result) -> Result:
         for i in np.flatnonzero(off):
             try:
                 name = result.target.site_of_index(int(i))
-            except (AttributeError, IndexError):
+            except Exception:  # noqa: BLE001  no site for it (a family's own parameters)
                 name = "params"
             sites.setdefault(name, f"{name} (mean {mean[i]:.3g}, sd {sd[i]:.3g})")
         causes.append(
