@@ -47,6 +47,11 @@ def test_prefetch_close_stops_the_thread():
     assert threading.active_count() == before
     with pytest.raises(StopIteration):
         next(chunks)
+    # Ctrl-C in the consuming loop: the with block stops the thread on the way out
+    with pytest.raises(KeyboardInterrupt), data.prefetch(endless(), to_device=False) as chunks:
+        next(chunks)
+        raise KeyboardInterrupt
+    assert threading.active_count() == before
 
 
 SCRIPT = textwrap.dedent(

@@ -27,8 +27,8 @@ Guarantees:
   P).  So the union of the process slices is the one-process batch.
 - ``start_batch=k`` continues exactly as the uninterrupted stream would from batch
   ``k``; a checkpoint stores ``(epoch, batch index)``.
-- ``source.num_batches(B, remainder=...)`` is the number of global batches per epoch;
-  use it (for a Parquet source it is not N // B: S streams each drop their rest).
+- ``source.num_batches(B, remainder=...)`` is the number of global batches per epoch:
+  ⌊N/B⌋ (``"drop"``) or ⌈N/B⌉ (``"pad"``) for every source that knows N.
 - Every batch has the same shapes: the last partial batch is dropped
   (``remainder="drop"``, default; a different set of rows each epoch) or padded with
   rows of the epoch's first batch (``"pad"``, marked by ``"_mask"``).

@@ -13,9 +13,10 @@ never of the number of processes):
    sub-batch is b = B/S rows drawn at random from the buffer (the buffer is refilled
    to the same size before each draw, so its content depends on the row sequence only).
 4. Global batch k is the concatenation of sub-batch k of streams 0, ..., S-1; an epoch
-   has ⌊L/b⌋ batches (the rest of each stream, under b + 1 rows, is dropped: a
-   different set each epoch).  ``remainder="pad"`` instead reads every row once, in
-   stream order, for sums over the data.
+   has ⌊L/b⌋ = ⌊N/B⌋ batches (the rest of each stream, under b rows, and the N mod S
+   rows past the last stream are dropped: a different set each epoch).
+   ``remainder="pad"`` instead reads every row once, in stream order, for sums over the
+   data.
 
 Process p of P runs only streams ``[p S/P, (p+1) S/P)``, i.e. reads only its share of
 the row groups, and what it gets is exactly rows ``[p B/P, (p+1) B/P)`` of the global
@@ -458,8 +459,8 @@ class ParquetSource(Source):
         return next(s for s in (8, 4, 2, 1) if batch_size % s == 0)
 
     def num_batches(self, batch_size: int, *, remainder: str = "drop") -> int:
-        """Global batches per epoch: ⌊⌊N/S⌋ / (B/S)⌋ (``"drop"``), ⌈⌈N/S⌉ / (B/S)⌉
-        (``"pad"``); N after ``transform``.  Not N // B in general: use this."""
+        """Global batches per epoch: ⌊⌊N/S⌋ / (B/S)⌋ = ⌊N/B⌋ (``"drop"``),
+        ⌈⌈N/S⌉ / (B/S)⌉ = ⌈N/B⌉ (``"pad"``), with N counted after ``transform``."""
         s = self.shards(batch_size)
         b = batch_size // s
         if remainder == "pad":
