@@ -160,6 +160,8 @@ def test_bad_input_is_named(folder, tmp_path, table):
         data.parquet(folder, {"X": ["a", "zz"]})
     with pytest.raises(DataError, match="'late' .* nor made by transform="):
         data.parquet(folder, {"y": "late"}, transform=lambda b: b)
+    with pytest.raises(DataError, match="transform= looked up column 'c', which is not read"):
+        data.parquet(folder, {"y": "late"}, transform=lambda b: {"late": b["c"] > 0})
     with pytest.raises(DataError, match="column 's' holds object values"):
         data.parquet(folder, ["s"])
     bad = dict(table, b=table["b"].copy())

@@ -362,7 +362,17 @@ class ParquetSource(Source):
     def _assemble(self, raw: dict[str, np.ndarray], g: int) -> dict[str, np.ndarray]:
         block = raw
         if self.transform is not None:
-            out = self.transform(dict(raw))
+            try:
+                out = self.transform(dict(raw))
+            except KeyError as error:
+                name = error.args[0] if error.args else "?"
+                if name in self.read or name == ROWS:
+                    raise
+                raise DataError(
+                    f"transform= looked up column {name!r}, which is not read: pass "
+                    f"read=[...] with every column it needs (read now: {', '.join(self.read)}; "
+                    f"available: {', '.join(self.available)})"
+                ) from error
             if not isinstance(out, Mapping):
                 raise DataError(f"transform returned a {type(out).__name__}, not a dict of arrays")
             block = {str(k): np.asarray(v) for k, v in out.items()}
