@@ -132,3 +132,9 @@ def test_bad_data_errors():
         data.as_source({"x": np.zeros(20)}).batches(32, seed=0, epoch=0)
     with pytest.raises(DataError, match="cannot read data of type str"):
         data.as_source("flights.parquet")
+
+
+def test_pad_fills_a_batch_larger_than_the_data():
+    (batch,) = data.as_source({"x": np.arange(5.0)}).batches(12, seed=0, epoch=0, remainder="pad")
+    assert batch["x"].shape == (12,) and batch["_mask"].sum() == 5
+    np.testing.assert_array_equal(np.sort(batch["_rows"][batch["_mask"]]), np.arange(5))

@@ -226,7 +226,7 @@ class ArraySource(Source):
             mask = None
             if len(rows) < batch_size:  # remainder == "pad": fill from the epoch's start
                 mask = np.arange(batch_size) < len(rows)
-                rows = np.concatenate([rows, perm[: batch_size - len(rows)]])
+                rows = np.concatenate([rows, np.resize(perm, batch_size - len(rows))])
                 mask = mask[lo:hi]
             rows = rows[lo:hi]
             if memmaps:
