@@ -191,6 +191,14 @@ ROWS = [
         ValueError,
         "memory available",
     ),
+    (
+        "fit",
+        "bbvi, num_particles beyond memory",
+        _fit(normal_model, {"y": Y}, method="bbvi", num_particles=10**13),
+        ValueError,
+        "memory available",
+    ),
+    ("fit", "a nested dict", _fit(normal_model, {"y": {"a": 1.0}}), ModelError, "nested"),
     # viax.cavi / svi / naive
     ("cavi", "a NumPyro model", lambda f: viax.cavi(normal_model, Y), TypeError, "viax.fit"),
     ("svi", "a NumPyro model", lambda f: viax.svi(normal_model, Y), TypeError, "viax.fit"),

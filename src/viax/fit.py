@@ -157,6 +157,8 @@ def fit(
         given = ", ".join(k for k, v in learning.items() if v is not None)
         raise ValueError(f"{given}: only method='advi' learns models (viax.infer.learn)")
     data = data_argument(data)
+    for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
+        _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
     if method == "bbvi":
         from viax.infer.bbvi import fit_bbvi
 
@@ -201,8 +203,6 @@ def fit(
     if eta is not None:
         eta = _check_positive_float("eta", eta)
     seed = _check_positive_int("seed", seed, minimum=0)
-    for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
-        _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
 
     target, arrays, init_position = build_target(model, data, seed=seed)
     if target.param_sites or any(v is not None for v in learning.values()):
@@ -376,8 +376,8 @@ def _check_memory(name: str, count: int | None, per_draw: int, arrays) -> None:
     """Refuse ``count`` Monte Carlo draws that cannot fit in memory, before compiling:
     each draw holds about ``per_draw`` numbers of q plus one number per data element
     (the model's terms), 8 bytes each."""
-    if count is None:
-        return
+    if not isinstance(count, numbers.Integral):
+        return  # None (the default), or refused by the argument checks
     data_size = sum(int(np.size(x)) for x in jax.tree.leaves(arrays))
     needed = 8.0 * count * (per_draw + data_size)
     available = _available_memory()

@@ -269,7 +269,10 @@ def _numeric_array(key: str, value) -> np.ndarray:
     except ValueError as err:  # NumPy >= 1.24 refuses ragged nested lists
         raise ModelError(f"data[{key!r}] is not a rectangular array ({err})") from None
     if array.dtype == object:
-        raise ModelError(f"data[{key!r}] is not numeric (ragged lists are not supported)")
+        raise ModelError(
+            f"data[{key!r}] is not an array of numbers (a {type(value).__name__} of "
+            "objects): ragged lists and nested containers are not supported"
+        )
     if np.issubdtype(array.dtype, np.complexfloating):
         raise ModelError(f"data[{key!r}] holds complex numbers; viax models take real data")
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
