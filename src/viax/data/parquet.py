@@ -289,6 +289,11 @@ class ParquetSource(Source):
                 raise DataError(f"transform= dropped every row of {self.path}")
         return self._counts
 
+    def __repr__(self) -> str:
+        rows = "not counted yet" if self._counts is None else int(self._counts.sum())
+        cols = ", ".join(f"{k}: {s} {np.dtype(d).name}" for k, (s, d) in self.columns.items())
+        return f"ParquetSource({self.path.name}, num_rows={rows}, columns={{{cols}}})"
+
     def where(self, row: int) -> str:
         """Describe global row ``row``: file, row group, row within the group."""
         g = int(np.searchsorted(self.group_first, row, side="right") - 1)
