@@ -125,8 +125,11 @@ class BatchedModel:
         model = handlers.substitute(self.model_fn, substitute_fn=substitute_fn)
         if self.subsample_plate is not None:
             model = _plate_rows(model, self.subsample_plate, rows)
-        skip = (ROWS, MASK)
-        kwargs = {**dict(self.static_data), **{k: v for k, v in batch.items() if k not in skip}}
+        # Keys with a leading underscore are the algorithm's (rows, mask, set-up).
+        kwargs = {
+            **dict(self.static_data),
+            **{k: v for k, v in batch.items() if not k.startswith("_")},
+        }
         trace = handlers.trace(model).get_trace(**kwargs)
         return trace, log_dets
 

@@ -89,7 +89,11 @@ def save(path, state, tracker, elbo_trace, whitening, anchor, info: dict) -> Pat
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {"format": np.asarray(FORMAT), "elbo_trace": np.asarray(elbo_trace, np.float64)}
+    arrays = {
+        "format": np.asarray(FORMAT),
+        "step": np.asarray(state.step),
+        "elbo_trace": np.asarray(elbo_trace, np.float64),
+    }
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
         arrays[f"state/{i}"] = np.asarray(leaf)
     arrays.update(_tracker_arrays(tracker))

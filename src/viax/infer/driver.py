@@ -178,7 +178,8 @@ def batched_chunk_fn(step_fn: Callable) -> Callable:
     """``jit(scan(step))`` over a chunk of K pre-stacked batches, for a minibatch
     algorithm whose ``step(state, rng_key, data, batch)`` takes one batch: ``chunk`` is a
     pytree with leading axis K (the scan axis), ``data`` is passed whole to every step.
-    Cached per step function like :func:`chunk_fn`."""
+    Cached per step function like :func:`chunk_fn`.  The state is donated: its buffers
+    (per-row parameters at full size) are updated in place, never copied per chunk."""
     key = (step_fn, "batched")
     fn = _CHUNK_FNS.get(key)
     if fn is None:
@@ -186,11 +187,9 @@ def batched_chunk_fn(step_fn: Callable) -> Callable:
         def run_chunk(state, rng_key, chunk_index, data, chunk):
             num_steps = jax.tree_util.tree_leaves(chunk)[0].shape[0]
             keys = jax.random.split(jax.random.fold_in(rng_key, chunk_index), num_steps)
-            return jax.lax.scan(
-                lambda s, xs: step_fn(s, xs[0], data, xs[1]), state, (keys, chunk)
-            )
+            return jax.lax.scan(lambda s, xs: step_fn(s, xs[0], data, xs[1]), state, (keys, chunk))
 
-        fn = _CHUNK_FNS[key] = jax.jit(run_chunk)
+        fn = _CHUNK_FNS[key] = jax.jit(run_chunk, donate_argnums=0)
     return fn
 
 
@@ -225,7 +224,8 @@ def run(
     gives the progress bar's text after each chunk.
     """
     run_chunk = chunk_fn(step_fn, fast_compile) if batches is None else batched_chunk_fn(step_fn)
-    pending = None  # the chunk of batches being run (kept to retry it after a backoff)
+    pending = None  # the next chunk of batches
+    num_nonfinite = int(state.guard.num_nonfinite)
     chunk_size = max(1, min(chunk_size, num_steps))
     traces, steps_done, backoffs, chunk_index = [], 0, 0, 0
     converged, message = False, f"reached the maximum of {num_steps} steps"
@@ -246,7 +246,20 @@ def run(
                 new_state, info = run_chunk(state, rng_key, np.int32(chunk_index), data, pending)
             chunk_index += 1
             objective = np.asarray(info.objective)
-            if int(new_state.guard.num_nonfinite) > int(state.guard.num_nonfinite):
+            if batches is not None and int(new_state.guard.num_nonfinite) > num_nonfinite:
+                # The donated state is gone, and the guard did not apply the non-finite
+                # steps: carry on from the chunk's end with a smaller step.
+                backoffs += 1
+                if backoffs > max_backoffs:
+                    _raise_divergence(new_state.guard, site_of_index, objective_name)
+                num_nonfinite = int(new_state.guard.num_nonfinite)
+                new_state = new_state._replace(
+                    guard=new_state.guard._replace(step_scale=new_state.guard.step_scale * 0.1)
+                )
+                bar.set_postfix_str(f"non-finite {objective_name}: step size / 10")
+            elif batches is None and int(new_state.guard.num_nonfinite) > int(
+                state.guard.num_nonfinite
+            ):
                 backoffs += 1
                 if backoffs > max_backoffs:
                     _raise_divergence(new_state.guard, site_of_index, objective_name)

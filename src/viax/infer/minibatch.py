@@ -153,22 +153,23 @@ def _local_gather(local: dict, rows) -> dict:
     return jax.tree_util.tree_map(lambda a: a[rows], local)
 
 
-def elbo_objective(
-    bm: BatchedModel,
-    family: Family,
-    whitening: Whitening,
-    anchor: Anchor,
-    num_particles: int,
-) -> Callable:
+SETUP = "_setup"  # the batch key of the run's (Whitening, Anchor)
+
+
+@functools.lru_cache(maxsize=64)
+def elbo_objective(bm: BatchedModel, family: Family, num_particles: int) -> Callable:
     """The batch ELBO estimate ``objective(params, batch, key) -> (−ELBO, ELBO)`` with
     ``params = {"global": whitened params, "local": {site: {"loc", "log_scale"} (|B|, k)}}``
-    (the batch's rows already gathered); see the module docstring for the estimator."""
+    (the batch's rows already gathered) and the run's ``(Whitening, Anchor)`` under
+    ``batch["_setup"]`` (arguments, not constants: refits reuse the compiled step); see
+    the module docstring for the estimator."""
     n = bm.num_rows
 
     def local_sum_at(zg, zl, batch):
         return bm.log_joint_parts(zg, zl, batch)
 
     def objective(params, batch, key):
+        whitening, anchor = batch[SETUP]
         rows = batch[ROWS]
         factor = n / rows.shape[0]
         fam_params = whitening.push(family, params["global"])
@@ -212,11 +213,10 @@ def elbo_objective(
     return objective
 
 
+@functools.lru_cache(maxsize=64)
 def build_minibatch(
     bm: BatchedModel,
     family: Family,
-    whitening: Whitening,
-    anchor: Anchor,
     *,
     num_particles: int = 1,
     learning_rate: float = 0.02,
@@ -226,9 +226,10 @@ def build_minibatch(
 ) -> Minibatch:
     """The pure init/step pair; ``step(state, rng_key, data, batch)`` ignores the
     driver's key (step t draws from ``fold_in(state.rng_key, t)``, so the numbers do not
-    depend on how the steps are cut into chunks) and ``data`` holds the constant arrays."""
+    depend on how the steps are cut into chunks) and ``data`` holds the constant arrays
+    and ``"_setup"``: ``(Whitening, Anchor)``.  Cached: refits reuse the compiled chunk."""
     optimizer = optax.adam(learning_rate)
-    objective = objective or elbo_objective(bm, family, whitening, anchor, num_particles)
+    objective = objective or elbo_objective(bm, family, num_particles)
     b1, b2, eps_adam = 0.9, 0.999, 1e-8
 
     def init(params_w: dict, rng_key, local_init: dict | None = None) -> MinibatchState:
@@ -239,15 +240,22 @@ def build_minibatch(
             }
             for s in bm.local_sites
         }
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, local)
-        counts = {s.name: jnp.zeros(bm.num_rows, jnp.int32) for s in bm.local_sites}
+
+        # Separate buffers for every array: the chunk donates (updates in place) each.
+        def zeros():
+            return jax.tree_util.tree_map(jnp.zeros_like, local)
+
+        def counts():
+            return jnp.zeros(bm.num_rows, jnp.int32)
+
         params = {"global": params_w, "local": local}
         flat, _ = ravel_pytree(params_w)
+        m, v, average = zeros(), zeros(), zeros()
         return MinibatchState(
             params=params,
             opt_state=optimizer.init(params_w),
-            local_moments={k: {"m": zeros[k], "v": zeros[k], "count": counts[k]} for k in local},
-            local_average={k: {**zeros[k], "count": counts[k]} for k in local},
+            local_moments={k: {"m": m[k], "v": v[k], "count": counts()} for k in local},
+            local_average={k: {**average[k], "count": counts()} for k in local},
             averaging=jnp.asarray(False),
             step=jnp.asarray(0, jnp.int32),
             rng_key=rng_key,
@@ -364,7 +372,7 @@ def _rows_of(source, batch_size, count, seed, pc) -> dict:
         batch_size, seed=seed, epoch=0, process_index=pc[0], process_count=pc[1]
     ):
         out.append(batch)
-        got += batch[ROWS].shape[0]
+        got += batch[ROWS].shape[0] * pc[1]  # rows of the global batches
         if got >= count:
             break
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
@@ -376,17 +384,12 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
     identity = Whitening(jnp.asarray(init_u), None, jnp.ones(dim))
     if bm.local_sites or dim == 0:
         return identity, {"preconditioner": "identity (per-row latents)" if dim else "none"}
-    factor = bm.num_rows / num_sample_rows
-
-    def negative(u, batch):
-        global_sum, local_sum = bm.log_joint_parts(u, {}, batch)
-        return -(global_sum + factor * local_sum)
-
-    value_and_grad = jit_once(jax.value_and_grad(negative))
+    factor = jnp.asarray(bm.num_rows / num_sample_rows)
+    value_and_grad, hessian_fn, diagonal_fn = _map_fns(bm)
     center, value, grad, steps = minimize_on_host(
         # A rough MAP is enough to whiten (the stochastic phase finds the optimum): the
         # gradient's tolerance is relative to the data's size.
-        lambda u: value_and_grad(jnp.asarray(u), batch),
+        lambda u: value_and_grad(jnp.asarray(u), factor, batch),
         np.asarray(init_u),
         300,
         1e-6 * bm.num_rows,
@@ -396,7 +399,7 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
         return identity, {**info, "preconditioner": "identity (no finite MAP)"}
     center_j = jnp.asarray(center)
     if dim <= _MAX_DENSE_DIM:
-        hessian = np.asarray(jit_once(jax.hessian(negative))(center_j, batch))
+        hessian = np.asarray(hessian_fn(center_j, factor, batch))
         hessian = 0.5 * (hessian + hessian.T)
         diag = np.diagonal(hessian)
         try:
@@ -409,7 +412,7 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
         except np.linalg.LinAlgError:
             pass
     else:
-        diag = np.asarray(_hessian_diagonal(negative, dim)(center_j, batch))
+        diag = np.asarray(diagonal_fn(center_j, factor, batch))
     ok = np.isfinite(diag) & (diag > 0)
     if not ok.any():
         return Whitening(center_j, None, jnp.ones(dim)), {
@@ -424,22 +427,34 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
     }
 
 
-def _hessian_diagonal(fn, dim: int, block: int = 32):
-    """diag ∇²fn at u by Hessian-vector products with unit vectors, ``block`` at a
-    time (exact; memory O(block × one gradient))."""
+@functools.lru_cache(maxsize=64)
+def _map_fns(bm: BatchedModel, block: int = 32):
+    """Compiled ``value_and_grad``, dense Hessian and Hessian diagonal of
+    ``−(G(u) + factor · Σ_B ℓ_i(u))`` at ``(u, factor, batch)``; the diagonal by
+    Hessian-vector products with ``block`` unit vectors at a time (exact; memory
+    O(block × one gradient))."""
+    dim = bm.global_dim
 
-    def run(u, batch):
-        grad = jax.grad(fn)
+    def negative(u, factor, batch):
+        global_sum, local_sum = bm.log_joint_parts(u, {}, batch)
+        return -(global_sum + factor * local_sum)
+
+    def diagonal(u, factor, batch):
+        grad = jax.grad(negative)
 
         def hvp_diag(start):
             basis = jax.nn.one_hot(start + jnp.arange(block), dim, dtype=u.dtype)
-            hv = jax.vmap(lambda v: jax.jvp(lambda x: grad(x, batch), (u,), (v,))[1])(basis)
+            hv = jax.vmap(lambda v: jax.jvp(lambda x: grad(x, factor, batch), (u,), (v,))[1])(basis)
             return jnp.sum(hv * basis, axis=1)
 
         starts = jnp.arange(0, dim, block)
         return jax.lax.map(hvp_diag, starts).reshape(-1)[:dim]
 
-    return jit_once(run)
+    return (
+        jit_once(jax.value_and_grad(negative)),
+        jit_once(jax.hessian(negative)),
+        jit_once(diagonal),
+    )
 
 
 def _full_pass(fn, source, batch_size, seed, pc, put, constants, init):
@@ -654,21 +669,22 @@ def fit_minibatch(
     )
     if subsample is not None:
         # NumPyro's way: the model indexes the whole data; batches carry the rows only.
-        whole = {k: v for k, v in dict(data).items()}
-        sizes = [np.shape(v)[0] for v in whole.values() if np.ndim(v) > 0]
-        constants_src = {k: v for k, v in whole.items()}
+        whole = dict(data)
+        scalars = {
+            k: (v.item() if hasattr(v, "item") else v) for k, v in whole.items() if np.ndim(v) == 0
+        }
+        constants = {k: np.asarray(v) for k, v in whole.items() if np.ndim(v) > 0}
         batch_size = batch_size or subsample
-        bm0 = analyse(
+        key = (
             model_fn,
-            {k: v for k, v in whole.items() if np.ndim(v) == 0},
-            {},
-            {k: v for k, v in whole.items() if np.ndim(v) > 0},
-            max(sizes, default=0),
+            tuple(sorted(scalars.items())),
+            tuple((k, v.shape, str(v.dtype)) for k, v in sorted(constants.items())),
             batch_size,
         )
-        source = vdata.as_source({"_index": np.arange(bm0.num_rows)})
-        bm = bm0
-        constants = {k: np.asarray(v) for k, v in constants_src.items() if np.ndim(v) > 0}
+        bm = _ANALYSED.get(key)
+        if bm is None:
+            bm = _ANALYSED[key] = analyse(model_fn, scalars, {}, constants, 0, batch_size)
+        source = vdata.as_source({"_index": np.arange(bm.num_rows)})
     else:
         source = vdata.as_source(data)
         if source.num_rows is None:
@@ -725,7 +741,8 @@ def fit_minibatch(
             sample = _rows_of(source, batch_size, min(num_rows, num_precondition_rows), seed, pc)
             sample = {k: v for k, v in sample.items() if k not in ("_index", _MASK)}
             batch = {**constants_dev, **vdata.put(sample, one_sharding)}
-            whitening, pre_info = _whitening(bm, batch, sample[ROWS].shape[0], init_u)
+            num_sample_rows = sample[ROWS].shape[0] * pc[1]  # over every process
+            whitening, pre_info = _whitening(bm, batch, num_sample_rows, init_u)
         else:
             reason = "identity (per-row latents)" if bm.local_sites else "identity (off)"
             whitening, pre_info = (
@@ -748,8 +765,6 @@ def fit_minibatch(
     algo = build_minibatch(
         bm,
         fam,
-        whitening,
-        anchor,
         num_particles=num_particles,
         learning_rate=learning_rate,
         local_learning_rate=local_learning_rate,
@@ -757,7 +772,7 @@ def fit_minibatch(
     )
     state = algo.init(fam.init(), rng_key)
     flat0, unravel_w = ravel_pytree(state.params["global"])
-    scale_fn = _scale_fn(fam, unravel_w)
+    scale_fn = _scale_fn(fam, unravel_w, flat0.shape[0])
     rule = rule_config.start(flat0.shape[0], scale_fn, max_steps)
     trace: list[np.ndarray] = []
     if saved is not None:
@@ -801,29 +816,49 @@ def fit_minibatch(
             f"{rule.phase}"
         )
 
+    def between_segments(state, applied):
+        """The state the next segment starts from: the rule's step size, and per-row
+        averages restarted when the rule starts averaging (also what a checkpoint
+        written at a segment's end holds, so that a resumed run continues alike)."""
+        if rule.step_scale != applied:
+            guard = state.guard
+            state = state._replace(
+                guard=guard._replace(step_scale=guard.step_scale * rule.step_scale / applied)
+            )
+        averaging = rule.phase == "averaging"
+        if averaging != bool(state.averaging):
+            state = state._replace(averaging=jnp.asarray(averaging))
+            if averaging:
+                fresh = jax.tree_util.tree_map(jnp.zeros_like, state.local_average)
+                state = state._replace(local_average=put_rep(fresh))
+        return state
+
     converged, message, segment_outputs = False, "", []
     total_steps = steps_done
+    applied = rule.step_scale
     try:
         while total_steps < max_steps:
-            applied = rule.step_scale
 
             def check(state, chunk_info, steps, applied=applied):
                 trace.append(np.asarray(chunk_info.objective))
                 stop, msg = rule.update(np.asarray(chunk_info.position))
+                changed = rule.step_scale != applied or (rule.phase == "averaging") != bool(
+                    state.averaging
+                )
                 if checkpoint_path is not None and (
-                    stop or time.perf_counter() - last_save[0] >= checkpoint_every
+                    stop or changed or time.perf_counter() - last_save[0] >= checkpoint_every
                 ):
-                    save(state)
+                    save(between_segments(state, applied) if changed and not stop else state)
                 if stop:
                     return rule.converged, msg
-                if rule.step_scale != applied:
-                    return False, msg
+                if changed:
+                    return False, msg or "averaging"
                 return None
 
             output = run(
                 algo.step,
                 state,
-                constants_dev,
+                {**constants_dev, SETUP: put_rep((whitening, anchor))},
                 rng_key,
                 max_steps - total_steps,
                 chunk,
@@ -840,30 +875,22 @@ def fit_minibatch(
             if rule.phase == "done":
                 converged, message = rule.converged, output.message
                 break
-            if rule.step_scale != applied:
-                state = state._replace(
-                    guard=state.guard._replace(
-                        step_scale=state.guard.step_scale * rule.step_scale / applied
-                    )
-                )
+            ended_by_rule = rule.step_scale != applied or (rule.phase == "averaging") != bool(
+                state.averaging
+            )
+            state = between_segments(state, applied)
+            applied = rule.step_scale
+            if ended_by_rule and total_steps < max_steps:
                 continue
-            averaging = rule.phase == "averaging"
-            if averaging != bool(state.averaging):
-                state = state._replace(averaging=jnp.asarray(averaging))
-            if (
-                output.num_steps == 0
-                or total_steps >= max_steps
-                or "end of the data" in (output.message)
-            ):
-                relative = rule.relative_mcse
-                worst = robust_max(relative) if np.all(np.isfinite(relative)) else float("nan")
-                message = (
-                    f"reached the step budget ({total_steps} steps, "
-                    f"{total_steps / per_epoch:.2f} epochs) before the stopping rule was met "
-                    f"(phase {rule.phase}, R̂ {rule.rhat:.3g}, MCSE {worst:.3g} posterior "
-                    f"scales, tol {rule.config.tol})"
-                )
-                break
+            relative = rule.relative_mcse
+            worst = robust_max(relative) if np.all(np.isfinite(relative)) else float("nan")
+            message = (
+                f"reached the step budget ({total_steps} steps, "
+                f"{total_steps / per_epoch:.2f} epochs) before the stopping rule was met "
+                f"(phase {rule.phase}, R̂ {rule.rhat:.3g}, MCSE {worst:.3g} posterior "
+                f"scales, tol {rule.config.tol})"
+            )
+            break
     finally:
         wait_fraction = float(chunks.wait_fraction)
         chunks.close()
@@ -941,28 +968,37 @@ def fit_minibatch(
     )
 
 
-def _scale_fn(family: Family, unravel_w):
+def _scale_fn(family: Family, unravel_w, size: int):
     """Posterior scale of each whitened coordinate for the MCSE tolerance: q's sd for a
     mean-field location (exp of its whitened log-scale), 1 for other locations, 1/√2 for
     scale parameters (their Fisher information)."""
 
+    # Flat positions of each parameter (NumPy only: this runs between chunks).
+    template = unravel_w(jnp.arange(size, dtype=jnp.float64))
+    index = {k: np.asarray(v, dtype=int).ravel() for k, v in template.items()}
+
     def scale(average):
-        params = unravel_w(jnp.asarray(average))
-        out = jax.tree_util.tree_map(lambda a: jnp.full(a.shape, 2**-0.5), params)
+        average = np.asarray(average)
+        out = np.full(average.shape, 2**-0.5)
         if isinstance(family, MeanField):
-            out["loc"] = jnp.exp(params["log_scale"])
+            out[index["loc"]] = np.exp(average[index["log_scale"]])
         else:
-            out["loc"] = jnp.ones_like(params["loc"])
-        return np.asarray(ravel_pytree(out)[0])
+            out[index["loc"]] = 1.0
+        return out
 
     return scale
 
 
-def _anchor(bm, center, source, batch_size, seed, pc, put_batch, constants) -> Anchor:
+@functools.lru_cache(maxsize=64)
+def _anchor_fn(bm: BatchedModel):
     def local_masked(u, batch):
         return bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1]
 
-    fn = jax.jit(jax.value_and_grad(local_masked))
+    return jax.jit(jax.value_and_grad(local_masked))
+
+
+def _anchor(bm, center, source, batch_size, seed, pc, put_batch, constants) -> Anchor:
+    fn = _anchor_fn(bm)
     value, grad = _full_pass(
         lambda b: fn(center, b),
         source,
@@ -976,16 +1012,57 @@ def _anchor(bm, center, source, batch_size, seed, pc, put_batch, constants) -> A
     return Anchor(center, value, grad, jnp.asarray(1.0))
 
 
-def _sampler(bm, family, params, batch):
-    @functools.partial(jit_once, static_argnums=1)
-    def draw(key, num):
+@functools.lru_cache(maxsize=64)
+def _draw_fn(bm: BatchedModel, family: Family, num: int):
+    def draw(params, key, batch):
         z = family.sample(params, key, num)
         return jax.vmap(lambda u: bm.constrain_globals(u, batch))(z)
 
+    return jit_once(draw)
+
+
+def _sampler(bm, family, params, batch):
     def sampler(num_samples: int, seed: int) -> dict:
-        return {k: np.asarray(v) for k, v in draw(jax.random.PRNGKey(seed), num_samples).items()}
+        draws = _draw_fn(bm, family, int(num_samples))(params, jax.random.PRNGKey(seed), batch)
+        return {k: np.asarray(v) for k, v in draws.items()}
 
     return sampler
+
+
+@functools.lru_cache(maxsize=64)
+def _evaluation_fns(bm: BatchedModel, family: Family, num_samples: int):
+    """Compiled draws of q, the local terms of one (masked) batch for those draws, and
+    their global terms."""
+
+    def draws(params, key):
+        return family.sample_and_log_prob(params, key, num_samples)
+
+    def batch_terms(z, local, key, batch):
+        rows = batch[ROWS]
+        mask = batch[_MASK].astype(z.dtype)
+        zl, log_ql = {}, jnp.zeros(z.shape[0])
+        for site in bm.local_sites:
+            loc = local[site.name]["loc"][rows]
+            log_scale = local[site.name]["log_scale"][rows]
+            eps = jax.vmap(
+                lambda r, k=site.size: jax.random.normal(
+                    jax.random.fold_in(key, r), (num_samples, k)
+                )
+            )(rows)  # (B, S, k): a row's draws do not depend on its batch
+            eps = jnp.swapaxes(eps, 0, 1)
+            zl[site.name] = loc + jnp.exp(log_scale) * eps
+            per_row = -0.5 * jnp.sum(eps**2, -1) - jnp.sum(log_scale, -1)
+            log_ql = log_ql + (per_row - 0.5 * site.size * _LOG_2PI) @ mask
+        local_sums = jax.vmap(
+            lambda zg, zloc: bm.log_joint_parts(zg, zloc, batch, mask=batch[_MASK])[1]
+        )(z, zl)
+        return local_sums - log_ql
+
+    def global_terms(z, batch):
+        zeros = {s.name: jnp.zeros((batch[ROWS].shape[0], s.size)) for s in bm.local_sites}
+        return jax.vmap(lambda zg: bm.log_joint_parts(zg, zeros, batch)[0])(z)
+
+    return jit_once(draws), jax.jit(batch_terms), jit_once(global_terms)
 
 
 class _Evaluator:
@@ -996,42 +1073,17 @@ class _Evaluator:
         self, bm, family, params, local, source, batch_size, seed, pc, put_batch, constants
     ):
         self.args = (bm, family, params, local, source, batch_size, seed, pc, put_batch, constants)
-        self._fn = None
 
     def __call__(self, num_samples: int, seed: int) -> np.ndarray:
         bm, family, params, local, source, batch_size, data_seed, pc, put_batch, constants = (
             self.args
         )
+        draws, batch_terms, global_terms = _evaluation_fns(bm, family, int(num_samples))
         key = jax.random.PRNGKey(seed)
-        z, log_q = jit_once(lambda p, k: family.sample_and_log_prob(p, k, num_samples))(params, key)
+        z, log_q = draws(params, key)
         local_dev = jax.tree_util.tree_map(jnp.asarray, local)
-
-        @jax.jit
-        def batch_terms(z, batch):
-            rows = batch[ROWS]
-            mask = batch[_MASK].astype(z.dtype)
-            zl, log_ql = {}, jnp.zeros(z.shape[0])
-            for site in bm.local_sites:
-                loc = local_dev[site.name]["loc"][rows]
-                log_scale = local_dev[site.name]["log_scale"][rows]
-                eps = jax.vmap(
-                    lambda r, k=site.size: jax.random.normal(
-                        jax.random.fold_in(key, r), (z.shape[0], k)
-                    )
-                )(rows)  # (B, S, k): a row's draws do not depend on its batch
-                eps = jnp.swapaxes(eps, 0, 1)
-                zl[site.name] = loc + jnp.exp(log_scale) * eps
-                per_row = (
-                    -0.5 * jnp.sum(eps**2, -1) - jnp.sum(log_scale, -1) - 0.5 * site.size * _LOG_2PI
-                )
-                log_ql = log_ql + per_row @ mask
-            local_sums = jax.vmap(
-                lambda zg, zloc: bm.log_joint_parts(zg, zloc, batch, mask=batch[_MASK])[1]
-            )(z, zl)
-            return local_sums - log_ql
-
         total = _full_pass(
-            lambda b: batch_terms(z, b),
+            lambda b: batch_terms(z, local_dev, key, b),
             source,
             batch_size,
             data_seed,
@@ -1040,22 +1092,16 @@ class _Evaluator:
             constants,
             jnp.zeros(num_samples),
         )
-        first = {
-            **constants,
-            **put_batch(
-                next(
-                    iter(
-                        source.batches(
-                            batch_size,
-                            seed=data_seed,
-                            epoch=0,
-                            process_index=pc[0],
-                            process_count=pc[1],
-                        )
-                    )
+        first = next(
+            iter(
+                source.batches(
+                    batch_size,
+                    seed=data_seed,
+                    epoch=0,
+                    process_index=pc[0],
+                    process_count=pc[1],
                 )
-            ),
-        }
-        zeros = {s.name: jnp.zeros((first[ROWS].shape[0], s.size)) for s in bm.local_sites}
-        global_terms = jit_once(jax.vmap(lambda zg: bm.log_joint_parts(zg, zeros, first)[0]))(z)
-        return np.asarray(global_terms + total - log_q)
+            )
+        )
+        first = {**constants, **put_batch(first)}
+        return np.asarray(global_terms(z, first) + total - log_q)
