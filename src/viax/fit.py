@@ -13,12 +13,20 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from viax.diagnostics import KHAT_USABLE, psis
 from viax.families.gaussian import FAMILIES, Family, FullRank, make_family
 from viax.infer import advi, dadvi
 from viax.infer.driver import DivergenceError, abstract, chunk_fn, precompile, run
 from viax.infer.optimize import minimize_on_host, newton_on_host
+from viax.infer.stopping import (
+    MCSEStop,
+    fisher_scale,
+    parse_stop_rule,
+    run_with_stopping,
+    stop_info,
+)
 from viax.model import Model, ModelError, Target, _log_density_jit, build_target, data_argument
 from viax.result import Result, log_weights_fn, mean_and_se
 
@@ -81,10 +89,15 @@ def fit(
     estimator: str = "auto",
     rao_blackwell: bool = True,
     control_variate: bool | str = True,
+    stop_rule: str | MCSEStop = "mcse",
     encoder: Any = None,
     objective: Any = None,
     batch_size: int | None = None,
     num_epochs: int | None = None,
+    path: str = "auto",
+    devices: Any = None,
+    checkpoint_path: str | os.PathLike | None = None,
+    resume: bool | str | os.PathLike = False,
 ) -> Result:
     """Fit a Gaussian variational approximation to the posterior of ``model``.
 
@@ -119,6 +132,14 @@ def fit(
             Markov blanket.
         control_variate: bbvi only: ``True`` (leave-one-out a_i), ``"ema"`` (baseline)
             or ``False``.
+        stop_rule: stochastic optimisers and bbvi: ``"mcse"`` (default: stationarity by
+            R̂, then the averaged iterate until its Monte Carlo error is under 0.1
+            posterior scales, with step-size halving; Dhaka et al. 2020, Welandawe et al.
+            2022; :mod:`viax.infer.stopping`, docs/guide/stopping.md), an
+            ``MCSEStop(...)`` with other settings, or ``"stan"`` (relative ELBO change
+            under ``tol_rel_obj``; an optax optimizer then runs its whole budget).
+            ``info["stop_rule"]``, ``info["stop_reason"]``, ``info["mcse"]`` and
+            ``info["mcse_max_relative"]`` report the outcome.
 
         encoder: amortize the local latents of the data plate: ``viax.MLPEncoder(...)``
             (or ``viax.ModuleEncoder``); see docs/guide/learning.md.
@@ -151,14 +172,39 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    data = data_argument(data)
+    for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
+        _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
+    parse_stop_rule(stop_rule)
+    if method == "advi" and encoder is None and objective is None:
+        from viax.infer.minibatch import fit_minibatch, minibatch_route
+
+        reason = minibatch_route(model, data, batch_size, num_epochs, path)
+        if reason is not None:
+            result = fit_minibatch(
+                model,
+                data,
+                family=family,
+                rank=rank,
+                batch_size=batch_size,
+                num_epochs=num_epochs,
+                num_steps=_check_positive_int("num_steps", num_steps),
+                stop_rule=None if stop_rule == "mcse" else stop_rule,
+                devices=devices,
+                checkpoint_path=checkpoint_path,
+                resume=resume,
+                seed=_check_positive_int("seed", seed, minimum=0),
+                progress=progress,
+                path_reason=reason,
+            )
+            result = _flag_runaway(result)
+            _warn_untrusted(result)
+            return result
     learning = {"encoder": encoder, "objective": objective, "batch_size": batch_size}
     learning["num_epochs"] = num_epochs
     if method == "bbvi" and any(v is not None for v in learning.values()):
         given = ", ".join(k for k, v in learning.items() if v is not None)
         raise ValueError(f"{given}: only method='advi' learns models (viax.infer.learn)")
-    data = data_argument(data)
-    for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
-        _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
     if method == "bbvi":
         from viax.infer.bbvi import fit_bbvi
 
@@ -177,6 +223,7 @@ def fit(
             control_variate=control_variate,
             seed=_check_positive_int("seed", seed, minimum=0),
             progress=progress,
+            stop_rule=stop_rule,
         )
         result = _flag_runaway(result)
         _warn_untrusted(result)
@@ -257,6 +304,7 @@ def fit(
             eta,
             stick_the_landing,
             progress,
+            stop_rule=stop_rule,
         )
     params, run_output, algorithm, info = output
     info["seconds_per_step"] = run_output.seconds_per_step
@@ -599,11 +647,14 @@ def _fit_stochastic(
     eta,
     stick_the_landing,
     progress,
+    stop_rule="mcse",
 ):
     stan = optimizer == "stan"
     transform = advi.stan_advi(1.0) if stan else optimizer
     algo = advi.build_stochastic(target, family, transform, num_particles, stick_the_landing)
     params = family.init(loc=init_position)
+    flat, unravel = ravel_pytree(params)
+    config = parse_stop_rule(stop_rule)
     info: dict[str, Any] = {}
     key_eta, key_eval, key_run = jax.random.split(rng_key, 3)
     if stan:
@@ -612,10 +663,39 @@ def _fit_stochastic(
             info["eta_trials"] = scores
         info["eta"] = eta
     max_steps = num_steps or 10_000
+    state = algo.init(params, eta if stan else 1.0)
+    description = "viax advi" if stan else "viax optax"
+    tracker = None
+    if config != "stan":
+        # The default rule (viax.infer.stopping): R̂ stationarity, iterate averaging,
+        # stop on the Monte Carlo error of the average in units of q's Fisher scale
+        # (q's sd for a mean), the same scale draws at every check.
+        tracker = config.start(
+            flat.size,
+            scale=lambda average: fisher_scale(family, unravel(average), key_eval),
+            max_steps=max_steps,
+            elbo_fn=lambda average: float(algo.elbo(unravel(average), key_eta, data)),
+        )
+        output = run_with_stopping(
+            algo.step,
+            state,
+            data,
+            key_run,
+            max_steps,
+            eval_elbo,
+            tracker,
+            lambda chunk_info: np.asarray(chunk_info.iterate),
+            site_of_index=target.site_of_index,
+            progress=progress,
+            description=description,
+        )
+        info.update(stop_info(tracker, unravel, output.converged, flat.size))
+        info["num_backoffs"] = output.num_backoffs
+        params = unravel(jax.numpy.asarray(tracker.average))
+        return params, output, "stan" if stan else "optax", info
     rule = advi.StanConvergence(
         tol_rel_obj, max_steps, eval_elbo, float(algo.elbo(params, key_eval, data))
     )
-    state = algo.init(params, eta if stan else 1.0)
     eval_keys = iter(jax.random.split(key_eval, max_steps // eval_elbo + 2))
 
     def check(state, chunk_info, steps_done):
@@ -643,7 +723,7 @@ def _fit_stochastic(
         check_fn=check,
         site_of_index=target.site_of_index,
         progress=progress,
-        description="viax advi" if stan else "viax optax",
+        description=description,
     )
     if not stan:
         window = np.asarray(rule.window)
@@ -659,4 +739,5 @@ def _fit_stochastic(
         )
     info["elbo_evaluations"] = rule.history
     info["num_backoffs"] = output.num_backoffs
+    info.update(stop_info(None, unravel, output.converged, flat.size))
     return output.state.params, output, "stan" if stan else "optax", info
