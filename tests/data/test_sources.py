@@ -108,6 +108,16 @@ def test_iterable_source_rebatches_in_stream_order():
     np.testing.assert_array_equal(
         _concat(batches)["x"], np.concatenate([b["x"] for b in blocks])[:96]
     )
+    # DataFrames and Arrow record batches are blocks too
+    frames = [pd.DataFrame({"t": b["t"]}) for b in blocks]
+    np.testing.assert_array_equal(
+        _concat(list(data.as_source(frames).batches(16, seed=0, epoch=0)))["t"],
+        np.concatenate([b["t"] for b in blocks])[:96],
+    )
+    import pyarrow as pa
+
+    arrow = [pa.record_batch({"t": b["t"]}) for b in blocks]
+    assert len(list(data.as_source(arrow).batches(16, seed=0, epoch=0))) == 6
     # a generator serves one epoch, then says so
     once = data.as_source(b for b in blocks)
     assert len(list(once.batches(16, seed=0, epoch=0))) == 6

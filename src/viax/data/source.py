@@ -296,6 +296,7 @@ class IterableSource(Source):
         return self._columns
 
     def _check_block(self, block: Any, index: int) -> tuple[dict[str, np.ndarray], dict]:
+        block = _as_columns(block)
         if not isinstance(block, Mapping):
             raise DataError(f"batch {index} is a {type(block).__name__}, not a dict of arrays")
         arrays = {str(k): np.asarray(v) for k, v in block.items()}
@@ -387,6 +388,21 @@ class IterableSource(Source):
         return out
 
 
+def _as_columns(block: Any) -> Any:
+    """A pandas DataFrame or an Arrow RecordBatch/Table as a dict of NumPy columns."""
+    if isinstance(block, Mapping):
+        return block
+    module = type(block).__module__
+    if module.startswith("pandas") and hasattr(block, "columns"):
+        return {str(c): block[c].to_numpy() for c in block.columns}
+    if module.startswith("pyarrow") and hasattr(block, "schema"):
+        return {
+            name: block.column(i).to_numpy(zero_copy_only=False)
+            for i, name in enumerate(block.schema.names)
+        }
+    return block
+
+
 def _describe(spec: tuple | None) -> str:
     if spec is None:
         return "no such column"
@@ -412,7 +428,8 @@ def as_source(
               the number of rows N are row data; scalars and arrays with another leading
               dimension are *static*, passed whole with every batch.  N is the largest
               leading dimension, or ``num_rows``;
-            - an iterable of dict batches (one pass is one epoch), or a function
+            - an iterable of dict batches (one pass is one epoch; pandas DataFrames and
+              Arrow record batches are taken as dicts of columns), or a function
               ``epoch -> iterable``.
         static: names in a mapping to treat as static even if their leading dimension
             is N (a 20 x 20 prior matrix when N = 20), or a mapping of extra static data
