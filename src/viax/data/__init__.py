@@ -19,7 +19,7 @@ The contract the minibatch path relies on:
     batch of B rows, plus ``"_rows"`` (int64 global row indices) and, with
     ``remainder="pad"``, ``"_mask"`` (bool, False on padding rows).
 
-Guarantees:
+Guarantees (tested in ``tests/data``):
 
 - The rows of global batch ``k`` of epoch ``e`` are a pure function of
   ``(seed, e, k)`` and of the data, never of the number of devices or processes;
@@ -31,7 +31,12 @@ Guarantees:
   ⌊N/B⌋ (``"drop"``) or ⌈N/B⌉ (``"pad"``) for every source that knows N.
 - Every batch has the same shapes: the last partial batch is dropped
   (``remainder="drop"``, default; a different set of rows each epoch) or padded with
-  rows of the epoch's first batch (``"pad"``, marked by ``"_mask"``).
+  real rows repeated (``"pad"``, marked by ``"_mask"``; every row then appears once
+  unmasked per epoch: the mode for sums over the data).  A Parquet source shuffles
+  only with ``"drop"``; ``"pad"`` reads it in stream order.
+- Parquet: P must divide the source's number of streams S (``num_shards``, default
+  the largest of 8, 4, 2, 1 dividing B); each process reads only its streams' row
+  groups.  See :mod:`viax.data.parquet_source`.
 - Bad data raise :class:`DataError` (a ``ValueError``) naming the column and row.
 
 ``prefetch(iterator, *, size=2, sharding=None, stack=K)`` reads ahead in a thread,
@@ -50,7 +55,7 @@ Example:
     ((32, 3), dtype('int64'))
 """
 
-from viax.data.parquet import ParquetSource, parquet, unique_values
+from viax.data.parquet_source import ParquetSource, parquet, unique_values
 from viax.data.prefetch import Prefetcher, prefetch, stack_batches
 from viax.data.sharding import (
     DATA_AXIS,
