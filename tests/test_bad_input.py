@@ -489,7 +489,9 @@ def optional_scale_model(y, scale=None):
 
 
 @pytest.mark.parametrize("num_samples", [0, 1, -5, 2.5, True])
-def test_log_evidence_and_log_weights_refuse_too_few_samples(none_fit, num_samples, lowerings):
+def test_log_evidence_log_weights_and_sample_refuse_bad_num_samples(
+    none_fit, num_samples, lowerings
+):
     before = lowerings.count
     with pytest.raises(ValueError, match="num_samples must be"):
         none_fit.log_evidence(num_samples=num_samples)
@@ -498,6 +500,8 @@ def test_log_evidence_and_log_weights_refuse_too_few_samples(none_fit, num_sampl
     if num_samples != 1:
         with pytest.raises(ValueError, match="num_samples must be"):
             none_fit.log_weights(num_samples=num_samples)
+        with pytest.raises(ValueError, match="num_samples must be"):
+            none_fit.sample(num_samples=num_samples)
     assert lowerings.count == before
 
 

@@ -103,8 +103,7 @@ class Result:
         included.  ``importance_resample=True`` draws 10× as many from q and resamples
         them with their Pareto-smoothed importance weights p/q (with replacement), which
         corrects q towards the posterior where k̂ says the weights are reliable."""
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        num_samples = _check_num_samples(num_samples)
         if self.sampler is not None and not importance_resample:
             return {k: np.asarray(v) for k, v in self.sampler(num_samples, seed).items()}
         if importance_resample:
