@@ -49,7 +49,13 @@ def vae(x):
         numpyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
 
-def main(num_epochs: int = 100, batch_size: int = 100, num_samples: int = 5, seed: int = 0):
+def main(
+    num_epochs: int = 100,
+    batch_size: int = 100,
+    num_samples: int = 5,
+    num_test_samples: int = 1000,
+    seed: int = 0,
+):
     x_train, x_test = load_digits(seed)
     result = viax.fit(
         vae,
@@ -67,7 +73,7 @@ def main(num_epochs: int = 100, batch_size: int = 100, num_samples: int = 5, see
             f"IWAE bound per row: first epoch {epochs[0] / len(x_train):.3f}, "
             f"last {epochs[-1] / len(x_train):.3f}"
         )
-    evidence = result.log_evidence(data={"x": x_test}, num_samples=1000)
+    evidence = result.log_evidence(data={"x": x_test}, num_samples=num_test_samples)
     rows = len(x_test)
     print(
         f"held-out log p(x) per row: {evidence.log_p / rows:.3f} ± {evidence.log_p_se / rows:.3f} "

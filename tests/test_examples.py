@@ -67,13 +67,23 @@ def _assert_draws_finite(result, sites):
 @pytest.mark.slow
 @pytest.mark.filterwarnings(NOT_CONVERGED)
 @pytest.mark.filterwarnings(HIGH_KHAT)
-@pytest.mark.parametrize("script", ["eight_schools", "logistic_regression"])
+@pytest.mark.parametrize("script", ["eight_schools", "logistic_regression", "ppca"])
 def test_example_script_runs(script, tiny_fit, capsys):
     pytest.importorskip("sklearn")
     runpy.run_path(str(EXAMPLES / f"{script}.py"), run_name="__main__")
     assert len(tiny_fit) == 1
     out = capsys.readouterr().out
     assert "Result(" in out and "mean" in out
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(HIGH_KHAT)
+def test_vae_example_runs_with_tiny_settings(capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("equinox")
+    result, evidence = _import("vae").main(num_epochs=1, batch_size=500, num_test_samples=20)
+    assert evidence.log_p_rows.shape == (300,) and np.isfinite(evidence.log_p)
+    assert "held-out log p(x)" in capsys.readouterr().out
 
 
 def test_logistic_regression_data_are_standardised():

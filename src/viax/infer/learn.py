@@ -63,7 +63,7 @@ from viax.infer.optimize import LBFGSState, lbfgs
 from viax.model import PARAMS_KEY, ModelError, Target, build_target, prepare_data
 from viax.result import Result, log_weights_fn, mean_and_se
 
-__all__ = ["RowEvidence", "fit_learn", "needs_learning"]
+__all__ = ["RowEvidence", "dynamic_binarization", "fit_learn", "needs_learning"]
 
 _LOG_2PI = math.log(2 * math.pi)
 _LBFGS_CHUNK = 20
@@ -77,6 +77,16 @@ def needs_learning(target: Target, encoder, objective, batch_size) -> bool:
     """True when the fit must go through this module: θ to learn, an encoder, an
     objective other than the plain ELBO, or minibatches."""
     return bool(target.param_sites) or any(v is not None for v in (encoder, objective, batch_size))
+
+
+def dynamic_binarization(rng_key, batch: dict) -> dict:
+    """Each value in [0, 1] replaced by a Bernoulli draw with that probability, afresh
+    for every batch (the binarization of Burda et al. 2016 for MNIST grey levels)."""
+    keys = jax.random.split(rng_key, len(batch))
+    return {
+        name: (jax.random.uniform(key, value.shape) < value).astype(value.dtype)
+        for key, (name, value) in zip(keys, sorted(batch.items()), strict=True)
+    }
 
 
 # -- structure of the model --------------------------------------------------------------
@@ -471,7 +481,9 @@ def _row_log_weights(q, theta, phi, batch, fixed, num_samples, seed) -> np.ndarr
     keys = q.structure.batch_keys
     num_rows = int(batch[keys[0]].shape[0])
     rows = int(min(num_rows, _MAX_ROW_CHUNK))
-    draws = int(max(1, min(num_samples, _EVIDENCE_BUDGET // rows)))
+    # Always the same number of draws per call (extra ones discarded): one program for
+    # the final ELBO, the k̂ check and every held-out estimate.
+    draws = int(max(1, _EVIDENCE_BUDGET // rows))
     fn = _row_weights_fn(q, draws)
     out = np.empty((num_samples, num_rows))
     chunk_keys = jax.random.split(jax.random.PRNGKey(seed), -(-num_rows // rows))
@@ -604,6 +616,7 @@ def _minibatch(
     num_steps,
     progress,
     average_fraction,
+    transform_batch,
 ):
     structure = q.structure
     num_rows = structure.num_rows
@@ -625,6 +638,9 @@ def _minibatch(
         )
         index = jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
         batch = {k: (v[index] if k in keys else v) for k, v in data.items()}
+        if transform_batch is not None:
+            key_eps, key_transform = jax.random.split(key_eps)
+            batch = {**batch, **transform_batch(key_transform, {k: batch[k] for k in keys})}
         eps = q.normal_noise(key_eps, num_samples, batch_size)
 
         def log_p_fn(theta_u, z):
@@ -747,6 +763,7 @@ def fit_learn(
     seed: int = 0,
     progress: bool = True,
     average_fraction: float = 0.0,
+    transform_batch: Callable | None = None,
 ) -> Result:
     """Learn θ (the model's ``numpyro.param`` sites) jointly with q; see the module
     docstring.  Called by :func:`viax.fit` when the model has params, or an ``encoder``,
@@ -759,6 +776,9 @@ def fit_learn(
     ``average_fraction`` (minibatch): return the Polyak–Ruppert average of the iterates
     over this last fraction of the steps (Polyak & Juditsky 1992) instead of the last
     iterate: with a constant step size the average's error shrinks as 1/√steps.
+
+    ``transform_batch(rng_key, batch) -> batch`` (minibatch): a fresh random transform
+    of each batch's rows, e.g. :func:`dynamic_binarization` (Burda et al. 2016).
     """
     start = time.perf_counter()
     if not 0.0 <= average_fraction < 1.0:
@@ -820,6 +840,7 @@ def fit_learn(
             num_steps,
             progress,
             average_fraction,
+            transform_batch,
         )
     else:
         params, output, info = _full_batch(
@@ -858,6 +879,11 @@ def fit_learn(
             khat=khat,
             **common,
         )
+    if transform_batch is not None:
+        # The final estimates see the training rows as the model saw them: transformed
+        # (one fixed draw).
+        rows = {k: arrays[k] for k in structure.batch_keys}
+        arrays = {**arrays, **transform_batch(jax.random.PRNGKey(seed + 3), rows)}
     return _amortized_result(q, target, arrays, theta, params["q"], seed, minibatch, common)
 
 

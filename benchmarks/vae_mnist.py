@@ -1,0 +1,311 @@
+"""VAE on MNIST, viax against NumPyro's SVI in the same run; PPCA against scikit-learn.
+
+VAE (Burda, Grosse & Salakhutdinov 2016, one stochastic layer): encoder and decoder
+each two tanh layers of 200 units, 50 latents, Bernoulli likelihood; dynamic
+binarization (a fresh Bernoulli draw per pixel per batch) of the 50,000 training
+images.  viax: ``viax.fit`` path ``fit_learn`` with ``viax.MLPEncoder`` and the
+objective given (ELBO with one draw, or IWAE K); NumPyro: ``SVI(model, guide,
+optax_to_numpyro(adam), Trace_ELBO())`` with the same networks (equinox modules through
+``numpyro.contrib.module.eqx_module``), optimiser, batch size and epochs, a jitted
+``svi.update`` per batch as NumPyro's examples do.  Test NLL: importance sampling with
+k draws of each library's own encoder per test image (a fixed binarization of the test
+set, seed 0), the same estimator for both, with its standard error.
+
+PPCA: viax's maximum-likelihood PPCA (params W, μ, σ, full-batch L-BFGS) on the
+scikit-learn digits against ``PCA(n_components=q).score`` (the average PPCA
+log-likelihood at the closed-form fit, Tipping & Bishop 1999).
+
+    python benchmarks/vae_mnist.py --epochs 8 --test-rows 500 --k 5000
+
+Writes benchmarks/results/vae_mnist.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+from jax.scipy.special import logsumexp
+from numpyro.contrib.module import eqx_module
+
+import viax
+from viax.infer.learn import dynamic_binarization, fit_learn
+
+LATENT, HIDDEN, PIXELS = 50, 200, 784
+
+
+def load_mnist():
+    data = np.load(_common.SHARED_DATA_DIR / "mnist" / "mnist.npz")
+    return data["x_train"] / 255.0, data["x_test"] / 255.0
+
+
+def decoder_net(seed=1):
+    return eqx.nn.MLP(
+        LATENT, PIXELS, HIDDEN, depth=2, activation=jnp.tanh, key=jax.random.PRNGKey(seed)
+    )
+
+
+def encoder_net(seed=2):
+    return eqx.nn.MLP(
+        PIXELS, 2 * LATENT, HIDDEN, depth=2, activation=jnp.tanh, key=jax.random.PRNGKey(seed)
+    )
+
+
+DECODER = decoder_net()
+
+
+def vae(x):
+    decoder = eqx_module("decoder", DECODER)
+    with numpyro.plate("rows", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([LATENT]).to_event(1))
+        numpyro.sample("x", dist.Bernoulli(logits=jax.vmap(decoder)(z)).to_event(1), obs=x)
+
+
+ENCODER = encoder_net()
+
+
+def guide(x):
+    encoder = eqx_module("encoder", ENCODER)
+    out = jax.vmap(encoder)(x)
+    with numpyro.plate("rows", x.shape[0]):
+        numpyro.sample("z", dist.Normal(out[:, :LATENT], jnp.exp(out[:, LATENT:])).to_event(1))
+
+
+def is_nll(decoder_params, encode_fn, x_test, k, seed=0, rows_per_chunk=50, draws=500):
+    """Per-row −log p(x) by importance sampling with k draws of q(z | x): mean and se
+    (over rows) of −log (1/k) Σ p(x, z_k)/q(z_k | x)."""
+    decoder = eqx.combine(decoder_params, eqx.partition(DECODER, eqx.is_inexact_array)[1])
+
+    @jax.jit
+    def chunk(x, key):
+        loc, log_scale = encode_fn(x)  # (R, L)
+        eps = jax.random.normal(key, (draws, *loc.shape))
+        z = loc + jnp.exp(log_scale) * eps
+        logits = jax.vmap(jax.vmap(decoder))(z)
+        log_lik = jnp.sum(x * logits - jnp.logaddexp(0.0, logits), axis=-1)
+        log_prior = jnp.sum(-0.5 * z**2 - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+        log_q = jnp.sum(-0.5 * eps**2 - log_scale - 0.5 * jnp.log(2 * jnp.pi), axis=-1)
+        return log_lik + log_prior - log_q  # (draws, R)
+
+    key = jax.random.PRNGKey(seed)
+    out = []
+    for start in range(0, len(x_test), rows_per_chunk):
+        x = jnp.asarray(x_test[start : start + rows_per_chunk])
+        parts = []
+        for _ in range(-(-k // draws)):
+            key, sub = jax.random.split(key)
+            parts.append(np.asarray(chunk(x, sub)))
+        lw = np.concatenate(parts)[:k]
+        out.append(-(logsumexp(lw, axis=0) - np.log(k)))
+    nll = np.concatenate(out)
+    return float(nll.mean()), float(nll.std(ddof=1) / np.sqrt(nll.size))
+
+
+def run_viax(x_train, objective, epochs, batch_size, lr, seed):
+    start = time.perf_counter()
+    result = fit_learn(
+        vae,
+        {"x": x_train},
+        encoder=viax.MLPEncoder(hidden_sizes=(HIDDEN, HIDDEN), activation="tanh"),
+        objective=objective,
+        batch_size=batch_size,
+        num_epochs=epochs,
+        optimizer=optax.adam(lr),
+        transform_batch=dynamic_binarization,
+        seed=seed,
+        progress=False,
+    )
+    total = time.perf_counter() - start
+    steps_per_epoch = result.info["steps_per_epoch"]
+    per_epoch = result.info["seconds_per_step"] * steps_per_epoch
+    phi = result.params["encoder"]
+    enc = viax.MLPEncoder(hidden_sizes=(HIDDEN, HIDDEN), activation="tanh")
+
+    def encode(x):
+        out = enc.apply(phi, x)
+        return out[:, :LATENT], out[:, LATENT:]
+
+    return result, encode, per_epoch, total
+
+
+def run_numpyro(x_train, epochs, batch_size, lr, seed):
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.optim import optax_to_numpyro
+
+    svi = SVI(vae, guide, optax_to_numpyro(optax.adam(lr)), Trace_ELBO())
+    rng = np.random.default_rng(seed)
+    state = svi.init(jax.random.PRNGKey(seed), x=jnp.asarray(x_train[:batch_size] > 0.5, float))
+
+    @jax.jit
+    def update(state, x, key):
+        x = (jax.random.uniform(key, x.shape) < x).astype(x.dtype)  # dynamic binarization
+        return svi.update(state, x=x)
+
+    steps = len(x_train) // batch_size
+    epoch_times, losses = [], []
+    key = jax.random.PRNGKey(seed + 1)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(x_train))
+        total = 0.0
+        for i in range(steps):
+            key, sub = jax.random.split(key)
+            state, loss = update(
+                state, jnp.asarray(x_train[order[i * batch_size : (i + 1) * batch_size]]), sub
+            )
+            total += float(loss)
+        epoch_times.append(time.perf_counter() - t0)
+        losses.append(total / (steps * batch_size))
+    params = svi.get_params(state)
+    enc = eqx.combine(params["encoder$params"], eqx.partition(ENCODER, eqx.is_inexact_array)[1])
+
+    def encode(x):
+        out = jax.vmap(enc)(x)
+        return out[:, :LATENT], out[:, LATENT:]
+
+    per_epoch = float(np.median(epoch_times[1:])) if epochs > 1 else epoch_times[0]
+    return params, encode, per_epoch, time.perf_counter() - start, losses
+
+
+def ppca_rows(components):
+    from ppca import ppca
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import PCA
+
+    x = load_digits().data.astype(float)
+    x = x[:, x.std(0) > 0]  # constant pixels have no noise variance to learn
+    rows = []
+    for q in components:
+        start = time.perf_counter()
+        result = viax.fit(ppca, {"x": x, "q": q}, progress=False)
+        seconds = time.perf_counter() - start
+        w, mu, sigma = (result.model_params[k] for k in ("W", "mu", "sigma"))
+        cov = w @ w.T + sigma**2 * np.eye(x.shape[1])
+        from scipy.stats import multivariate_normal
+
+        viax_ll = float(multivariate_normal(mu, cov).logpdf(x).mean())
+        t0 = time.perf_counter()
+        pca = PCA(n_components=q).fit(x)
+        sk_seconds = time.perf_counter() - t0
+        rows.append(
+            {
+                "q": q,
+                "viax_loglik_per_row": viax_ll,
+                "viax_elbo_per_row": result.elbo / len(x),
+                "sklearn_score": float(pca.score(x)),
+                "viax_sigma2": float(sigma**2),
+                "sklearn_noise_variance": float(pca.noise_variance_),
+                "viax_seconds": seconds,
+                "sklearn_seconds": sk_seconds,
+                "converged": bool(result.converged),
+            }
+        )
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--test-rows", type=int, default=500)
+    parser.add_argument("--k", type=int, default=5000)
+    parser.add_argument("--iwae", type=int, default=0, help="also train viax with IWAE(K)")
+    parser.add_argument("--skip-vae", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    payload = {
+        "command": _common.command_line(),
+        "date": _common.today(),
+        "machine": _common.machine(),
+        "args": vars(args),
+    }
+    lines = [f"# VAE on MNIST and PPCA on digits\n\nCommand: `{payload['command']}`\n"]
+    if not args.skip_vae:
+        x_train, x_test = load_mnist()
+        x_test = (np.random.default_rng(0).uniform(size=x_test.shape) < x_test).astype(float)
+        x_test = x_test[: args.test_rows]
+        runs = []
+        result, encode, per_epoch, total = run_viax(
+            x_train, viax.ELBO(), args.epochs, args.batch_size, args.lr, args.seed
+        )
+        nll = is_nll(result.model_params["decoder$params"], encode, x_test, args.k)
+        runs.append(("viax ELBO", per_epoch, total, nll))
+        if args.iwae:
+            result, encode, per_epoch, total = run_viax(
+                x_train, viax.IWAE(args.iwae), args.epochs, args.batch_size, args.lr, args.seed
+            )
+            nll = is_nll(result.model_params["decoder$params"], encode, x_test, args.k)
+            runs.append((f"viax IWAE K={args.iwae} (DReG)", per_epoch, total, nll))
+        params, encode, per_epoch, total, _ = run_numpyro(
+            x_train, args.epochs, args.batch_size, args.lr, args.seed
+        )
+        nll = is_nll(params["decoder$params"], encode, x_test, args.k)
+        runs.append(("NumPyro SVI Trace_ELBO", per_epoch, total, nll))
+        payload["vae"] = [
+            {
+                "run": r,
+                "seconds_per_epoch": p,
+                "total_seconds": t,
+                "test_nll": n[0],
+                "test_nll_se": n[1],
+            }
+            for r, p, t, n in runs
+        ]
+        lines.append(
+            f"VAE, {args.epochs} epochs, batch {args.batch_size}, Adam {args.lr}; test NLL by "
+            f"IS with k={args.k} on the first {args.test_rows} test images (fixed binarization)\n"
+        )
+        lines.append(
+            _common.markdown_table(
+                ["run", "s / epoch (steady)", "total s (compile incl.)", "test NLL (nats)"],
+                [[r, f"{p:.2f}", f"{t:.1f}", f"{n[0]:.2f} ± {n[1]:.2f}"] for r, p, t, n in runs],
+            )
+        )
+    rows = ppca_rows((2, 5, 10))
+    payload["ppca"] = rows
+    lines.append("\nPPCA on scikit-learn digits (1797 rows, 61 non-constant pixels)\n")
+    lines.append(
+        _common.markdown_table(
+            [
+                "q",
+                "viax log-lik / row",
+                "viax ELBO / row",
+                "sklearn PCA.score",
+                "viax σ²",
+                "sklearn σ²",
+                "viax s",
+                "sklearn s",
+            ],
+            [
+                [
+                    r["q"],
+                    f"{r['viax_loglik_per_row']:.4f}",
+                    f"{r['viax_elbo_per_row']:.4f}",
+                    f"{r['sklearn_score']:.4f}",
+                    f"{r['viax_sigma2']:.4f}",
+                    f"{r['sklearn_noise_variance']:.4f}",
+                    f"{r['viax_seconds']:.1f}",
+                    f"{r['sklearn_seconds']:.3f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    _common.write_json("vae_mnist", payload)
+    text = "\n".join(lines) + "\n"
+    (_common.RESULTS_DIR / "vae_mnist.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
