@@ -72,6 +72,7 @@ def test_optax_optimizer_runs_the_fixed_budget():
         num_particles=4,
         seed=1,
         progress=False,
+        stop_rule="stan",  # the default rule would stop it early (tests/infer/test_stopping.py)
     )
     assert result.algorithm == "optax" and result.num_steps == 3000
     assert len(result.elbo_trace) == 3000

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from viax.estimators.reparam import elbo_from_noise
 from viax.families.gaussian import Family
@@ -101,6 +102,7 @@ class ADVIState(NamedTuple):
 
 class ADVIInfo(NamedTuple):
     objective: jax.Array  # the S-particle ELBO estimate at this step
+    iterate: jax.Array  # (P,) the parameters after this step, flattened (ravel_pytree)
 
 
 class Stochastic(NamedTuple):
@@ -143,7 +145,8 @@ def build_stochastic(
         (params, opt_state), guard, _ = guarded_update(
             state.guard, loss, grads["loc"], apply, (state.params, state.opt_state)
         )
-        return ADVIState(params, opt_state, guard), ADVIInfo(objective=-loss)
+        info = ADVIInfo(objective=-loss, iterate=ravel_pytree(params)[0])
+        return ADVIState(params, opt_state, guard), info
 
     def elbo(params, rng_key, data):
         # Closed-form entropy: log q at the draws of an exploded q (a trial η too
