@@ -1,0 +1,283 @@
+"""Flights (nycflights13, 336,776 flights from New York in 2013, CC0): a hierarchical
+logistic regression of "arrived more than 15 minutes late" on the scheduled hour and the
+distance (raw scales) with effects for 16 carriers, 105 destinations and ~4,000 planes.
+
+    logit p_n = a + b_hour · hour_n + b_dist · distance_n
+                + σ_c z_c[carrier_n] + σ_d z_d[dest_n] + σ_t z_t[tailnum_n]
+    z ~ N(0, 1) (non-centred), σ ~ HalfNormal(1), a ~ N(0, 5), b ~ N(0, 1)
+
+Side by side, each in a fresh process (peak RSS is the process's):
+
+* ``viax-memory``: ``viax.fit(model, arrays, batch_size=B)`` (minibatch path);
+* ``viax-parquet``: ``viax.fit(model, viax.data.parquet(...), batch_size=B)``, streamed;
+* ``numpyro``: NumPyro SVI, AutoNormal, ``plate(subsample_size=B)``, Adam with an
+  exponentially decaying rate (1e-2 → 1e-3), as many steps as viax-memory took (the same
+  number of rows seen).
+
+Agreement: means of the global latents in units of viax's posterior sd, and the ratio of
+sds, each method against viax-memory.  Results: benchmarks/results/flights.json + .md.
+
+    python benchmarks/flights.py            # all three, ~minutes
+    python benchmarks/flights.py --one viax-memory   # one, in this process
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+from _common import RESULTS_DIR, SHARED_DATA_DIR, command_line, machine, today, write_json
+
+PATH = SHARED_DATA_DIR / "flights" / "flights.parquet"
+BATCH = 4096
+GLOBALS = ("a", "b_hour", "b_dist", "s_carrier", "s_dest", "s_tail")
+
+
+def load_arrays():
+    """The model's columns in memory (rows with an arrival delay and a tail number)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(
+        PATH, columns=["arr_delay", "hour", "distance", "carrier", "dest", "tailnum"]
+    )
+    frame = table.to_pandas()
+    frame = frame[frame["arr_delay"].notna() & frame["tailnum"].notna()]
+    codes = {}
+    for column in ("carrier", "dest", "tailnum"):
+        vocab = np.array(sorted(frame[column].unique()))
+        codes[column] = (np.searchsorted(vocab, frame[column].to_numpy()), vocab)
+    data = {
+        "hour": frame["hour"].to_numpy(float),
+        "distance": frame["distance"].to_numpy(float),
+        "carrier": codes["carrier"][0].astype(np.int32),
+        "dest": codes["dest"][0].astype(np.int32),
+        "tail": codes["tailnum"][0].astype(np.int32),
+        "y": (frame["arr_delay"].to_numpy() > 15).astype(float),
+    }
+    sizes = {k: len(codes[c][1]) for k, c in (("C", "carrier"), ("D", "dest"), ("T", "tailnum"))}
+    return data, sizes, {c: codes[c][1] for c in codes}
+
+
+def make_model(C: int, D: int, T: int, subsample: int | None = None):
+    import numpyro
+    import numpyro.distributions as dist
+
+    def model(hour, distance, carrier, dest, tail, y):
+        a = numpyro.sample("a", dist.Normal(0, 5))
+        b_hour = numpyro.sample("b_hour", dist.Normal(0, 1))
+        b_dist = numpyro.sample("b_dist", dist.Normal(0, 1))
+        s_c = numpyro.sample("s_carrier", dist.HalfNormal(1))
+        s_d = numpyro.sample("s_dest", dist.HalfNormal(1))
+        s_t = numpyro.sample("s_tail", dist.HalfNormal(1))
+        with numpyro.plate("carriers", C):
+            z_c = numpyro.sample("z_carrier", dist.Normal(0, 1))
+        with numpyro.plate("dests", D):
+            z_d = numpyro.sample("z_dest", dist.Normal(0, 1))
+        with numpyro.plate("tails", T):
+            z_t = numpyro.sample("z_tail", dist.Normal(0, 1))
+        with numpyro.plate("N", hour.shape[0], subsample_size=subsample) as i:
+            logit = (
+                a
+                + b_hour * hour[i]
+                + b_dist * distance[i]
+                + s_c * z_c[carrier[i]]
+                + s_d * z_d[dest[i]]
+                + s_t * z_t[tail[i]]
+            )
+            numpyro.sample("y", dist.Bernoulli(logits=logit), obs=y[i])
+
+    return model
+
+
+def _summary(draws: dict) -> dict:
+    out = {}
+    for name, value in draws.items():
+        value = np.asarray(value).reshape(len(value), -1)
+        out[name] = {"mean": value.mean(0).tolist(), "sd": value.std(0, ddof=1).tolist()}
+    return out
+
+
+def run_viax(kind: str, steps: int | None) -> dict:
+    import viax
+
+    start = time.perf_counter()
+    if kind == "viax-memory":
+        data, sizes, _ = load_arrays()
+        model = make_model(sizes["C"], sizes["D"], sizes["T"])
+        source = data
+    else:
+        _, sizes, vocab = load_arrays()  # the vocabularies (a real pipeline stores them)
+        model = make_model(sizes["C"], sizes["D"], sizes["T"])
+
+        def transform(block):
+            keep = ~np.isnan(block["arr_delay"]) & (block["tailnum"] >= 0)
+            return {
+                "_rows": block["_rows"][keep],
+                "hour": block["hour"][keep].astype(float),
+                "distance": block["distance"][keep].astype(float),
+                "carrier": block["carrier"][keep].astype(np.int32),
+                "dest": block["dest"][keep].astype(np.int32),
+                "tail": block["tailnum"][keep].astype(np.int32),
+                "y": (block["arr_delay"][keep] > 15).astype(float),
+            }
+
+        source = viax.data.parquet(
+            PATH,
+            columns=["hour", "distance", "carrier", "dest", "tail", "y"],
+            read=["arr_delay", "hour", "distance", "carrier", "dest", "tailnum"],
+            transform=transform,
+            categories={
+                "carrier": list(vocab["carrier"]),
+                "dest": list(vocab["dest"]),
+                "tailnum": list(vocab["tailnum"]),
+            },
+        )
+    result = viax.fit(model, source, batch_size=BATCH, num_steps=steps, seed=0, progress=False)
+    wall = time.perf_counter() - start
+    draws = result.sample(4000, seed=1)
+    return {
+        "wall_seconds": wall,
+        "fit_seconds": result.wall_time,
+        "steps": result.num_steps,
+        "converged": result.converged,
+        "message": result.message,
+        "rows_seen": result.num_steps * BATCH,
+        "rows_per_second": result.info["rows_per_second"],
+        "wait_fraction": result.info["wait_fraction"],
+        "setup_seconds": result.info["setup_seconds"],
+        "preconditioner": result.info["preconditioner"],
+        "mcse_max_relative": result.info.get("mcse_max_relative"),
+        "elbo": result.elbo,
+        "khat": result.khat,
+        "num_rows": result.info["num_rows"],
+        "latents": int(result.family.dim),
+        "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
+    }
+
+
+def run_numpyro(steps: int) -> dict:
+    import jax
+    import optax
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    jax.config.update("jax_enable_x64", True)
+    start = time.perf_counter()
+    data, sizes, _ = load_arrays()
+    model = make_model(sizes["C"], sizes["D"], sizes["T"], subsample=BATCH)
+    schedule = optax.exponential_decay(1e-2, steps, 0.1)
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, optax.adam(schedule), Trace_ELBO())
+    result = svi.run(jax.random.PRNGKey(0), steps, **data, progress_bar=False)
+    wall = time.perf_counter() - start
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), result.params, sample_shape=(4000,))
+    return {
+        "wall_seconds": wall,
+        "steps": steps,
+        "rows_seen": steps * BATCH,
+        "final_loss": float(np.mean(np.asarray(result.losses)[-100:])),
+        "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
+    }
+
+
+def one(kind: str, steps: int | None) -> dict:
+    out = run_numpyro(steps) if kind == "numpyro" else run_viax(kind, steps)
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def agreement(reference: dict, other: dict) -> dict:
+    """Worst |Δmean| / sd_ref and the range of sd_other / sd_ref over the global latents,
+    and the same over every effect (z)."""
+    rows = {}
+    for group, names in (("globals", GLOBALS), ("effects", ("z_carrier", "z_dest", "z_tail"))):
+        dm, ratio = [], []
+        for name in names:
+            ref, oth = reference["summary"][name], other["summary"][name]
+            sd = np.asarray(ref["sd"])
+            dm.append(np.abs(np.asarray(oth["mean"]) - np.asarray(ref["mean"])) / sd)
+            ratio.append(np.asarray(oth["sd"]) / sd)
+        dm, ratio = np.concatenate(dm), np.concatenate(ratio)
+        rows[group] = {
+            "max_mean_diff_sd": float(dm.max()),
+            "median_mean_diff_sd": float(np.median(dm)),
+            "sd_ratio_min": float(ratio.min()),
+            "sd_ratio_max": float(ratio.max()),
+        }
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--one", choices=("viax-memory", "viax-parquet", "numpyro"))
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.steps)))
+        return
+    results = {}
+    for kind in ("viax-memory", "viax-parquet", "numpyro"):
+        steps = args.steps
+        if kind == "numpyro" and "steps" in results.get("viax-memory", {}):
+            steps = results["viax-memory"]["steps"]  # the same number of rows seen
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", kind] + (["--steps", str(steps)] if steps else []),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            results[kind] = {"error": out.stderr[-2000:]}
+            print(kind, "failed:", out.stderr[-2000:], file=sys.stderr)
+            continue
+        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(kind, {k: v for k, v in results[kind].items() if k != "summary"}, flush=True)
+    ref = results.get("viax-memory", {})
+    for kind in ("viax-parquet", "numpyro"):
+        if "summary" in results.get(kind, {}) and "summary" in ref:
+            results[kind]["agreement_with_viax_memory"] = agreement(ref, results[kind])
+    payload = {
+        "command": command_line(),
+        "date": today(),
+        "machine": machine(),
+        "batch_size": BATCH,
+        "results": results,
+    }
+    write_json("flights", payload)
+    write_markdown(payload)
+
+
+def write_markdown(payload: dict) -> None:
+    lines = [
+        "# Flights: hierarchical logistic regression, minibatch VI",
+        "",
+        f"`{payload['command']}` ({payload['date']}; batch {payload['batch_size']} rows; "
+        "each method in a fresh process; the machine was shared with other jobs).",
+        "",
+        "| method | wall s | steps | rows/s | peak RSS MB | globals: max |Δmean|/sd | "
+        "sd ratio | effects: median |Δmean|/sd | converged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, r in payload["results"].items():
+        if "error" in r:
+            lines.append(f"| {kind} | failed | | | | | | | |")
+            continue
+        agree = r.get("agreement_with_viax_memory", {})
+        g, e = agree.get("globals", {}), agree.get("effects", {})
+        ratio = f"{g['sd_ratio_min']:.2f}-{g['sd_ratio_max']:.2f}" if g else "(reference)"
+        lines.append(
+            f"| {kind} | {r['wall_seconds']:.1f} | {r['steps']} | "
+            f"{r.get('rows_per_second', r['rows_seen'] / r['wall_seconds']):.3g} | "
+            f"{r['peak_rss_mb']:.0f} | {g.get('max_mean_diff_sd', float('nan')):.2f} | {ratio} | "
+            f"{e.get('median_mean_diff_sd', float('nan')):.2f} | {r.get('converged', '')} |"
+        )
+    (RESULTS_DIR / "flights.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
