@@ -166,3 +166,13 @@ def test_newton_step_and_laplace_factor_do_not_depend_on_units():
     np.testing.assert_allclose(tril @ tril.T / np.outer(sd, sd), corr, atol=1e-7)
     # Mean-field scale: diag(H)^(−1/2), the conditional sds.
     np.testing.assert_allclose(scale, 1 / np.sqrt(np.diagonal(hess)), rtol=1e-10)
+    # Away from a mode the curvature may be indefinite: |λ| is used (a saddle-free
+    # step), so the preconditioner still exists and the step still goes downhill.
+    indefinite = np.diag([4.0, -1.0, 1e-20])
+    grad = np.array([1.0, 1.0, 1.0])
+    tril, _, lap_decrement, _, positive_definite = laplace_factor(indefinite, grad)
+    assert not bool(positive_definite)
+    np.testing.assert_allclose(np.asarray(tril) @ np.asarray(tril).T, np.diag([0.25, 1.0, 1e20]))
+    step, decrement = newton_direction_np(indefinite, grad)
+    np.testing.assert_allclose(step, [0.25, 1.0, 1e20])
+    np.testing.assert_allclose([decrement, lap_decrement], 1.25 + 1e20)

@@ -145,9 +145,10 @@ def build_setup(target: Target, family: Family):
     """``(map_objective, hessian, prepare)``: the negative log density and its gradient
     ``(u, data) -> (value, grad)`` for the MAP search (run on the host by
     :func:`~viax.infer.optimize.minimize_on_host`), its Hessian ``(u, data) -> (D, D)``
-    (for :func:`~viax.infer.optimize.newton_on_host` where L-BFGS does not converge), and
-    the traceable rest of the setup from the MAP: Hessian and preconditioner (the base
-    draws, from :func:`base_draws`, are an input).
+    (for :func:`~viax.infer.optimize.newton_on_host` where L-BFGS does not converge, and
+    for the preconditioner: one compiled program serves both), and the traceable rest of
+    the setup from the MAP and its Hessian: the preconditioner (the base draws, from
+    :func:`base_draws`, are an input).
 
     The preconditioner uses the curvature at the point the MAP search ended when the
     MAP was found (``map_ok``), and also when it was not but the point lies within the
@@ -165,10 +166,9 @@ def build_setup(target: Target, family: Family):
         hess = jax.vmap(lambda v: jax.jvp(grad_fn, (position,), (v,))[1])(jnp.eye(dim))
         return 0.5 * (hess + hess.T)
 
-    def prepare(center, map_steps, init_position, data, draws) -> Setup:
+    def prepare(center, hess, map_steps, init_position, data, draws) -> Setup:
         dim = init_position.shape[0]
         value, grad = map_objective(center, data)
-        hess = hessian(center, data)
         tril, scale, decrement, min_eig, positive_definite = laplace_factor(hess, grad)
         finite = (
             jnp.isfinite(value)
@@ -223,7 +223,7 @@ class DADVIInfo(NamedTuple):
 class DADVI(NamedTuple):
     map_objective: Callable  # (u, data) -> (−log p̃(u), gradient), for the host L-BFGS
     hessian: Callable  # (u, data) -> (D, D) Hessian of −log p̃, for the host Newton steps
-    # (center, map_steps, init_position, data, draws) -> (Setup, DADVIState)
+    # (center, hessian at center, map_steps, init_position, data, draws) -> (Setup, DADVIState)
     setup: Callable
     # The base draws come from the fit's key (base_draws), finalize's from fold_in 1.
     step: Callable  # (state, rng_key, inputs) -> (state, info); inputs = (data, setup)
@@ -257,10 +257,10 @@ def build_dadvi(target: Target, family: Family, num_final_draws: int = 1000) -> 
     lbfgs_init, lbfgs_step = lbfgs(loss_fn)
     map_objective, hessian, prepare = build_setup(target, family)
 
-    def setup(center, map_steps, init_position, data, draws):
+    def setup(center, hess, map_steps, init_position, data, draws):
         # Preconditioner from the MAP in one compiled program; the L-BFGS state is fresh
         # (its first step evaluates the objective), so the ELBO is compiled once.
-        setup = prepare(center, map_steps, init_position, data, draws)
+        setup = prepare(center, hess, map_steps, init_position, data, draws)
         state = DADVIState(lbfgs_init(family.init(), (data, setup)), guard_init(target.dim))
         return setup, state
 
