@@ -107,8 +107,9 @@ def fit(
         data: keyword arguments of the model (arrays, lists or scalars).
         method: ``"advi"``, or ``"bbvi"`` (black-box VI: mean-field q with discrete
             factors for discrete latents, score-function gradients; see
-            :func:`viax.infer.bbvi.fit_bbvi`; optimizer ``None``/"adagrad", "stan" or
-            optax; num_particles default 16).
+            :func:`viax.infer.bbvi.fit_bbvi`; optimizer ``None`` (Adam at rate 0.1, or
+            ``eta``; AdaGrad with ``stop_rule="stan"``), "adagrad", "stan" or optax;
+            num_particles default 16).
         family: ``"meanfield"``, ``"fullrank"`` or ``"lowrank"`` (with ``rank``).
         optimizer: ``None``/``"dadvi"`` (default, robust): MAP + Laplace
             preconditioning + deterministic ADVI by L-BFGS on ``num_draws`` fixed,

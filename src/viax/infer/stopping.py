@@ -1,10 +1,13 @@
 """When to stop a stochastic optimisation: stationarity by R̂, then iterate averaging
 until the Monte Carlo error of the average is small (host side, between chunks).
 
-A stochastic optimiser with a fixed (or slowly shrinking) step size does not converge
-to a point: after a transient, its iterates λ_t wander around the optimum λ* like a
-Markov chain in its stationary distribution (Dhaka et al. 2020).  So the question
-"are we done?" is the question MCMC asks, answered with MCMC's tools:
+A stochastic optimiser with a fixed step size does not converge to a point: after a
+transient, its iterates λ_t wander around the optimum λ* like a Markov chain in its
+stationary distribution (Dhaka et al. 2020).  So "are we done?" is the question MCMC
+asks, answered with MCMC's tools.  All distances are in posterior scales: ``scale_j``
+is 1/sqrt(F_jj), F the Fisher information of q (q's sd for a Gaussian mean, 1/√2 for a
+log-scale, 1/sqrt(p(1−p)) for a Bernoulli logit; :func:`fisher_scale`), so that an
+error δ costs about ½ Σ_j (δ_j / scale_j)² nats of ELBO.
 
 1. **Stationarity.**  The iterates of the current step-size level are cut into blocks
    of ``block_len`` steps; the window (the later half of the level, at least
@@ -18,35 +21,42 @@ Markov chain in its stationary distribution (Dhaka et al. 2020).  So the questio
    differ, so R̂ > 1.  The window is stationary when R̂ < ``rhat_threshold`` for every
    coordinate (for P > 100 coordinates: all but the worst 1%, since P noisy R̂'s always
    have a few large ones), not counting coordinates whose segment means stay within
-   ``tol`` posterior scales of each other (a drift too small to matter: a Bernoulli
-   logit creeping from −7 to −8 changes q by nothing, but never becomes stationary).
+   ``drift_tol`` scales of each other (a Bernoulli logit wandering between −7 and −10,
+   where q barely changes, never looks stationary).
 
-2. **Averaging.**  From the start of the stationary window on, the returned parameters
-   are the Polyak–Ruppert average λ̄ = (1/T) Σ_t λ_t (Polyak & Juditsky 1992).  Its
-   Monte Carlo standard error comes from the block means m_b (b = 1..K) treated as a
-   chain: ESS_j by Geyer's initial monotone sequence on their autocorrelations (the
-   ESS of ArviZ / Stan, Vehtari et al. 2021), and
+2. **Averaging.**  From the start of the stationary window on, the answer is the
+   Polyak–Ruppert average λ̄ = (1/T) Σ_t λ_t (Polyak & Juditsky 1992).  Its Monte
+   Carlo standard error comes from the block means m_b (b = 1..K) treated as a chain:
+   ESS_j by Geyer's initial monotone sequence (the ESS of Stan and ArviZ), and
 
        MCSE_j = sd_b(m_{b,j}) / sqrt(ESS_j).
 
-   The level has converged when MCSE_j ≤ ``tol`` · scale_j for every coordinate (the
-   same 1% allowance for large P), with at least ``min_blocks`` blocks averaged.
-   ``scale_j`` is the posterior scale of coordinate j: by default 1/sqrt(F_jj), the
-   Fisher information of q in that parameter (q's sd for a Gaussian mean, 1/√2 for a
-   log-scale, 1/sqrt(p(1−p)) for a Bernoulli logit; :func:`fisher_scale`), so that
-   ½ Σ_j (MCSE_j / scale_j)² approximates the expected KL(q_λ̄ ‖ q_E[λ̄]) in nats.
+   The level is done when MCSE_j ≤ ``tol`` · scale_j for every coordinate (the same 1%
+   allowance), with at least ``min_blocks`` blocks averaged.  Two guards keep a slow
+   drift out of the average: when the window's own split-R̂ says it drifts, or (given
+   ``elbo_fn``, an ELBO estimate on fixed draws) when the ELBO at the average of the
+   window's later half beats that of its earlier half by more than ``gain_tol`` nats,
+   the window is cut to its later half.
 
 3. **Step-size halving** (Welandawe et al. 2022, RAABBVI).  A fixed step size γ leaves
-   a bias O(γ) in the stationary mean.  After a level converges the rule asks the
-   caller to halve the step size (:attr:`MCSETracker.step_scale`) and repeats 1–2.
-   With the bias linear in γ, the difference d = λ̄_γ − λ̄_{γ/2} estimates the bias of
-   λ̄_{γ/2}, and one more halving would gain about
+   a bias O(γ) in the stationary mean.  After a level is done the rule asks the caller
+   to halve the step size (:attr:`MCSETracker.step_scale`) and repeats 1–2 for at least
+   as many steps as the level before (the autocorrelation time doubles).  With the bias
+   linear in γ, d = λ̄_γ − λ̄_{γ/2} estimates the bias of λ̄_{γ/2} (reported as
+   ``bias``; ``error`` = sqrt(MCSE² + bias²)), and the ELBO lost to it is ∝ γ², so one
+   more halving would gain about
 
-       G = (3/8) Σ_j max((d_j/scale_j)² − (MCSE_{γ,j}² + MCSE_{γ/2,j}²)/scale_j², 0)
+       G = (ELBO(λ̄_{γ/2}) − ELBO(λ̄_γ)) / 4      (with elbo_fn), else
+       G = (3/8) Σ_j max((d_j² − MCSE_{γ,j}² − MCSE_{γ/2,j}²) / scale_j², 0)
 
-   nats of ELBO (Fisher-diagonal approximation, the Monte Carlo part of d removed).
-   The run stops when G ≤ ``gain_tol``, after ``max_halvings`` halvings, or when the
-   next level (about twice the steps of this one) would not fit in the step budget.
+   nats.  The run stops when G ≤ ``gain_tol``, after ``max_halvings`` halvings, or when
+   the next level (twice the steps of this one) would not fit in the step budget.
+   When the budget ends first, the answer is the current average (or, if the level
+   never became stationary, the average of its last steps) and ``converged`` is False.
+
+The rule assumes a constant step size (optax's Adam at a fixed rate, plain SGD).  A
+decaying one (AdaGrad, Stan's sequence) makes a slow creep look stationary, and the
+rule may stop it early; the ELBO-rise guard catches part of that, not all.
 
 API (stable; used by ``viax.fit``'s stochastic paths and by the minibatch driver):
 
@@ -55,12 +65,13 @@ API (stable; used by ``viax.fit``'s stochastic paths and by the minibatch driver
     >>> # or, with running sums carried in the compiled state (large P):
     >>> stop, message = rule.update_sums(block_sums, block_counts)  # (K, P), (K,)
     >>> rule.step_scale      # multiply the optimiser's step by this (1, 0.5, ...)
-    >>> rule.average, rule.mcse, rule.relative_mcse, rule.summary()
+    >>> rule.average, rule.mcse, rule.bias, rule.error, rule.summary()
 
-``update`` returns ``(True, message)`` when the run should end (converged, or the
-rule can promise no progress); ``(False, message)`` otherwise — when the message is
-not empty, the step size was just halved (``rule.step_scale`` changed).
-``rule.converged`` says whether the final level met its MCSE tolerance.
+``update`` returns ``(True, message)`` when the run should end; ``(False, message)``
+otherwise — when the message is not empty, the step size was just halved
+(``rule.step_scale`` changed).  ``rule.converged`` says whether the final level met its
+tolerance; ``rule.finish()`` settles the answer when the budget ends first.
+:func:`run_with_stopping` drives :func:`viax.infer.driver.run` under a rule.
 
 References:
     Dhaka, Catalina, Andersen, Magnusson, Huggins & Vehtari (2020), "Robust, accurate
