@@ -1098,6 +1098,16 @@ class _Evaluator:
         self.args = (bm, family, params, local, source, batch_size, seed, pc, put_batch, constants)
 
     def __call__(self, num_samples: int, seed: int) -> np.ndarray:
+        if num_samples > _NUM_EVAL_DRAWS:
+            # Memory O(draws × batch): passes of at most 200 draws.
+            sizes = [_NUM_EVAL_DRAWS] * (num_samples // _NUM_EVAL_DRAWS)
+            sizes += [num_samples % _NUM_EVAL_DRAWS] if num_samples % _NUM_EVAL_DRAWS else []
+            return np.concatenate(
+                [self._one_pass(n, seed * 100_003 + i) for i, n in enumerate(sizes)]
+            )
+        return self._one_pass(num_samples, seed)
+
+    def _one_pass(self, num_samples: int, seed: int) -> np.ndarray:
         bm, family, params, local, source, batch_size, data_seed, pc, put_batch, constants = (
             self.args
         )
