@@ -338,6 +338,8 @@ class MCSETracker:
         self._relative = np.full(dim, np.nan)
         self._scale_now = np.ones(dim)
         self._message = ""
+        self._scale_calls = 0
+        self._scale_cache = None
         self._new_level()
 
     # -- feeding ---------------------------------------------------------------------
@@ -492,7 +494,16 @@ class MCSETracker:
         scale = self._scale
         if scale is None:
             return np.ones(self.dim)
-        value = scale(average) if callable(scale) else scale
+        if callable(scale):
+            # q's scale moves slowly once the run is near stationary: recomputing it at
+            # every fifth check keeps a costly scale function (512 draws of q's score)
+            # off the per-chunk path.
+            self._scale_calls += 1
+            if self._scale_calls % 5 == 1 or self._scale_cache is None:
+                self._scale_cache = scale(average)
+            value = self._scale_cache
+        else:
+            value = scale
         value = np.broadcast_to(np.asarray(value, dtype=float), (self.dim,))
         return np.where(np.isfinite(value) & (value > 0), value, np.inf)
 
