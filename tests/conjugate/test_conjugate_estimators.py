@@ -110,6 +110,28 @@ def test_lda_perp_tol_stops_when_perplexity_settles(capsys):
     assert list(lda.get_feature_names_out()) == ["lda0", "lda1", "lda2", "lda3"]
 
 
+def test_lda_result_describes_the_whole_fit():
+    X, _ = lda_corpus(120, 60, 4, seed=0, alpha=0.3)
+    lda = LDA(4, max_iter=6, evaluate_every=2, perp_tol=0.0, random_state=0).fit(X)
+    info, message = lda.result_.info, lda.result_.message
+    # Three 2-sweep blocks, each followed by an evaluation; the Result spans them all.
+    assert [i for i, _ in info["perplexities"]] == [2, 4, 6]
+    assert info["stopped_by"] == "max_iter" and info["blocks"] == 3
+    assert lda.result_.num_steps == 6 and len(lda.elbo_trace_) == 6
+    assert not lda.result_.converged
+    assert message.startswith("LDA batch CAVI: 6 of max_iter=6 sweeps in 3 block(s) of up to 2")
+    (_, p4), (_, p6) = info["perplexities"][1:]
+    assert f"still changed by {abs(p6 - p4):.4g}" in message and "between 4 and 6 sweeps" in message
+    # A tolerance above the change between the first two evaluations stops after them.
+    (_, p2), (_, p4) = info["perplexities"][:2]
+    early = LDA(4, max_iter=6, evaluate_every=2, perp_tol=abs(p4 - p2) * 1.01, random_state=0)
+    early.fit(X)
+    assert early.n_iter_ == 4 and early.result_.converged
+    assert early.result_.info["stopped_by"] == "perp_tol"
+    assert "4 of max_iter=6 sweeps" in early.result_.message
+    assert "stopped early: the perplexity changed by" in early.result_.message
+
+
 def test_lda_takes_sklearns_parameters():
     from sklearn.decomposition import LatentDirichletAllocation
 

@@ -8,14 +8,14 @@ coordinate update, ``λ* = ∂E_q[log p]/∂μ``.  On top of it:
   :func:`naive` (gradient ascent on the closed-form ELBO with optax), each returning
   :class:`viax.result.Result`;
 - the models in :mod:`viax.conjugate.models`;
-- scikit-learn-style estimators :class:`GaussianMixture`, :class:`LDA`,
-  :class:`LinearRegression`.
+- scikit-learn estimators :class:`GaussianMixture`, :class:`LDA`,
+  :class:`LinearRegression` (they need scikit-learn, ``pip install 'viax[sklearn]'``,
+  and are imported on first use, so that the rest imports without it).
 """
 
 from viax.conjugate.cavi import ElboDecreaseError, cavi
 from viax.conjugate.checkpoint import load_checkpoint, save_checkpoint
 from viax.conjugate.engine import ConjugateModel, conjugate_model
-from viax.conjugate.estimators import LDA, GaussianMixture, LinearRegression
 from viax.conjugate.expfam import (
     Beta,
     Categorical,
@@ -43,6 +43,7 @@ __all__ = [
     "Beta",
     "Categorical",
     "ConjugateModel",
+    "ConvergenceWarning",
     "Dirichlet",
     "ElboDecreaseError",
     "Factor",
@@ -66,3 +67,18 @@ __all__ = [
     "save_checkpoint",
     "svi",
 ]
+
+# The estimators are scikit-learn estimators: import sklearn only when one is used.
+_ESTIMATORS = ("LDA", "ConvergenceWarning", "GaussianMixture", "LinearRegression")
+
+
+def __getattr__(name: str):
+    if name in _ESTIMATORS:
+        from viax.conjugate import estimators
+
+        return getattr(estimators, name)
+    raise AttributeError(f"module 'viax.conjugate' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_ESTIMATORS})

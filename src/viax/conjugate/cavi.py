@@ -124,7 +124,8 @@ def _init(model: ConjugateModel, batch, seed: int, global_natural=None):
     return global_natural, local_natural
 
 
-_init_jit = jax.jit(_init, static_argnums=2)
+# The seed is traced, not static: a program per seed recompiled each new random_state.
+_init_jit = jax.jit(_init)
 
 
 def cavi(

@@ -30,6 +30,7 @@ Hoffman et al. 2013), so one gradient updates all of them as a block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -423,14 +424,17 @@ def check_globals(model: ConjugateModel, global_natural, what: str = "init") -> 
         raise ValueError(f"{what}: the global parameters contain NaN or infinite values")
 
 
+def _sample_sites(model: ConjugateModel, global_natural, num_samples: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return model.sample_sites(global_natural, rng, int(num_samples))
+
+
 def make_sampler(model: ConjugateModel, global_natural) -> Callable[[int, int], dict]:
-    """``sampler(num_samples, seed) -> {site: (num_samples, *shape)}`` for Result."""
+    """``sampler(num_samples, seed) -> {site: (num_samples, *shape)}`` for Result.
 
-    def sampler(num_samples: int, seed: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        return model.sample_sites(global_natural, rng, int(num_samples))
-
-    return sampler
+    A ``functools.partial`` of a module-level function, not a closure, so that a Result
+    (and an estimator holding one) pickles: ``joblib.dump`` of a fitted model."""
+    return functools.partial(_sample_sites, model, global_natural)
 
 
 def all_finite(tree: Any) -> bool:

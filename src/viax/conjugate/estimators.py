@@ -1,11 +1,24 @@
-"""scikit-learn-style estimators over the conjugate engine.
+"""scikit-learn estimators over the conjugate engine.
 
 ``GaussianMixture`` (sklearn's ``BayesianGaussianMixture``: same priors, parameter and
 attribute names, initialisations), ``LDA`` (sklearn's ``LatentDirichletAllocation``)
-and ``LinearRegression`` (Normal–Gamma prior, exact posterior and evidence).  They
-follow sklearn's conventions — ``get_params``/``set_params``, fitted attributes with a
-trailing underscore — so ``sklearn.base.clone`` and pipelines accept them; scikit-learn
-itself is not needed.  ``result_`` holds the :class:`viax.result.Result` of the fit.
+and ``LinearRegression`` (Normal–Gamma prior, exact posterior and evidence).  They are
+scikit-learn estimators: they inherit ``BaseEstimator`` and the mixin of their kind
+(``DensityMixin``, ``TransformerMixin``, ``RegressorMixin``), declare their tags,
+validate input with ``validate_data`` / ``check_is_fitted``, pickle, and pass
+``sklearn.utils.estimator_checks.check_estimator``
+(``tests/conjugate/test_sklearn_conformance.py``).  ``result_`` holds the
+:class:`viax.result.Result` of the fit.
+
+scikit-learn is needed for these three only (``pip install 'viax[sklearn]'``); the rest
+of :mod:`viax.conjugate` imports without it, and loads this module on first use of one
+of the estimators.
+
+Data sets of at most ``_SMALL`` rows (points, documents) are padded with zero-weight
+rows to ``_SMALL``: every conjugate model takes a ``mask`` of real rows, so the answer
+is unchanged, and a grid search, a cross-validation or sklearn's conformance suite,
+which fit and predict on many small data sets, compile one program per number of
+features instead of one per shape.
 """
 
 from __future__ import annotations
@@ -16,7 +29,24 @@ import warnings
 import jax
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import digamma
+from scipy.special import digamma, logsumexp, softmax
+
+try:
+    from sklearn.base import (
+        BaseEstimator,
+        ClassNamePrefixFeaturesOutMixin,
+        DensityMixin,
+        RegressorMixin,
+        TransformerMixin,
+    )
+    from sklearn.exceptions import ConvergenceWarning as _SklearnConvergenceWarning
+    from sklearn.utils.validation import check_is_fitted, validate_data
+except ImportError as error:  # scikit-learn missing, or older than 1.6 (validate_data)
+    raise ImportError(
+        "viax.conjugate's GaussianMixture, LDA and LinearRegression are scikit-learn "
+        "estimators and need scikit-learn >= 1.6: pip install 'viax[sklearn]'.  The "
+        "functional layer (cavi, svi, naive and the models) works without it."
+    ) from error
 
 from viax.conjugate.cavi import cavi
 from viax.conjugate.engine import (
@@ -30,21 +60,79 @@ from viax.conjugate.engine import (
     to_device,
     to_device_tree,
 )
-from viax.conjugate.expfam import Beta, Dirichlet, NormalGamma
-from viax.conjugate.models._base import (
-    EstimatorMixin,
-    check_finite_2d,
-    check_fitted,
-    check_positive_int,
-    check_seed,
-)
+from viax.conjugate.expfam import Beta, Dirichlet
+from viax.conjugate.models._base import check_positive_int, check_seed
 from viax.conjugate.models.gmm import COVARIANCE_TYPES, INIT_METHODS, GaussianMixtureModel
-from viax.conjugate.models.lda import LDAModel
+from viax.conjugate.models.lda import LDAModel, num_rows
 from viax.conjugate.models.linear import LinearRegressionModel
 from viax.conjugate.svi import check_learning_rate, svi
 from viax.conjugate.xla import jit
 
-__all__ = ["LDA", "GaussianMixture", "LinearRegression"]
+__all__ = ["LDA", "ConvergenceWarning", "GaussianMixture", "LinearRegression"]
+
+
+class ConvergenceWarning(_SklearnConvergenceWarning, RuntimeWarning):
+    """A fit stopped at ``max_iter`` before its tolerance: scikit-learn's
+    ``ConvergenceWarning`` (so ``warnings.filterwarnings("ignore",
+    category=sklearn.exceptions.ConvergenceWarning)`` silences it, as for sklearn's own
+    estimators) and a ``RuntimeWarning``, as viax raised before."""
+
+
+# Small data sets are padded to this many rows (module docstring): a sweep over 512
+# rows costs microseconds, a compile ~1–2 s per program and shape; above this size the
+# fits of one data set repeat and padding would only add work.
+_SMALL = 512
+
+
+def _padded_rows(n: int) -> int:
+    """Rows of the padded batch for ``n`` real rows (see the module docstring)."""
+    return _SMALL if n <= _SMALL else n
+
+
+def _padded_extent(rows: int) -> int:
+    """LDA's ragged part (rows of word entries) of a small corpus, up to a power of two
+    (at least 32): fewer shapes, and a power of two ≤ 64 keeps the local sweeps in one
+    stage (``engine.fit_locals``)."""
+    return max(32, 1 << (rows - 1).bit_length()) if rows <= _SMALL else rows
+
+
+def _without_padding(result, n: int):
+    """``result`` with its local parameters cut to the ``n`` real rows."""
+    if "local" not in result.params:
+        return result
+    local = jax.tree.map(lambda x: x[:n], result.params["local"])
+    return dataclasses.replace(result, params={**result.params, "local": local})
+
+
+def _validate(estimator, X, y="no_validation", *, reset: bool, **kwargs):
+    """sklearn's ``validate_data`` (2-D, not empty, numeric, ``n_features_in_`` set or
+    checked, its messages), float64; non-finite values refused with sklearn's phrase
+    and the position of the first."""
+    out = validate_data(
+        estimator, X, y, reset=reset, dtype=np.float64, ensure_all_finite=False, **kwargs
+    )
+    X = out[0] if isinstance(out, tuple) else out
+    values = X.data if sp.issparse(X) else X
+    bad = ~np.isfinite(values)
+    if bad.any():
+        if sp.issparse(X):
+            coo = X.tocoo()
+            first = np.flatnonzero(~np.isfinite(coo.data))[0]
+            row, col = coo.row[first], coo.col[first]
+        else:
+            row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"Input X contains NaN or infinity: {int(bad.sum())} value(s), the first at "
+            f"row {row}, column {col}"
+        )
+    return out
+
+
+def _pad_rows(X: np.ndarray) -> np.ndarray:
+    """X (N, D) with zero rows up to ``_padded_rows(N)``, for the predictions."""
+    n = X.shape[0]
+    size = _padded_rows(n)
+    return X if size == n else np.concatenate([X, np.zeros((size - n, X.shape[1]))])
 
 
 # ----------------------------------------------------------------------------------
@@ -69,7 +157,7 @@ _init_globals = jax.jit(
 )
 
 
-class GaussianMixture(EstimatorMixin):
+class GaussianMixture(DensityMixin, BaseEstimator):
     """Variational Bayesian Gaussian mixture by CAVI: sklearn's BayesianGaussianMixture.
 
     Parameters and fitted attributes carry sklearn's names and meanings;
@@ -83,6 +171,8 @@ class GaussianMixture(EstimatorMixin):
     ``random_state=None`` means seed 0 (same call, same numbers); the k-means
     initialisation is viax's own (k-means++ seeds, Lloyd's iterations), so the start
     differs from sklearn's unless given with ``fit(X, initial_resp=...)``.
+    A best initialisation that did not converge in ``max_iter`` sweeps warns with
+    :class:`ConvergenceWarning` (sklearn's).
 
     Example:
         >>> import numpy as np
@@ -92,8 +182,6 @@ class GaussianMixture(EstimatorMixin):
         >>> gm.predict(X).shape
         (200,)
     """
-
-    _estimator_type = "clusterer"
 
     def __init__(
         self,
@@ -161,20 +249,33 @@ class GaussianMixture(EstimatorMixin):
         )
 
     def fit(self, X, y=None, *, initial_resp=None):
-        """Fit by CAVI.  ``initial_resp`` (N, K): start from these responsibilities
-        (sklearn's M-step on them) instead of ``init_params``."""
-        self._fit(check_finite_2d(X), initial_resp)
+        """Fit by CAVI.  ``X`` (N, D), N ≥ max(2, n_components).  ``initial_resp``
+        (N, K): start from these responsibilities (sklearn's M-step on them) instead
+        of ``init_params``."""
+        self._fit(self._validate_fit_data(X), initial_resp)
         return self
 
     def fit_predict(self, X, y=None, *, initial_resp=None):
         """Fit, then the labels of ``X`` under the fitted model (sklearn's fit_predict)."""
-        X = check_finite_2d(X)
+        X = self._validate_fit_data(X)
         self._fit(X, initial_resp)
         return self.predict(X)
 
+    def _validate_fit_data(self, X) -> np.ndarray:
+        # sklearn's BaseMixture: at least two samples, and no fewer than components.
+        X = _validate(self, X, reset=True, ensure_min_samples=2)
+        check_positive_int("n_components", self.n_components)
+        if X.shape[0] < self.n_components:
+            raise ValueError(
+                f"Expected n_samples >= n_components but got n_components = "
+                f"{self.n_components}, n_samples = {X.shape[0]}"
+            )
+        return X
+
     def _fit(self, X, initial_resp):
         model = self._make_model(X)
-        batch = model.prepare(X)
+        n = X.shape[0]
+        batch = model.prepare(X, pad_to=_padded_rows(n))
         best = None
         seed = check_seed(self.random_state)
         # sklearn's warm_start: the last fit's solution starts the next, one init.
@@ -191,10 +292,11 @@ class GaussianMixture(EstimatorMixin):
                 g0 = _init_globals(model, jax.random.PRNGKey(seed + init), batch, self.init_params)
             else:
                 resp = np.asarray(initial_resp, np.float64)
-                if resp.shape != (X.shape[0], self.n_components):
-                    raise ValueError(
-                        f"initial_resp must have shape {(X.shape[0], self.n_components)}"
-                    )
+                if resp.shape != (n, self.n_components):
+                    raise ValueError(f"initial_resp must have shape {(n, self.n_components)}")
+                # Padded rows carry mask 0: their responsibilities do not count.
+                padding = np.full((_padded_rows(n) - n, self.n_components), 1.0)
+                resp = np.concatenate([resp, padding / self.n_components])
                 g0 = _globals_from_resp(model, to_device(resp), batch)
             result = cavi(
                 model,
@@ -219,15 +321,14 @@ class GaussianMixture(EstimatorMixin):
                 f"GaussianMixture: the best of {self.n_init} initialization(s) did not "
                 f"converge in max_iter={self.max_iter} sweeps (the last ELBO change "
                 f"exceeds tol={self.tol}); increase max_iter or tol",
-                RuntimeWarning,
+                ConvergenceWarning,
                 stacklevel=3,
             )
-        self._set_fitted(model, best, X.shape[1])
+        self._set_fitted(model, _without_padding(best, n))
 
-    def _set_fitted(self, model, result, n_features):
+    def _set_fitted(self, model, result):
         self.model_ = model
         self.result_ = result
-        self.n_features_in_ = n_features
         globals_ = result.params["global"]
         self.global_natural_ = to_device_tree(globals_)
         # numpy, not NormalWishart.to_standard: JAX ops run eagerly here would each be
@@ -307,15 +408,16 @@ class GaussianMixture(EstimatorMixin):
         self.precisions_cholesky_ = np.sqrt(self.precisions_)
 
     def _weighted_log_prob(self, X):
-        check_fitted(self, "result_")
-        X = check_finite_2d(X)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, the model {self.n_features_in_}")
-        return np.asarray(_log_prob(self.model_, self.global_natural_, to_device(X)))
+        """E[log π_k] + E[log N(x_n | μ_k, Λ_k⁻¹)], (N, K); NumPy, so that the
+        reductions over it compile nothing."""
+        check_is_fitted(self)
+        X = _validate(self, X, reset=False)
+        values = _log_prob(self.model_, self.global_natural_, to_device(_pad_rows(X)))
+        return np.asarray(values)[: X.shape[0]]
 
     def score_samples(self, X) -> np.ndarray:
         """log Σ_k exp(E[log π_k] + E[log N(x | μ_k, Λ_k⁻¹)]) per sample, as sklearn."""
-        return np.asarray(jax.nn.logsumexp(self._weighted_log_prob(X), axis=1))
+        return logsumexp(self._weighted_log_prob(X), axis=1)
 
     def score(self, X, y=None) -> float:
         """Mean of ``score_samples`` (sklearn's definition)."""
@@ -323,7 +425,7 @@ class GaussianMixture(EstimatorMixin):
 
     def predict_proba(self, X) -> np.ndarray:
         """Responsibilities q(z_n = k), (N, K)."""
-        return np.asarray(jax.nn.softmax(self._weighted_log_prob(X), axis=1))
+        return softmax(self._weighted_log_prob(X), axis=1)
 
     def predict(self, X) -> np.ndarray:
         return np.argmax(self._weighted_log_prob(X), axis=1)
@@ -333,7 +435,7 @@ class GaussianMixture(EstimatorMixin):
         point estimates ``weights_``, ``means_``, ``covariances_``: sklearn's ``sample``,
         with the same draws for the same ``random_state`` and attributes.  Draws from
         the posterior over the parameters: ``result_.sample``."""
-        check_fitted(self, "result_")
+        check_is_fitted(self)
         check_positive_int("n_samples", n_samples)
         rng = np.random.RandomState(check_seed(self.random_state))
         counts = rng.multinomial(n_samples, self.weights_)
@@ -379,31 +481,35 @@ _global_terms = jit(
 )
 
 
-class LDA(EstimatorMixin):
+class LDA(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Latent Dirichlet allocation: batch CAVI or online SVI, sklearn's names.
 
-    ``learning_method="batch"``: CAVI sweeps over the whole corpus (``max_iter``);
+    ``learning_method="batch"``: CAVI sweeps over the whole corpus (``max_iter``), from
+    sklearn's start for the same ``random_state`` (λ0 ~ Gamma(100, 1/100));
     ``"online"``: SVI with batches of ``batch_size`` documents in order for ``max_iter``
     passes, ρ_t = (learning_offset + t)^(−learning_decay) — sklearn's schedule.
-    ``components_`` is λ (K, V).  Counts must be non-negative integers, documents
-    non-empty.  ``evaluate_every``, ``perp_tol``, ``verbose`` are sklearn's (stop when the
-    training perplexity, computed every ``evaluate_every`` iterations, changes by less
-    than ``perp_tol``; ``verbose`` > 0: progress bars and a line per iteration).
-    ``n_jobs`` is accepted so that sklearn's parameters carry over, and ignored: XLA
-    uses the machine's cores.  ``tol`` (viax's): batch CAVI stops when a sweep's
-    relative ELBO gain is below it (0: run ``max_iter`` sweeps, sklearn's behaviour).
+    ``components_`` is λ (K, V).  ``X`` (documents × words, dense or scipy.sparse)
+    holds non-negative counts or, as sklearn accepts, any non-negative weights (tf-idf:
+    the expected log joint is linear in them); an empty document keeps its prior
+    q(θ) = Dirichlet(α).  ``evaluate_every``, ``perp_tol``, ``verbose`` are sklearn's
+    (stop when the training perplexity, computed every ``evaluate_every`` iterations,
+    changes by less than ``perp_tol`` between two evaluations; ``verbose`` > 0: progress
+    bars and a line per evaluation).  ``n_jobs`` is accepted so that sklearn's parameters
+    carry over, and ignored: XLA uses the machine's cores.  ``tol`` (viax's): batch CAVI
+    stops when a sweep's relative ELBO gain is below it (0: run ``max_iter`` sweeps,
+    sklearn's behaviour).  ``result_.message`` and ``result_.info`` describe the whole
+    fit: iterations run, the perplexities evaluated (``info["perplexities"]``, pairs
+    (iterations done, perplexity)) and the rule that stopped it (``info["stopped_by"]``:
+    "perp_tol", "tol" or "max_iter").
 
     Example:
         >>> import numpy as np
         >>> from viax.conjugate import LDA
         >>> X = np.random.default_rng(0).poisson(1.0, size=(50, 30))
-        >>> X = X[X.sum(1) > 0]
         >>> lda = LDA(n_components=3, max_iter=5, random_state=0).fit(X)
         >>> lda.components_.shape
         (3, 30)
     """
-
-    _estimator_type = "transformer"
 
     def __init__(
         self,
@@ -444,6 +550,17 @@ class LDA(EstimatorMixin):
         self.verbose = verbose
         self.n_jobs = n_jobs
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        return tags
+
+    @property
+    def _n_features_out(self) -> int:
+        """Columns of ``transform`` (ClassNamePrefixFeaturesOutMixin: "lda0", …)."""
+        return self.components_.shape[0]
+
     def _check_params(self):
         check_positive_int("max_iter", self.max_iter)
         check_positive_int("batch_size", self.batch_size)
@@ -457,6 +574,19 @@ class LDA(EstimatorMixin):
             )
         check_learning_rate(self.learning_decay, self.learning_offset)
 
+    def _validate(self, X, reset: bool):
+        """sklearn's checks (2-D, finite, not empty, ``n_features_in_``, no negative
+        value): float64, CSR or dense."""
+        X = _validate(self, X, reset=reset, accept_sparse="csr")
+        negative = int(np.sum((X.data if sp.issparse(X) else X) < 0))
+        if negative:
+            # sklearn's phrase first: tools match it.
+            raise ValueError(
+                f"Negative values in data passed to {type(self).__name__}: counts must be "
+                f"non-negative; found {negative} negative"
+            )
+        return X
+
     def _make_model(self, n_features: int) -> LDAModel:
         return LDAModel.create(
             self.n_components,
@@ -465,6 +595,7 @@ class LDA(EstimatorMixin):
             self.topic_word_prior,
             self.max_doc_update_iter,
             self.mean_change_tol,
+            strict_counts=False,
         )
 
     def _initial_topics(self, model: LDAModel, seed: int) -> dict:
@@ -506,21 +637,37 @@ class LDA(EstimatorMixin):
 
         With ``evaluate_every`` > 0 the training perplexity is computed every that
         many iterations (sweeps or passes; an extra E-step over X, as sklearn's) and
-        the fit stops when it changes by less than ``perp_tol``."""
+        the fit stops when it changes by less than ``perp_tol`` between two
+        evaluations.  Perplexities are in the hundreds or thousands, so the default
+        ``perp_tol=0.1`` (sklearn's) rarely stops a fit before ``max_iter``: compare
+        ``result_.info["perplexities"]`` to choose it."""
         self._check_params()
-        X = _as_docs(X)
-        model = self._make_model(_num_columns(X))
+        X = self._validate(X, reset=True)
+        model = self._make_model(X.shape[1])
         self.model_ = model
         seed = check_seed(self.random_state)
+        batch_method = self.learning_method == "batch"
         every = self.evaluate_every if self.evaluate_every > 0 else self.max_iter
+        n = X.shape[0]
         # Batch CAVI runs in blocks between evaluations: the corpus is prepared once.
-        data = model.prepare(X) if self.learning_method == "batch" else X
+        data = (
+            model.prepare(X, pad_to=_padded_rows(n), extent=_padded_extent(num_rows(X)))
+            if batch_method
+            else X
+        )
         global_natural, local_natural, results, done = None, None, [], 0
-        last_perplexity = None
+        evaluations: list[tuple[int, float]] = []
+        stopped_by = "max_iter"
         while done < self.max_iter:
             block = min(every, self.max_iter - done)
-            if self.learning_method == "batch":
-                init = None if global_natural is None else (global_natural, local_natural)
+            if batch_method:
+                if global_natural is None:
+                    # sklearn's start (λ0 from RandomState(random_state), see
+                    # _initial_topics), drawn on the host: nothing to compile.
+                    doc_topics = np.zeros((data["mask"].shape[0], model.n_components))
+                    init = (self._initial_topics(model, seed), {"doc_topics": (doc_topics,)})
+                else:
+                    init = (global_natural, local_natural)
                 result = cavi(
                     model,
                     data,
@@ -552,41 +699,82 @@ class LDA(EstimatorMixin):
                 )
             results.append(result)
             global_natural = result.params["global"]
-            done += result.num_steps if self.learning_method == "batch" else block
-            converged = self.learning_method == "batch" and result.converged
+            done += result.num_steps if batch_method else block
+            if batch_method and result.converged:
+                stopped_by = "tol"
             if self.evaluate_every > 0:
                 self._set_globals(global_natural, 0)
-                perplexity = self.perplexity(X)
+                perplexity = self._perplexity(X)
+                evaluations.append((done, perplexity))
                 if self.verbose:
                     print(
                         f"iteration: {done} of max_iter: {self.max_iter}, "
                         f"perplexity: {perplexity:.4f}"
                     )
                 if (
-                    last_perplexity is not None
-                    and abs(last_perplexity - perplexity) < self.perp_tol
+                    stopped_by == "max_iter"
+                    and len(evaluations) > 1
+                    and abs(evaluations[-2][1] - perplexity) < self.perp_tol
                 ):
-                    converged = True
-                last_perplexity = perplexity
+                    stopped_by = "perp_tol"
             elif self.verbose:
                 print(f"iteration: {done} of max_iter: {self.max_iter}")
-            if converged:
+            if stopped_by != "max_iter":
                 break
         steps = sum(r.num_steps for r in results)
         self.n_iter_ = done
-        self.result_ = results[-1] if len(results) == 1 else _joined(results)
-        self.n_features_in_ = model.n_features
+        message = self._fit_message(done, len(results), evaluations, stopped_by)
+        info = {
+            **results[-1].info,
+            "stopped_by": stopped_by,
+            "perplexities": evaluations,
+            "blocks": len(results),
+            "iterations": done,
+        }
+        joined = _joined(results, message=message, converged=stopped_by != "max_iter", info=info)
+        self.result_ = _without_padding(joined, n) if batch_method else joined
         self._set_globals(global_natural, steps + 1)
         self.elbo_trace_ = np.asarray(self.result_.elbo_trace)
         return self
 
+    def _fit_message(self, done: int, blocks: int, evaluations, stopped_by: str) -> str:
+        """What the whole fit did: iterations, blocks, evaluations, why it stopped."""
+        unit = "sweeps" if self.learning_method == "batch" else "passes"
+        method = "batch CAVI" if self.learning_method == "batch" else "online SVI"
+        parts = [f"LDA {method}: {done} of max_iter={self.max_iter} {unit}"]
+        if self.evaluate_every > 0:
+            parts[0] += (
+                f" in {blocks} block(s) of up to {self.evaluate_every}, the training "
+                f"perplexity evaluated {len(evaluations)} time(s)"
+            )
+        last = None
+        if len(evaluations) > 1:
+            (i0, p0), (i1, p1) = evaluations[-2:]
+            last = (
+                f"changed by {abs(p1 - p0):.4g} (from {p0:.6g} to {p1:.6g}) between "
+                f"{i0} and {i1} {unit}"
+            )
+        if stopped_by == "perp_tol":
+            parts.append(f"stopped early: the perplexity {last}, below perp_tol={self.perp_tol}")
+        elif stopped_by == "tol":
+            parts.append(
+                f"stopped early: the relative ELBO gain of the last sweep was below tol={self.tol}"
+            )
+        else:
+            parts.append("stopped at max_iter")
+            if last is not None:
+                parts.append(f"the perplexity still {last}, not below perp_tol={self.perp_tol}")
+            elif len(evaluations) == 1:
+                parts.append("one evaluation of the perplexity: nothing to compare it with")
+        return "; ".join(parts)
+
     def partial_fit(self, X, y=None):
         """One online pass over ``X`` (batches of ``batch_size``), N = ``total_samples``."""
         self._check_params()
-        X = _as_docs(X)
         first = not hasattr(self, "components_")
+        X = self._validate(X, reset=first)
         if first:
-            self.model_ = self._make_model(_num_columns(X))
+            self.model_ = self._make_model(X.shape[1])
             init, step = self._initial_topics(self.model_, check_seed(self.random_state)), 0
         else:
             init, step = self.global_natural_, self.n_batch_iter_ - 1
@@ -605,27 +793,48 @@ class LDA(EstimatorMixin):
             progress=self.verbose > 0,
         )
         self.result_ = result
-        self.n_features_in_ = self.model_.n_features
         self._set_globals(result.params["global"], step + result.num_steps + 1)
         return self
 
     def _local_pass(self, X):
-        check_fitted(self, "components_")
+        """(γ (N, K), Σ_d local ELBO terms) for validated ``X``, in chunks of at least
+        256 documents, each padded to the chunk size: few shapes to compile."""
         n = X.shape[0]
         gammas, total = [], 0.0
         size = max(self.batch_size, 256)
         starts = range(0, n, size)
         chunks = [X[start : start + size] for start in starts]
-        batches = prepare_all(self.model_, chunks, size, max_extent(self.model_, chunks))
+        extent = _padded_extent(max_extent(self.model_, chunks))
+        batches = prepare_all(self.model_, chunks, size, extent)
         for start, batch in zip(starts, batches, strict=True):
             (gamma, value), _ = _transform_compiled(self.model_, self.global_natural_, batch)
-            gammas.append(np.asarray(gamma)[: min(size, n - start)])
+            gammas.append(np.asarray(gamma, np.float64)[: min(size, n - start)])
             total += float(value)
         return np.concatenate(gammas), total
 
+    def _small_local_fit(self, X) -> np.ndarray:
+        """γ (N, K) of a small corpus (N ≤ ``_SMALL``) prepared as :meth:`fit` prepares
+        one, by the local step of one CAVI sweep at the fitted topics (the sweep starts
+        the locals afresh, ``init_locals``, and fits them given the globals: exactly
+        :meth:`_local_pass`'s γ): the program a batch fit of a small corpus of this
+        vocabulary compiled serves, instead of a second one."""
+        n = X.shape[0]
+        model = self.model_
+        batch = model.prepare(X, pad_to=_SMALL, extent=_padded_extent(num_rows(X)))
+        locals_ = {"doc_topics": (np.zeros((_SMALL, model.n_components)),)}
+        result = cavi(
+            model, batch, max_iter=1, tol=0.0, init=(self.global_natural_, locals_), progress=False
+        )
+        return np.asarray(result.params["local"]["doc_topics"][0], np.float64)[:n] + 1.0
+
     def transform(self, X, *, normalize: bool = True) -> np.ndarray:
-        """Document-topic distributions E[θ_d] (or γ_d with ``normalize=False``)."""
-        gamma, _ = self._local_pass(_as_docs(X))
+        """Document-topic distributions E[θ_d] (or γ_d with ``normalize=False``), (N, K)."""
+        check_is_fitted(self)
+        X = self._validate(X, reset=False)
+        if X.shape[0] <= _SMALL:
+            gamma = self._small_local_fit(X)
+        else:
+            gamma, _ = self._local_pass(X)
         return gamma / gamma.sum(1, keepdims=True) if normalize else gamma
 
     def fit_transform(self, X, y=None, *, normalize: bool = True) -> np.ndarray:
@@ -633,41 +842,33 @@ class LDA(EstimatorMixin):
 
     def score(self, X, y=None) -> float:
         """The ELBO of ``X`` under the fitted topics (sklearn's approximate bound)."""
-        _, local_total = self._local_pass(_as_docs(X))
-        return local_total + float(_global_terms(self.model_, self.global_natural_))
+        check_is_fitted(self)
+        return self._score(self._validate(X, reset=False))
 
-    def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        """Names of ``transform``'s columns, sklearn's style: "lda0", "lda1", …"""
-        check_fitted(self, "components_")
-        return np.asarray([f"lda{k}" for k in range(self.components_.shape[0])], dtype=object)
+    def _score(self, X) -> float:
+        _, local_total = self._local_pass(X)
+        return local_total + float(_global_terms(self.model_, self.global_natural_))
 
     def perplexity(self, X) -> float:
         """exp(−ELBO / number of words), sklearn's definition."""
-        X = _as_docs(X)
-        return float(np.exp(-self.score(X) / X.sum()))
+        check_is_fitted(self)
+        return self._perplexity(self._validate(X, reset=False))
+
+    def _perplexity(self, X) -> float:
+        return float(np.exp(-self._score(X) / X.sum()))
 
 
-def _joined(results):
+def _joined(results, **changes):
     """One Result for consecutive runs: the last one's state, the runs' traces, steps
-    and times added up."""
+    and times added up; ``changes`` replace other fields (message, converged, info)."""
     return dataclasses.replace(
         results[-1],
         elbo_trace=np.concatenate([r.elbo_trace for r in results]),
         num_steps=sum(r.num_steps for r in results),
         wall_time=sum(r.wall_time for r in results),
         compile_time=sum(r.compile_time for r in results),
+        **changes,
     )
-
-
-def _as_docs(X):
-    return X if sp.issparse(X) else np.asarray(X)
-
-
-def _num_columns(X) -> int:
-    shape = getattr(X, "shape", None)
-    if shape is None or len(shape) != 2:
-        raise ValueError("the document-term matrix must be 2-D (documents × words)")
-    return int(shape[1])
 
 
 # ----------------------------------------------------------------------------------
@@ -675,7 +876,7 @@ def _num_columns(X) -> int:
 # ----------------------------------------------------------------------------------
 
 
-class LinearRegression(EstimatorMixin):
+class LinearRegression(RegressorMixin, BaseEstimator):
     """Bayesian linear regression, Normal–Gamma prior; exact posterior and evidence.
 
     Prior: τ ~ Gamma(shape_prior, rate_prior), w | τ ~ N(mean_prior, (τ Λ0)⁻¹) with
@@ -686,7 +887,7 @@ class LinearRegression(EstimatorMixin):
     weights, Student-t: b/(a−1) Λn⁻¹), ``noise_precision_`` (E[τ]), ``log_evidence_``
     (log p(y), = the ELBO since q is the exact posterior), the posterior's
     ``posterior_mean_``, ``posterior_precision_``, ``posterior_shape_``,
-    ``posterior_rate_``.
+    ``posterior_rate_``.  ``score`` is sklearn's R² of the posterior mean prediction.
 
     Example:
         >>> import numpy as np
@@ -696,8 +897,6 @@ class LinearRegression(EstimatorMixin):
         >>> np.round(lr.coef_, 2).tolist(), round(lr.intercept_, 2)
         ([1.0, 2.0], 0.5)
     """
-
-    _estimator_type = "regressor"
 
     def __init__(
         self,
@@ -715,28 +914,33 @@ class LinearRegression(EstimatorMixin):
         self.rate_prior = rate_prior
 
     def _design(self, X):
-        X = check_finite_2d(X)
         return np.hstack([X, np.ones((X.shape[0], 1))]) if self.fit_intercept else X
 
     def fit(self, X, y):
+        """The exact posterior of the weights and the noise precision given (X, y):
+        ``X`` (N, D), ``y`` (N,)."""
+        X, y = _validate(self, X, y, reset=True, y_numeric=True)
         Z = self._design(X)
         p = Z.shape[1]
         m0 = np.zeros(p) if self.mean_prior is None else self.mean_prior
         model = LinearRegressionModel.create(
             m0, self.precision_prior, self.shape_prior, self.rate_prior
         )
-        result = cavi(model, (Z, np.asarray(y, np.float64)), max_iter=5, tol=1e-12, progress=False)
+        batch = model.prepare((Z, y), pad_to=_padded_rows(Z.shape[0]))
+        result = cavi(model, batch, max_iter=5, tol=1e-12, progress=False)
         self.model_ = model
         self.result_ = result
-        self.n_features_in_ = Z.shape[1] - int(self.fit_intercept)
-        s = NormalGamma.to_standard(to_device_tree(result.params["global"]["regression"]))
-        mean = np.asarray(s["mean"])
+        # NormalGamma's η = (Λm, −Λ/2, −b − mᵀΛm/2, a − 1 + D/2) inverted in NumPy: the
+        # eager JAX version re-lowers its Cholesky loops on every call (0.3 s a fit).
+        n1, n2, n3, n4 = (np.asarray(x, np.float64) for x in result.params["global"]["regression"])
+        precision = -2.0 * n2
+        cov = np.linalg.inv(precision)
+        mean = cov @ n1
         self.posterior_mean_ = mean
-        self.posterior_precision_ = np.asarray(s["precision"])
-        self.posterior_shape_ = float(s["shape"])
-        self.posterior_rate_ = float(s["rate"])
+        self.posterior_precision_ = precision
+        self.posterior_shape_ = float(n4 + 1.0 - 0.5 * n1.shape[0])
+        self.posterior_rate_ = float(-n3 - 0.5 * mean @ n1)
         a, b = self.posterior_shape_, self.posterior_rate_
-        cov = np.linalg.inv(self.posterior_precision_)
         self.coef_covariance_ = b / (a - 1.0) * cov if a > 1 else np.full_like(cov, np.inf)
         self.noise_precision_ = a / b
         self.coef_ = mean[:-1] if self.fit_intercept else mean
@@ -748,8 +952,8 @@ class LinearRegression(EstimatorMixin):
     def predict(self, X, return_std: bool = False):
         """Posterior predictive mean (and standard deviation: Student-t with 2a dof,
         scale² = b/a (1 + zᵀΛn⁻¹z))."""
-        check_fitted(self, "coef_")
-        Z = self._design(X)
+        check_is_fitted(self)
+        Z = self._design(_validate(self, X, reset=False))
         mean = Z @ self.posterior_mean_
         if not return_std:
             return mean
@@ -759,9 +963,3 @@ class LinearRegression(EstimatorMixin):
         )
         var = scale2 * a / (a - 1.0) if a > 1 else np.full_like(scale2, np.inf)
         return mean, np.sqrt(var)
-
-    def score(self, X, y) -> float:
-        """R² of the posterior mean prediction (sklearn's regressor score)."""
-        y = np.asarray(y, np.float64)
-        residual = y - self.predict(X)
-        return float(1.0 - residual @ residual / np.sum((y - y.mean()) ** 2))

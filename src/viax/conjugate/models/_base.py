@@ -1,81 +1,16 @@
-"""scikit-learn estimator conventions without depending on scikit-learn.
+"""Argument checks shared by the conjugate models and estimators.
 
-``get_params`` / ``set_params`` read the constructor's signature (as sklearn's
-BaseEstimator does), so ``sklearn.base.clone``, grid search and pipelines work; fitted
-attributes end with an underscore and exist only after ``fit``.
+(The estimators' scikit-learn conventions come from scikit-learn itself: see
+``viax.conjugate.estimators``.)
 """
 
 from __future__ import annotations
 
-import inspect
 import numbers
 
 import numpy as np
 
-__all__ = ["EstimatorMixin", "check_fitted", "check_positive_int", "check_seed"]
-
-
-class EstimatorMixin:
-    @classmethod
-    def _param_names(cls) -> list[str]:
-        signature = inspect.signature(cls.__init__)
-        return sorted(
-            name
-            for name, p in signature.parameters.items()
-            if name != "self" and p.kind != p.VAR_KEYWORD
-        )
-
-    def get_params(self, deep: bool = True) -> dict:
-        """Constructor parameters (sklearn convention)."""
-        return {name: getattr(self, name) for name in self._param_names()}
-
-    def set_params(self, **params):
-        """Set constructor parameters; returns self (sklearn convention)."""
-        valid = self._param_names()
-        for name, value in params.items():
-            if name not in valid:
-                raise ValueError(
-                    f"invalid parameter {name!r} for {type(self).__name__}; valid: {valid}"
-                )
-            setattr(self, name, value)
-        return self
-
-    def __repr__(self) -> str:
-        defaults = {
-            name: p.default for name, p in inspect.signature(type(self).__init__).parameters.items()
-        }
-        changed = []
-        for name, value in self.get_params().items():
-            default = defaults.get(name, inspect.Parameter.empty)
-            same = value is default or (
-                isinstance(value, (int, float, str, type(None)))
-                and isinstance(default, (int, float, str, type(None)))
-                and value == default
-            )
-            if not same:
-                changed.append(f"{name}={value!r}")
-        return f"{type(self).__name__}({', '.join(changed)})"
-
-    def __sklearn_tags__(self):
-        # Only called by scikit-learn itself, so importing it here costs nothing for
-        # users without it.
-        from sklearn.utils import Tags, TargetTags
-
-        kind = getattr(self, "_estimator_type", None)
-        return Tags(
-            estimator_type=kind,
-            target_tags=TargetTags(required=kind == "regressor"),
-            transformer_tags=None,
-            regressor_tags=None,
-            classifier_tags=None,
-        )
-
-
-def check_fitted(estimator, attribute: str) -> None:
-    if not hasattr(estimator, attribute):
-        raise RuntimeError(
-            f"This {type(estimator).__name__} instance is not fitted yet; call fit first"
-        )
+__all__ = ["check_finite_2d", "check_positive_int", "check_seed", "check_spd"]
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:

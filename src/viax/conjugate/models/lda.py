@@ -70,14 +70,23 @@ def num_rows(X) -> int:
 
 
 def prepare_documents(
-    X, n_features: int | None = None, pad_to: int | None = None, extent: int | None = None
+    X,
+    n_features: int | None = None,
+    pad_to: int | None = None,
+    extent: int | None = None,
+    *,
+    strict: bool = True,
 ) -> dict:
     """Check a document-term matrix (dense or scipy.sparse) and cut its nonzero entries
     into rows: ``{"row_docs", "ids", "counts", "mask"}`` (see the module docstring),
     ``pad_to`` documents and at least ``extent`` rows.
 
-    Raises ValueError for negative, non-integer or non-finite counts, an empty
-    document, an empty batch or a vocabulary size that does not match."""
+    Raises ValueError for negative or non-finite counts, an empty batch or a vocabulary
+    size that does not match; with ``strict`` (the default) also for non-integer counts
+    and empty documents, which usually mean a transposed or normalised matrix.
+    ``strict=False`` is scikit-learn's contract (``LatentDirichletAllocation`` takes
+    any non-negative weights, tf-idf included, since F is linear in the counts, and
+    an empty document, whose q(θ) is then its prior)."""
     if sp.issparse(X):
         X = sp.csr_matrix(X)
         X.sum_duplicates()
@@ -101,10 +110,10 @@ def prepare_documents(
         raise ValueError("counts contain NaN or infinite values")
     if np.any(data < 0):
         raise ValueError(f"counts must be non-negative; found {int((data < 0).sum())} negative")
-    if np.any(data != np.round(data)):
+    if strict and np.any(data != np.round(data)):
         raise ValueError("counts must be integers (word counts); found non-integer values")
     lengths = np.diff(X.indptr)
-    if np.any(lengths == 0):
+    if strict and np.any(lengths == 0):
         empty = np.flatnonzero(lengths == 0)
         raise ValueError(
             f"{empty.size} empty document(s) (no words), the first at row {empty[0]}; "
@@ -178,6 +187,8 @@ class LDAModel(ConjugateModel):
     # The E-step's dtype: float32 halves its cost; γ then carries ~1e-7 relative
     # rounding, far below mean_change_tol's 1e-3.
     local_dtype: str = static("float32")
+    # prepare_documents(strict=...): the LDA estimator takes sklearn's inputs.
+    strict_counts: bool = static(True)
 
     name = "lda"
     local_order = ("doc_topics",)
@@ -193,8 +204,11 @@ class LDAModel(ConjugateModel):
         topic_word_prior: float | None = None,
         max_doc_update_iter: int = 100,
         mean_change_tol: float = 1e-3,
+        *,
+        strict_counts: bool = True,
     ) -> LDAModel:
-        """sklearn's defaults: α = η = 1 / n_components."""
+        """sklearn's defaults: α = η = 1 / n_components.  ``strict_counts``: see
+        :func:`prepare_documents` (``strict``)."""
         n_components = check_positive_int("n_components", n_components)
         n_features = check_positive_int("n_features", n_features)
         max_doc_update_iter = check_positive_int("max_doc_update_iter", max_doc_update_iter)
@@ -212,6 +226,7 @@ class LDAModel(ConjugateModel):
             n_features,
             max_doc_update_iter,
             float(mean_change_tol),
+            strict_counts=bool(strict_counts),
         )
 
     def global_factors(self):
@@ -266,7 +281,7 @@ class LDAModel(ConjugateModel):
         return {"doc_topics": (jnp.zeros((batch["mask"].shape[0], self.n_components)),)}
 
     def prepare(self, data, pad_to=None, extent=None):
-        return prepare_documents(data, self.n_features, pad_to, extent)
+        return prepare_documents(data, self.n_features, pad_to, extent, strict=self.strict_counts)
 
     def batch_extent(self, data):
         return num_rows(data)
