@@ -147,7 +147,7 @@ def _probs(result):
 
 def test_bbvi_reaches_the_meanfield_optimum_on_every_seed(best):
     # The issue: Stan's rule stopped five seeds 0.40-1.13 nats short.  With the default
-    # rule every seed ends within 0.2 nats (measured: 0.02-0.14 over 15 runs on three
+    # rule every seed ends within 0.2 nats (measured: 0.03-0.15 over 15 runs on three
     # such models, docs/guide/stopping.md).  One compiled step serves all seeds.
     for seed in range(5):
         result = _fit(seed)
@@ -182,6 +182,9 @@ def normal_scale(y):
     numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
 
 
+# A Gaussian q on log σ has lighter tails than this posterior: k̂ can exceed 0.7 from
+# 1000 draws whatever the optimiser (the question here is the stopping rule).
+@pytest.mark.filterwarnings("ignore:.*k-hat:RuntimeWarning")
 def test_averaged_adam_iterate_agrees_with_dadvi_within_its_error():
     reference = viax.fit(normal_scale, {"y": Y10}, progress=False)  # DADVI, the default
     adam = optax.adam(0.05)

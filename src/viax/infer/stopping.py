@@ -254,7 +254,7 @@ class MCSEStop:
     rhat_threshold: float = 1.1
     drift_tol: float = 0.3
     gain_tol: float = 0.02
-    min_window: int = 200
+    min_window: int = 500
     block_len: int = 10
     min_blocks: int = 20
     max_blocks: int = 256
