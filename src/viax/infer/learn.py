@@ -522,6 +522,30 @@ def _row_evidence(log_weights: np.ndarray) -> RowEvidence:
 # -- the two optimisation paths ------------------------------------------------------------
 
 
+def _row_matched_draws(q: _AmortizedQ, key, num_draws, per_group) -> dict:
+    """Fixed base draws for an amortized q: the global ones moment-matched jointly, the
+    local ones per row (M, N, k), each row's M draws with sample mean 0 and covariance I.
+
+    The log joint is a sum over rows, so per-row matching makes the fixed-draw ELBO
+    exact for a model quadratic in each row's z (PPCA) once M > k + 1: M = 64 serves
+    any number of rows, where matching all N·k local coordinates jointly needs N·k + 2.
+    """
+    dim = q.local_dim
+    global_dim = q.global_family.dim if q.global_family is not None else 0
+    num = (num_draws or max(64, dim + 2, min(global_dim + 2, 512))) * per_group
+    key_global, key_local = jax.random.split(key)
+    key_data = np.asarray(jax.random.key_data(key_local)).ravel()
+    rng = np.random.default_rng([int(k) for k in key_data])
+    eps = rng.standard_normal((q.structure.num_rows, num, dim))
+    eps -= eps.mean(axis=1, keepdims=True)
+    if num > dim + 1:
+        chol = np.linalg.cholesky(np.einsum("nmi,nmj->nij", eps, eps) / num)
+        eps = np.linalg.solve(chol, eps.transpose(0, 2, 1)).transpose(0, 2, 1)
+    draws = {"local": jnp.asarray(eps.transpose(1, 0, 2))}
+    draws["global"] = jnp.asarray(base_draws(key_global, num, global_dim))
+    return draws
+
+
 class LearnState(NamedTuple):
     params: dict  # {"theta": unconstrained θ, "q": φ}
     opt_state: Any
@@ -542,11 +566,15 @@ class _LBFGSStateG(NamedTuple):
 
 
 def _full_batch(q, target, arrays, objective, params0, key, num_draws, max_steps, progress):
-    noise_dim = q.noise_dim(q.structure.num_rows)
-    num_draws = num_draws or int(min(max(64, noise_dim + 2), 512))
     per_group = objective.num_samples if isinstance(objective, IWAE) else 1
-    eps = base_draws(key, num_draws * per_group, noise_dim)
-    draws = q.split_noise(jnp.asarray(eps), q.structure.num_rows)
+    if isinstance(q, _AmortizedQ):
+        draws = _row_matched_draws(q, key, num_draws, per_group)
+        num_draws = int(draws["local"].shape[0]) // per_group
+    else:
+        noise_dim = q.noise_dim(q.structure.num_rows)
+        num_draws = num_draws or int(min(max(64, noise_dim + 2), 512))
+        eps = base_draws(key, num_draws * per_group, noise_dim)
+        draws = q.split_noise(jnp.asarray(eps), q.structure.num_rows)
 
     def value_fn(params, inputs):
         data, draws = inputs
@@ -700,7 +728,7 @@ def _minibatch(
         total, chunk = num_steps, num_steps
     else:
         # Chunks of whole epochs that divide the run: a shorter last chunk compiles anew.
-        most = max(1, min(num_epochs, 2000 // steps_per_epoch))
+        most = max(1, min(num_epochs, 1000 // steps_per_epoch))
         chunk = max(e for e in range(1, most + 1) if num_epochs % e == 0) * steps_per_epoch
     average_start = int(round(total * (1.0 - average_fraction))) if average_fraction else total
     output = run(
@@ -737,6 +765,16 @@ def _minibatch(
 
 
 # -- the entry point -------------------------------------------------------------------------
+
+
+def _build_transformed(model, data, seed, transform_batch):
+    from viax.model import Model, _numpyro_fn
+
+    model_fn = _numpyro_fn(model) if isinstance(model, Model) else model
+    prepared = prepare_data(model_fn, data)
+    shown = transform_batch(jax.random.PRNGKey(seed + 3), dict(prepared.dynamic))
+    target, _, init_position = build_target(model, {**dict(prepared.static), **shown}, seed)
+    return target, prepared.dynamic, init_position
 
 
 def _check_int(name, value, minimum=1):
@@ -778,7 +816,8 @@ def fit_learn(
     iterate: with a constant step size the average's error shrinks as 1/√steps.
 
     ``transform_batch(rng_key, batch) -> batch`` (minibatch): a fresh random transform
-    of each batch's rows, e.g. :func:`dynamic_binarization` (Burda et al. 2016).
+    of each batch's rows, e.g. :func:`dynamic_binarization` (Burda et al. 2016); the
+    check of the initial point and the final estimates see one fixed transform.
     """
     start = time.perf_counter()
     if not 0.0 <= average_fraction < 1.0:
@@ -801,7 +840,12 @@ def fit_learn(
             f"optimizer must be an optax GradientTransformation here, got {optimizer!r}"
         )
     minibatch = batch_size is not None or num_epochs is not None or optimizer is not None
-    target, arrays, init_position = build_target(model, data, seed=seed)
+    if transform_batch is None:
+        target, arrays, init_position = build_target(model, data, seed=seed)
+    else:
+        # The model only ever sees transformed rows (grey levels are not Bernoulli
+        # data): the initial check runs on one fixed transform of the array data.
+        target, arrays, init_position = _build_transformed(model, data, seed, transform_batch)
     need_plate = encoder is not None or minibatch
     why = "encoder=" if encoder is not None else "minibatch training"
     structure = _structure(target, arrays, need_plate, why)
