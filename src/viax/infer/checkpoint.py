@@ -97,10 +97,9 @@ def save(path, state, tracker, elbo_trace, whitening, anchor, info: dict) -> Pat
     for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
         arrays[f"state/{i}"] = np.asarray(leaf)
     arrays.update(_tracker_arrays(tracker))
-    arrays["whitening/center"] = np.asarray(whitening.center)
-    arrays["whitening/scale"] = np.asarray(whitening.scale)
-    if whitening.tril is not None:
-        arrays["whitening/tril"] = np.asarray(whitening.tril)
+    for field in whitening._fields:
+        if getattr(whitening, field) is not None:
+            arrays[f"whitening/{field}"] = np.asarray(getattr(whitening, field))
     for field in anchor._fields:
         arrays[f"anchor/{field}"] = np.asarray(getattr(anchor, field))
     for key, value in info.items():

@@ -91,11 +91,25 @@ _NUM_EVAL_DRAWS = 200  # draws of the final ELBO / k̂ pass over the data
 # -- whitening ------------------------------------------------------------------------
 class Whitening(NamedTuple):
     """Global coordinates: ``m = center + A a`` with ``A = tril`` (dense) or
-    ``diag(scale)``; the scale parameters are relative to ``scale`` = diag(H)^(−1/2)."""
+    ``diag(scale)``, except on the coordinates ``block_index`` where ``A`` is the dense
+    ``block_tril`` (the small global sites of a large model: intercepts, slopes and
+    scales, whose posterior correlations a diagonal cannot undo); the scale parameters
+    are relative to ``scale`` = diag(H)^(−1/2)."""
 
     center: jax.Array  # (D_g,)
     tril: jax.Array | None  # (D_g, D_g) lower triangular, or None
     scale: jax.Array  # (D_g,)
+    block_index: jax.Array | None = None  # (k,) int
+    block_tril: jax.Array | None = None  # (k, k) lower triangular
+
+    def linear(self, a):
+        """``A a``."""
+        if self.tril is not None:
+            return self.tril @ a
+        out = self.scale * a
+        if self.block_index is not None:
+            out = out.at[self.block_index].set(self.block_tril @ a[self.block_index])
+        return out
 
     def push(self, family: Family, params_w: dict) -> dict:
         """The family's parameters in the model's unconstrained space."""
@@ -104,7 +118,7 @@ class Whitening(NamedTuple):
         if isinstance(family, FullRank):
             return family.affine(params_w, self.center, self.scale)
         a = params_w["loc"]
-        loc = self.center + (self.tril @ a if self.tril is not None else self.scale * a)
+        loc = self.center + self.linear(a)
         if isinstance(family, MeanField):
             return {"loc": loc, "log_scale": params_w["log_scale"] + jnp.log(self.scale)}
         if isinstance(family, LowRank):
@@ -385,15 +399,25 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
     if bm.local_sites or dim == 0:
         return identity, {"preconditioner": "identity (per-row latents)" if dim else "none"}
     factor = jnp.asarray(bm.num_rows / num_sample_rows)
-    value_and_grad, hessian_fn, diagonal_fn = _map_fns(bm)
-    center, value, grad, steps = minimize_on_host(
-        # A rough MAP is enough to whiten (the stochastic phase finds the optimum): the
-        # gradient's tolerance is relative to the data's size.
-        lambda u: value_and_grad(jnp.asarray(u), factor, batch),
-        np.asarray(init_u),
-        300,
-        1e-6 * bm.num_rows,
-    )
+    value_and_grad, hessian_fn, diagonal_fn, _ = _map_fns(bm)
+    # L-BFGS in coordinates scaled by the curvature at the start: on raw scales (a
+    # slope per km next to an intercept) its first steps would otherwise overshoot by
+    # orders of magnitude and its step-size search give up.
+    # Off the exact start u = 0 (a fixed nudge, the same in every process): there a
+    # logistic likelihood's logits are exactly 0, where the gradient of NumPyro's
+    # softplus (max(x, 0) + log1p(exp(-|x|))) takes the wrong subgradient.
+    nudge = np.random.default_rng(0).uniform(-1e-3, 1e-3, dim)
+    start = jnp.asarray(np.asarray(init_u, dtype=float) + nudge)
+    curvature = np.asarray(diagonal_fn(start, factor, batch))
+    good = np.isfinite(curvature) & (curvature > 0)
+    unit = np.where(good, np.abs(curvature) ** -0.5, 1.0) if good.any() else np.ones(dim)
+
+    def scaled(w):
+        value, grad = value_and_grad(start + unit * jnp.asarray(w), factor, batch)
+        return value, np.asarray(grad) * unit
+
+    w, value, grad, steps = minimize_on_host(scaled, np.zeros(dim), 500, 1e-3)
+    center = np.asarray(start) + unit * w
     info = {"map_steps": int(steps), "precondition_rows": int(num_sample_rows)}
     if not (np.isfinite(value) and np.all(np.isfinite(center))):
         return identity, {**info, "preconditioner": "identity (no finite MAP)"}
@@ -413,6 +437,7 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
             pass
     else:
         diag = np.asarray(diagonal_fn(center_j, factor, batch))
+        block_info = _block(bm, center_j, factor, batch, diag)
     ok = np.isfinite(diag) & (diag > 0)
     if not ok.any():
         return Whitening(center_j, None, jnp.ones(dim)), {
@@ -421,10 +446,43 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
         }
     # Coordinates with no positive curvature get the median scale.
     scale = np.where(ok, np.abs(diag) ** -0.5, np.median(np.abs(diag[ok]) ** -0.5))
-    return Whitening(center_j, None, jnp.asarray(scale)), {
+    index, tril = block_info if dim > _MAX_DENSE_DIM else (None, None)
+    note = f", dense on the {len(index)} coordinates of small sites" if index is not None else ""
+    return Whitening(center_j, None, jnp.asarray(scale), index, tril), {
         **info,
-        "preconditioner": "laplace (subsample MAP, diagonal: prior Hessian + rows' Fisher)",
+        "preconditioner": (
+            f"laplace (subsample MAP, diagonal: prior Hessian + rows' Fisher{note})"
+        ),
     }
+
+
+_BLOCK_SITE_SIZE = 8  # global sites this small join the dense block of a large model
+
+
+def _block(bm, center, factor, batch, diag):
+    """``(index, tril)`` of a dense whitening for the coordinates of the small global
+    sites (exact Hessian rows by k Hessian-vector products), or ``(None, None)``."""
+    index = np.concatenate(
+        [
+            np.arange(site.start, site.start + site.size)
+            for site in bm.global_sites
+            if site.size <= _BLOCK_SITE_SIZE
+        ]
+        or [np.zeros(0, int)]
+    )
+    if not 2 <= index.size <= _MAX_DENSE_DIM:
+        return None, None
+    basis = jax.nn.one_hot(jnp.asarray(index), bm.global_dim, dtype=center.dtype)
+    rows = np.asarray(_map_fns(bm)[3](center, factor, batch, basis))
+    block = rows[:, index]
+    block = 0.5 * (block + block.T)
+    try:
+        tril = np.linalg.cholesky(np.linalg.inv(block))
+    except np.linalg.LinAlgError:
+        return None, None
+    if not (np.all(np.isfinite(tril)) and np.all(np.diagonal(block) > 0)):
+        return None, None
+    return jnp.asarray(index), jnp.asarray(tril)
 
 
 @functools.lru_cache(maxsize=64)
@@ -473,10 +531,15 @@ def _map_fns(bm: BatchedModel, block: int = 32):
         fisher = jnp.sum(jax.lax.map(chunk_sum, per_row), axis=0) * (rows / used)
         return prior + factor * fisher
 
+    def hessian_rows(u, factor, batch, basis):
+        grad = jax.grad(negative)
+        return jax.vmap(lambda v: jax.jvp(lambda x: grad(x, factor, batch), (u,), (v,))[1])(basis)
+
     return (
         jit_once(jax.value_and_grad(negative)),
         jit_once(jax.hessian(negative)),
         jit_once(diagonal),
+        jit_once(hessian_rows),
     )
 
 
@@ -753,9 +816,10 @@ def fit_minibatch(
         saved = ckpt.load(resume_from)
     if saved is not None:
         whitening = Whitening(
-            jnp.asarray(saved["whitening/center"]),
-            None if "whitening/tril" not in saved else jnp.asarray(saved["whitening/tril"]),
-            jnp.asarray(saved["whitening/scale"]),
+            *(
+                jnp.asarray(saved[f"whitening/{f}"]) if f"whitening/{f}" in saved else None
+                for f in Whitening._fields
+            )
         )
         anchor = Anchor(*(jnp.asarray(saved[f"anchor/{f}"]) for f in Anchor._fields))
         info.update(saved["info"])
