@@ -83,6 +83,7 @@ for name, fit in (("meanfield", narrow), ("fullrank", exact)):
         f"{name:9s}  k-hat {fit.khat:6.2f} ({fit.khat_verdict:12s})  sd of a {np.std(draws['a']):.3f} (exact 1)"
     )
 exact_log_p = 0.5 * np.log(np.linalg.det(np.linalg.inv(precision))) + np.log(2 * np.pi)
+assert narrow.khat_verdict == "do not trust" and exact.khat_verdict == "good"
 print(
     f"log p(x): exact {exact_log_p:.3f}; mean-field ELBO {narrow.elbo:.3f}, full-rank ELBO {exact.elbo:.3f}"
 )
