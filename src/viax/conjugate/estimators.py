@@ -927,7 +927,13 @@ class LinearRegression(RegressorMixin, BaseEstimator):
             m0, self.precision_prior, self.shape_prior, self.rate_prior
         )
         batch = model.prepare((Z, y), pad_to=_padded_rows(Z.shape[0]))
-        result = cavi(model, batch, max_iter=5, tol=1e-12, progress=False)
+        # CAVI starts from the prior (the model's init_globals), given here in NumPy,
+        # η0 = (Λ0 m0, −Λ0/2, −b0 − m0ᵀΛ0m0/2, a0 − 1 + P/2): no start to compile.
+        m0, prec0 = (np.asarray(x, np.float64) for x in (model.mean_prior, model.precision_prior))
+        a0, b0 = float(model.shape_prior), float(model.rate_prior)
+        prior = (prec0 @ m0, -0.5 * prec0, -b0 - 0.5 * m0 @ prec0 @ m0, a0 - 1.0 + 0.5 * p)
+        start = ({"regression": tuple(np.asarray(x, np.float64) for x in prior)}, {})
+        result = cavi(model, batch, max_iter=5, tol=1e-12, init=start, progress=False)
         self.model_ = model
         self.result_ = result
         # NormalGamma's η = (Λm, −Λ/2, −b − mᵀΛm/2, a − 1 + D/2) inverted in NumPy: the
