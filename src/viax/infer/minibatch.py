@@ -86,6 +86,8 @@ _LOG_2PI = math.log(2 * math.pi)
 _MASK = "_mask"
 _MAX_DENSE_DIM = 256  # above: diagonal curvature (Hessian-vector products)
 _NUM_EVAL_DRAWS = 200  # draws of the final ELBO / k̂ pass over the data
+_MAP_STEPS = 500  # L-BFGS steps of the whitening's MAP search
+_MAX_SCALE = 100.0  # whitened unit at most this (a flat direction is not a huge one)
 
 
 # -- whitening ------------------------------------------------------------------------
@@ -416,11 +418,17 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
         value, grad = value_and_grad(start + unit * jnp.asarray(w), factor, batch)
         return value, np.asarray(grad) * unit
 
-    w, value, grad, steps = minimize_on_host(scaled, np.zeros(dim), 500, 1e-3)
+    w, value, grad, steps = minimize_on_host(scaled, np.zeros(dim), _MAP_STEPS, 1e-3)
     center = np.asarray(start) + unit * w
     info = {"map_steps": int(steps), "precondition_rows": int(num_sample_rows)}
-    if not (np.isfinite(value) and np.all(np.isfinite(center))):
-        return identity, {**info, "preconditioner": "identity (no finite MAP)"}
+    if steps >= _MAP_STEPS or not (np.isfinite(value) and np.all(np.isfinite(center))):
+        # No MAP (a hierarchical model's scales run off to 0, a funnel): whiten by the
+        # curvature at the start instead.
+        return Whitening(start, None, jnp.asarray(np.minimum(unit, _MAX_SCALE))), {
+            **info,
+            "preconditioner": "diagonal curvature at the start (the MAP search did not "
+            f"converge in {_MAP_STEPS} steps)",
+        }
     center_j = jnp.asarray(center)
     if dim <= _MAX_DENSE_DIM:
         hessian = np.asarray(hessian_fn(center_j, factor, batch))
@@ -446,6 +454,7 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
         }
     # Coordinates with no positive curvature get the median scale.
     scale = np.where(ok, np.abs(diag) ** -0.5, np.median(np.abs(diag[ok]) ** -0.5))
+    scale = np.minimum(scale, _MAX_SCALE)
     index, tril = block_info if dim > _MAX_DENSE_DIM else (None, None)
     note = f", dense on the {len(index)} coordinates of small sites" if index is not None else ""
     return Whitening(center_j, None, jnp.asarray(scale), index, tril), {
@@ -950,7 +959,9 @@ def fit_minibatch(
                 max_steps - total_steps,
                 chunk,
                 check_fn=check,
-                site_of_index=bm.site_of_index,
+                # The guard flags coordinates of the flat family parameters: loc first,
+                # then the scale parameters, D_g at a time.
+                site_of_index=lambda i: bm.site_of_index(i % bm.global_dim),
                 progress=progress,
                 description="viax minibatch",
                 batches=chunks,
