@@ -15,10 +15,12 @@ of :mod:`viax.conjugate` imports without it, and loads this module on first use 
 of the estimators.
 
 Data sets of at most ``_SMALL`` rows (points, documents) are padded with zero-weight
-rows to ``_SMALL``: every conjugate model takes a ``mask`` of real rows, so the answer
-is unchanged, and a grid search, a cross-validation or sklearn's conformance suite,
-which fit and predict on many small data sets, compile one program per number of
-features instead of one per shape.
+rows to ``_SMALL``: every conjugate model takes a ``mask`` of real rows, which the
+updates and the ELBO ignore, and a grid search, a cross-validation or sklearn's
+conformance suite, which fit and predict on many small data sets, compile one program
+per number of features instead of one per shape.  (A GaussianMixture's random start is
+drawn over the padded rows, with probability 0 for the padding: for a given
+``random_state`` it is a different draw than an unpadded fit would make.)
 """
 
 from __future__ import annotations
