@@ -695,12 +695,18 @@ def run_with_stopping(
     if stopped:
         converged, message = rule.converged, rule.history[-1][1]
     else:
-        where = (
-            f"never stationary (R̂ {rule.rhat:.3g} ≥ {rule.config.rhat_threshold}); the "
-            "answer is the average of the last steps"
-            if rule.phase == "transient"
-            else "averaging"
-        )
+        if rule.phase != "transient":
+            where = "averaging"
+        elif np.isnan(rule.rhat):
+            where = (
+                f"too few steps for a stationarity check (min_window {rule.config.min_window}"
+                "); the answer is the average of the last steps"
+            )
+        else:
+            where = (
+                f"never stationary (R̂ {rule.rhat:.3g} ≥ {rule.config.rhat_threshold}); the "
+                "answer is the average of the last steps"
+            )
         rule.finish()
         worst = robust_max(rule.relative_mcse)
         converged = False
