@@ -476,7 +476,10 @@ def _fit_dadvi(
     algo.map_objective.lower(init_position, data)
     hess0 = abstract(algo.hessian.lower(init_position, data).out_info)
     map_steps0 = np.int32(0)
-    lowered = algo.setup.lower(init_position, hess0, map_steps0, init_position, data, draws)
+    value0 = np.float64(0.0)
+    lowered = algo.setup.lower(
+        init_position, value0, init_position, hess0, map_steps0, init_position, data, draws
+    )
     setup_out, state_out = abstract(lowered.out_info)
     key_aval = abstract(rng_key)
     inputs_out = (abstract(data), setup_out)
@@ -487,8 +490,10 @@ def _fit_dadvi(
         ),
         (algo.finalize, (state_out.optimizer.position, inputs_out, key_aval)),
     )
-    center, hess, map_steps, newton_steps = _find_map(algo, data, init_position)
-    setup, state = algo.setup(center, hess, np.int32(map_steps), init_position, data, draws)
+    center, value, grad, hess, map_steps, newton_steps = _find_map(algo, data, init_position)
+    setup, state = algo.setup(
+        center, value, grad, hess, np.int32(map_steps), init_position, data, draws
+    )
     inputs = (data, setup)
     info: dict[str, Any] = {
         "num_draws": num_draws,
@@ -555,15 +560,15 @@ def _fit_dadvi(
     return params, output, "dadvi", info
 
 
-def _find_map(algo, data, init_position) -> tuple[np.ndarray, Any, int, int]:
-    """``(center, hessian, lbfgs_steps + newton_steps, newton_steps)``: the MAP in the
-    unconstrained space and the Hessian of −log p̃ there.  L-BFGS first (one gradient
-    a step: most posteriors converge in tens of steps); where it stops short of its
-    tolerance (predictors on raw scales: its gradient test in units cannot see the
-    mode, its curvature pairs cannot resolve the ridge in float64, or the first
-    gradient is so large that the step size underflows) and D ≤ ``_NEWTON_MAX_DIM``,
-    modified Newton steps with the exact Hessian from its best point, stopped by the
-    scale-free Newton decrement (``newton_on_host``)."""
+def _find_map(algo, data, init_position) -> tuple:
+    """``(center, value, grad, hessian, lbfgs_steps + newton_steps, newton_steps)``:
+    the MAP in the unconstrained space and −log p̃, its gradient and Hessian there.
+    L-BFGS first (one gradient a step: most posteriors converge in tens of steps);
+    where it stops short of its tolerance (predictors on raw scales: its gradient test
+    in units cannot see the mode, its curvature pairs cannot resolve the ridge in
+    float64, or the first gradient is so large that the step size underflows) and
+    D ≤ ``_NEWTON_MAX_DIM``, modified Newton steps with the exact Hessian from its best
+    point, stopped by the scale-free Newton decrement (``newton_on_host``)."""
     dim = int(np.size(init_position))
     newton = dim <= _NEWTON_MAX_DIM
     tol = 1e-6
@@ -578,13 +583,20 @@ def _find_map(algo, data, init_position) -> tuple[np.ndarray, Any, int, int]:
         tol,
     )
     if not newton or not np.isfinite(value) or np.max(np.abs(grad), initial=0.0) <= tol:
-        return center, algo.hessian(center, data), steps, 0
+        return center, np.float64(value), grad, algo.hessian(center, data), steps, 0
     # The Hessian program (traced before the background compiles began) is the one the
     # preconditioner needs anyway: Newton steps add no compile.
     found = newton_on_host(
         value_and_grad, lambda u: algo.hessian(u, data), center, _NEWTON_STEPS, _NEWTON_TOL
     )
-    return found.position, found.hessian, steps + found.num_steps, found.num_steps
+    return (
+        found.position,
+        np.float64(found.value),
+        found.grad,
+        found.hessian,
+        steps + found.num_steps,
+        found.num_steps,
+    )
 
 
 def default_num_draws(target: Target, family: Family, data, position) -> int:

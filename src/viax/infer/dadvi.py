@@ -166,9 +166,10 @@ def build_setup(target: Target, family: Family):
         hess = jax.vmap(lambda v: jax.jvp(grad_fn, (position,), (v,))[1])(jnp.eye(dim))
         return 0.5 * (hess + hess.T)
 
-    def prepare(center, hess, map_steps, init_position, data, draws) -> Setup:
+    def prepare(center, value, grad, hess, map_steps, init_position, draws) -> Setup:
+        # value, gradient and Hessian of −log p̃ at center come from the host's search:
+        # no model evaluation is compiled here, only linear algebra.
         dim = init_position.shape[0]
-        value, grad = map_objective(center, data)
         tril, scale, decrement, min_eig, positive_definite = laplace_factor(hess, grad)
         finite = (
             jnp.isfinite(value)
@@ -223,7 +224,8 @@ class DADVIInfo(NamedTuple):
 class DADVI(NamedTuple):
     map_objective: Callable  # (u, data) -> (−log p̃(u), gradient), for the host L-BFGS
     hessian: Callable  # (u, data) -> (D, D) Hessian of −log p̃, for the host Newton steps
-    # (center, hessian at center, map_steps, init_position, data, draws) -> (Setup, DADVIState)
+    # (center, value, grad, hessian, map_steps, init_position, data, draws)
+    #     -> (Setup, DADVIState); value/grad/hessian of −log p̃ at center
     setup: Callable
     # The base draws come from the fit's key (base_draws), finalize's from fold_in 1.
     step: Callable  # (state, rng_key, inputs) -> (state, info); inputs = (data, setup)
@@ -257,10 +259,10 @@ def build_dadvi(target: Target, family: Family, num_final_draws: int = 1000) -> 
     lbfgs_init, lbfgs_step = lbfgs(loss_fn)
     map_objective, hessian, prepare = build_setup(target, family)
 
-    def setup(center, hess, map_steps, init_position, data, draws):
+    def setup(center, value, grad, hess, map_steps, init_position, data, draws):
         # Preconditioner from the MAP in one compiled program; the L-BFGS state is fresh
         # (its first step evaluates the objective), so the ELBO is compiled once.
-        setup = prepare(center, hess, map_steps, init_position, data, draws)
+        setup = prepare(center, value, grad, hess, map_steps, init_position, draws)
         state = DADVIState(lbfgs_init(family.init(), (data, setup)), guard_init(target.dim))
         return setup, state
 
