@@ -249,7 +249,7 @@ def main():
         "batch_size": BATCH,
         "results": results,
     }
-    write_json("flights", payload)
+    write_json("flights.json", payload)
     write_markdown(payload)
 
 

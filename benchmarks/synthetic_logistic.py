@@ -114,6 +114,7 @@ def run_numpyro(path, steps: int = 10_000) -> dict:
     svi = SVI(
         subsampled_model, guide, optax.adam(optax.exponential_decay(1e-2, steps, 0.1)), Trace_ELBO()
     )
+    X, y = jax.numpy.asarray(X), jax.numpy.asarray(y)
     result = svi.run(jax.random.PRNGKey(0), steps, X, y, progress_bar=False)
     wall = time.perf_counter() - start
     params = result.params
@@ -167,7 +168,7 @@ def main():
         "reference": {k: v.tolist() for k, v in reference.items()},
         "results": results,
     }
-    write_json(f"synthetic_logistic_{args.rows}", payload)
+    write_json(f"synthetic_logistic_{args.rows}.json", payload)
     lines = [
         f"# Synthetic logistic regression, {args.rows:,} rows × 20 raw-scale predictors",
         "",
