@@ -39,14 +39,26 @@ print(result)
 print(f"({time.perf_counter() - start:.1f} s incl. compile)")
 print(result.summary().round(2).loc[["mu[0]", "mu[1]"]])
 print("Rao-Blackwellisation:", result.info["rao_blackwell"])
-# The text below says the means are found; checked at every build of this page:
+print("stopped by:", result.info["stop_rule"], "-", result.info["stop_reason"])
+# The text below says the means are found and the run stopped, converged, before its
+# 1500 steps; checked at every build of this page:
 assert np.allclose(
     np.sort(np.asarray(result.sample(4000, seed=9)["mu"]).mean(0)), [-2, 2], atol=0.6
 )
+assert result.converged and result.num_steps < 1500
 
 # %% [markdown]
 # The two component means are found (the data were drawn around −2 and 2), and the
 # assignments come with them: `result.sample(n)["z"]` draws the discrete sites too.
+#
+# The run stopped before its 1500 allowed steps, and says why. Like every stochastic
+# path of viax, BBVI stops by default once its iterates have become stationary and the
+# Monte Carlo error of their average is under 0.1 posterior scales (Adam at a constant
+# rate; see the [stopping guide](../guide/stopping.md)), and `result.params` is that
+# average, not the last, noisy iterate. The rule would then halve the step size and
+# average again for at least as many steps; `stop_reason` "budget" means that this next
+# level would not have fitted in `num_steps`, so the run ended with the precise average
+# it had (converged) rather than starting a level it could not finish.
 
 # %%
 z = np.asarray(result.sample(2000, seed=1)["z"])
