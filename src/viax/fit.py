@@ -101,6 +101,11 @@ def fit(
 ) -> Result:
     """Fit a Gaussian variational approximation to the posterior of ``model``.
 
+    A model with ``numpyro.param`` sites (θ), or a fit given ``encoder`` or
+    ``objective``, is fitted by :func:`viax.infer.learn.fit_learn`: θ learned jointly with q
+    (``result.model_params``), full batch by L-BFGS on fixed draws unless
+    ``batch_size``/``num_epochs``/an optax optimizer asks for minibatches.
+
     Args:
         model: a NumPyro model function, called as ``model(**data)``, or a
             :class:`viax.Model` wrapping a plain log joint.
@@ -114,8 +119,9 @@ def fit(
         optimizer: ``None``/``"dadvi"`` (default, robust): MAP + Laplace
             preconditioning + deterministic ADVI by L-BFGS on ``num_draws`` fixed,
             moment-matched base draws.  ``"stan"``: Stan's stochastic ADVI (adaptive
-            step-size sequence, η search, relative-ELBO convergence).  An optax
-            ``GradientTransformation``: stochastic ADVI with it, ``num_steps`` steps.
+            step-size sequence, η search), stopped by ``stop_rule``.  An optax
+            ``GradientTransformation``: stochastic ADVI with it, at most ``num_steps``
+            steps, stopped by ``stop_rule``.
         num_steps: maximum steps (L-BFGS iterations for dadvi; default 1000 for
             dadvi, 10000 for the stochastic optimisers).
         num_particles: draws per stochastic gradient (default 1, as Stan).
@@ -141,7 +147,6 @@ def fit(
             under ``tol_rel_obj``; an optax optimizer then runs its whole budget).
             ``info["stop_rule"]``, ``info["stop_reason"]``, ``info["mcse"]`` and
             ``info["mcse_max_relative"]`` report the outcome.
-
         encoder: amortize the local latents of the data plate: ``viax.MLPEncoder(...)``
             (or ``viax.ModuleEncoder``); see docs/guide/learning.md.
         objective: ``viax.ELBO(...)`` or ``viax.IWAE(num_samples=K)`` (DReG gradients).
@@ -155,11 +160,6 @@ def fit(
             ``info["path_reason"]`` say which and why.  See docs/guide/scale.md.
         devices, checkpoint_path, resume: minibatch path: the devices of its "data"
             mesh (default all), an atomic checkpoint file, and resuming from it.
-
-        A model with ``numpyro.param`` sites (θ), or any of the four arguments above, is
-        fitted by :func:`viax.infer.learn.fit_learn`: θ learned jointly with q
-        (``result.model_params``), full batch by L-BFGS on fixed draws unless
-        ``batch_size``/``num_epochs``/an optax optimizer asks for minibatches.
 
     Returns:
         A :class:`~viax.result.Result`.

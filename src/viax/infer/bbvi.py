@@ -4,13 +4,16 @@ q is mean-field over the model's latent sites: Bernoulli-logits, Categorical-log
 Poisson-log-rate factors for discrete sites, Gaussian factors on the unconstrained
 value of continuous ones (:mod:`viax.families.discrete`).  The gradient is the score
 function with Rao-Blackwellisation and control variates, or reparameterisation for
-the continuous sites (:mod:`viax.estimators.score`).  The step size is AdaGrad as in
-the paper,
+the continuous sites (:mod:`viax.estimators.score`).  By default the steps are Adam at
+a constant rate (0.1), stopped by the statistical rule of :mod:`viax.infer.stopping`
+(stationarity, then iterate averaging until the Monte Carlo error is small), which
+needs a constant step size.  The paper's AdaGrad,
 
     λ_{t+1} = λ_t + ρ_t ∇̂λ L,   ρ_t = η diag(G_t)^(−1/2),   G_t = Σ_{k≤t} g_k g_kᵀ,
 
-written as an optax transform (:func:`scale_by_bbvi_adagrad`); any optax optimiser
-may replace it.  Each step's Info carries the S-draw ELBO, an estimate of the gradient
+written as an optax transform (:func:`scale_by_bbvi_adagrad`), is
+``optimizer="adagrad"`` and the default under ``stop_rule="stan"``; any optax
+optimiser may replace either.  Each step's Info carries the S-draw ELBO, an estimate of the gradient
 variance and the number of impossible draws.
 """
 
@@ -240,8 +243,9 @@ def _optimizer(optimizer, eta, stop_rule="stan"):
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer, "optax", None
     raise ValueError(
-        f"optimizer {optimizer!r} does not apply to method='bbvi': use 'adagrad' (default, "
-        "the BBVI paper's step sizes), 'stan' or an optax GradientTransformation"
+        f"optimizer {optimizer!r} does not apply to method='bbvi': use None (default: "
+        "Adam at rate eta=0.1), 'adagrad' (the BBVI paper's step sizes), 'stan' or an optax "
+        "GradientTransformation"
     )
 
 
