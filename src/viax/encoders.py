@@ -63,7 +63,8 @@ class MLPEncoder:
             ``None``: every data array with one row per element of the data plate.
         init_log_scale: bias of the log-scale outputs at the start (scale e^b).
 
-    Weights start as LeCun-normal (variance 1/fan-in), biases at zero, the output layer
+    viax feeds the encoder standardised inputs (the training rows' mean and sd per
+    feature).  Weights start as LeCun-normal (variance 1/fan-in), biases at zero, the output layer
     scaled by 0.01 so that q starts near N(0, e^{2b} I) whatever the data.
 
     Example:
