@@ -40,19 +40,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 NAMESPACES = ("viax", "viax.conjugate")
 
 # Tutorials that other work will add; until their scripts exist the nav shows a page
-# pointing at the guide that documents the feature.
-PLACEHOLDERS = {
-    "minibatch-parquet": (
-        "A minibatch fit from Parquet",
-        "guide/data.md",
-        "Fitting a model to a Parquet file in minibatches (`viax.data`).",
-    ),
-    "vae": (
-        "A variational autoencoder",
-        "guide/learning.md",
-        "Learning model parameters θ with an amortized encoder (a VAE on MNIST).",
-    ),
-}
+# pointing at the guide that documents the feature: {stem: (title, guide page, what)}.
+# Empty now: the minibatch/Parquet and VAE tutorials are real scripts.
+PLACEHOLDERS: dict[str, tuple[str, str, str]] = {}
 
 
 # --------------------------------------------------------------------------- nav
