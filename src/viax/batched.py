@@ -26,6 +26,7 @@ Two ways of writing the model work unchanged:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -35,9 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
+from numpyro.distributions import Independent, Normal
+from numpyro.distributions.distribution import ExpandedDistribution
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
 from numpyro.infer.initialization import init_to_uniform
+from numpyro.infer.reparam import LocScaleReparam
 from numpyro.primitives import Messenger
 
 from viax.model import ModelError, Site
@@ -88,6 +92,9 @@ class BatchedModel:
     local_sites: tuple[LocalSite, ...]
     local_names: frozenset  # every site (latent or observed) counted as local
     unravel_global: Callable = field(repr=False)
+    # Global Normal sites fitted non-centred (``{name}_decentered`` is the latent; the
+    # user's site is recomputed as a deterministic ``loc + scale · decentered``).
+    noncentred: tuple[str, ...] = ()
 
     @property
     def global_dim(self) -> int:
@@ -161,7 +168,10 @@ class BatchedModel:
         rows = batch[ROWS].shape[0]
         zeros = {s.name: jnp.zeros((rows, s.size)) for s in self.local_sites}
         trace, _ = self._trace(global_u, zeros, batch)
-        return {s.name: trace[s.name]["value"] for s in self.global_sites}
+        hidden = {f"{name}_decentered" for name in self.noncentred}
+        out = {s.name: trace[s.name]["value"] for s in self.global_sites if s.name not in hidden}
+        out.update({name: trace[name]["value"] for name in self.noncentred})
+        return out
 
 
 def _row_sum(name, term, mask):
@@ -229,6 +239,33 @@ def _frames(site) -> set[str]:
     return {frame.name for frame in site.get("cond_indep_stack", ())}
 
 
+def _normal_base(fn):
+    """The Normal under a site's Independent/expand wrappers, or None."""
+    while isinstance(fn, Independent | ExpandedDistribution):
+        fn = fn.base_dist
+    return fn if type(fn) is Normal else None
+
+
+def _latent_scale_sites(trace, local: set) -> tuple[str, ...]:
+    """Global Normal latents whose scale is computed from the model's inputs (other
+    latents, or data), not a constant: in the abstract trace such a scale is a tracer.
+
+    Centred, ``θ_j ~ N(μ, τ)`` puts a funnel into the joint density: ``log p`` grows
+    like ``−(J − 1) log τ`` as ``τ → 0`` with ``θ_j → μ``, so the MAP that the
+    whitening is centred on does not exist and a mean-field q fits the funnel's
+    neck.  Non-centred, ``θ_j = μ + τ ε_j, ε_j ~ N(0, 1)``, the density is bounded
+    (Papaspiliopoulos, Roberts & Sköld 2007; Betancourt & Girolami 2015).  A scale that
+    is data (a tracer too) only rescales a coordinate: harmless."""
+    names = []
+    for name, site in trace.items():
+        if not _is_latent(site) or name in local:
+            continue
+        base = _normal_base(site["fn"])
+        if base is not None and isinstance(base.scale, jax.core.Tracer):
+            names.append(name)
+    return tuple(names)
+
+
 def analyse(
     model_fn: Callable,
     static: dict,
@@ -236,7 +273,30 @@ def analyse(
     constants: Mapping[str, Any],
     num_rows: int,
     batch_size: int,
+    noncentre: bool = True,
 ) -> BatchedModel:
+    """:func:`_analyse`, then, if ``noncentre`` and the model has global Normal sites
+    whose scale is itself computed (a hierarchical prior), the same with those sites
+    non-centred by NumPyro's ``LocScaleReparam(centered=0)``; the draws keep the
+    user's site names (recomputed as ``loc + scale · {name}_decentered``)."""
+    bm, trace = _analyse(model_fn, static, rows, constants, num_rows, batch_size)
+    names = _latent_scale_sites(trace, set(bm.local_names)) if noncentre else ()
+    if not names:
+        return bm
+    config = {name: LocScaleReparam(centered=0) for name in names}
+    reparam_fn = handlers.reparam(model_fn, config=config)
+    bm, _ = _analyse(reparam_fn, static, rows, constants, num_rows, batch_size)
+    return dataclasses.replace(bm, noncentred=names)
+
+
+def _analyse(
+    model_fn: Callable,
+    static: dict,
+    rows: Mapping[str, jax.ShapeDtypeStruct],
+    constants: Mapping[str, Any],
+    num_rows: int,
+    batch_size: int,
+) -> tuple[BatchedModel, Any]:
     """Find the global and local sites of ``model_fn`` called with batches of ``rows``
     (abstract row arrays: only their dtypes and trailing shapes are used) and the whole
     ``constants``.
@@ -259,7 +319,7 @@ def analyse(
             )
         ((plate, (size, _)),) = plates.items()
         local = {n for n, s in trace.items() if s["type"] == "sample" and plate in _frames(s)}
-        return _build(model_fn, static, (), size, plate, trace, shapes, local)
+        return _build(model_fn, static, (), size, plate, trace, shapes, local), trace
     traces = []
     for size in (batch_size, batch_size + 1):
         batch = {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype) for k, v in rows.items()}
@@ -286,7 +346,7 @@ def analyse(
         follows = np.shape(site["value"]) != np.shape(other[name]["value"])
         if in_plate or follows:
             local.add(name)
-    return _build(model_fn, static, tuple(rows), num_rows, None, trace, shapes, local)
+    return _build(model_fn, static, tuple(rows), num_rows, None, trace, shapes, local), trace
 
 
 def _abstract(value):

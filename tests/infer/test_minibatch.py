@@ -277,3 +277,64 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
     assert both.returncode == 0, err[-3000:]
     resumed, fresh = (np.asarray([float(v) for v in line.split(",")]) for line in out.split()[-2:])
     np.testing.assert_allclose(resumed, fresh, rtol=1e-12)
+
+
+NUM_GROUPS = 8
+
+
+def centred_logistic(x, g, y):
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfNormal(1))
+    b = numpyro.sample("b", dist.Normal(0, 1))
+    with numpyro.plate("groups", NUM_GROUPS):
+        alpha = numpyro.sample("alpha", dist.Normal(mu, tau))
+    with numpyro.plate("N", x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=alpha[g] + b * x), obs=y)
+
+
+def noncentred_logistic(x, g, y):
+    mu = numpyro.sample("mu", dist.Normal(0, 5))
+    tau = numpyro.sample("tau", dist.HalfNormal(1))
+    b = numpyro.sample("b", dist.Normal(0, 1))
+    with numpyro.plate("groups", NUM_GROUPS):
+        z = numpyro.sample("z", dist.Normal(0, 1))
+    alpha = mu + tau * z
+    with numpyro.plate("N", x.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=alpha[g] + b * x), obs=y)
+
+
+def test_hierarchical_normal_sites_are_fitted_non_centred():
+    """A centred hierarchical prior alpha_j ~ N(mu, tau) has no joint MAP (a funnel:
+    log p ~ -(J - 1) log tau as tau -> 0), so the whitening had no centre (measured on
+    2,000 rows, 8 groups, raw-scale x: the MAP search ran 500 steps into the funnel and
+    the fit put tau at 0.143 against NUTS's 0.084 +- 0.066).  The minibatch analysis
+    non-centres it: the same log density as the hand-written non-centred model at every
+    point (no fit needed to check that, exactly), draws under the user's names."""
+    rng = np.random.default_rng(0)
+    n, batch_size = 512, 64
+    x = rng.normal(12, 4, n)
+    g = rng.integers(0, NUM_GROUPS, n).astype(np.int32)
+    y = (rng.uniform(size=n) < 1 / (1 + np.exp(2 - 0.1 * x))).astype(float)
+    data = {"x": x, "g": g, "y": y}
+    rows = {k: jax.ShapeDtypeStruct((batch_size,), v.dtype) for k, v in data.items()}
+    auto = analyse(centred_logistic, {}, rows, {}, n, batch_size)
+    hand = analyse(noncentred_logistic, {}, rows, {}, n, batch_size)
+    assert auto.noncentred == ("alpha",)
+    assert [s.name for s in auto.global_sites] == ["alpha_decentered", "b", "mu", "tau"]
+    assert hand.noncentred == ()  # its only Normal with a computed scale is none
+    batch = {k: v[:batch_size] for k, v in data.items()}
+    batch["_rows"] = np.arange(batch_size)
+    u = rng.normal(size=NUM_GROUPS + 3)
+    u_hand = np.concatenate([u[NUM_GROUPS:], u[:NUM_GROUPS]])  # z sorts last
+    np.testing.assert_allclose(
+        auto.log_joint_parts(jnp.asarray(u), {}, batch),
+        hand.log_joint_parts(jnp.asarray(u_hand), {}, batch),
+        rtol=1e-12,
+    )
+    draws = auto.constrain_globals(jnp.asarray(u), batch)
+    assert sorted(draws) == ["alpha", "b", "mu", "tau"]
+    np.testing.assert_allclose(
+        draws["alpha"], draws["mu"] + draws["tau"] * u[:NUM_GROUPS], rtol=1e-12
+    )
+    centred = analyse(centred_logistic, {}, rows, {}, n, batch_size, noncentre=False)
+    assert centred.noncentred == () and "alpha" in [s.name for s in centred.global_sites]
