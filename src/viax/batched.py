@@ -37,6 +37,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.distributions import Independent, Normal
+from numpyro.distributions.constraints import _GreaterThan
 from numpyro.distributions.distribution import ExpandedDistribution
 from numpyro.distributions.transforms import biject_to
 from numpyro.distributions.util import sum_rightmost
@@ -95,10 +96,22 @@ class BatchedModel:
     # Global Normal sites fitted non-centred (``{name}_decentered`` is the latent; the
     # user's site is recomputed as a deterministic ``loc + scale · decentered``).
     noncentred: tuple[str, ...] = ()
+    positive: frozenset = frozenset()  # global sites bounded below (scales): u = log(x - a)
 
     @property
     def global_dim(self) -> int:
         return int(sum(s.size for s in self.global_sites))
+
+    def positive_index(self) -> np.ndarray:
+        """Flat indices (into the global vector) of the sites bounded below."""
+        return np.concatenate(
+            [
+                np.arange(s.start, s.start + s.size)
+                for s in self.global_sites
+                if s.name in self.positive
+            ]
+            or [np.zeros(0, int)]
+        ).astype(int)
 
     def site_of_index(self, index: int) -> str:
         for site in self.global_sites:
@@ -396,4 +409,7 @@ def _build(model_fn, static, row_names, num_rows, plate, trace, shapes, local) -
         local_sites=tuple(local_sites),
         local_names=frozenset(local),
         unravel_global=unravel,
+        positive=frozenset(
+            name for name in zeros if isinstance(trace[name]["fn"].support, _GreaterThan)
+        ),
     )

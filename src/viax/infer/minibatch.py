@@ -88,6 +88,8 @@ _MAX_DENSE_DIM = 256  # above: diagonal curvature (Hessian-vector products)
 _NUM_EVAL_DRAWS = 200  # draws of the final ELBO / k̂ pass over the data
 _MAP_STEPS = 500  # L-BFGS steps of the whitening's MAP search
 _MAX_SCALE = 100.0  # whitened unit at most this (a flat direction is not a huge one)
+_MAP_RESTARTS = 2  # MAP searches restarted after a scale collapsed
+_COLLAPSE = 8.0  # a scale this far (in log) below its start has collapsed
 
 
 # -- whitening ------------------------------------------------------------------------
@@ -410,25 +412,55 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
     # softplus (max(x, 0) + log1p(exp(-|x|))) takes the wrong subgradient.
     nudge = np.random.default_rng(0).uniform(-1e-3, 1e-3, dim)
     start = jnp.asarray(np.asarray(init_u, dtype=float) + nudge)
-    curvature = np.asarray(diagonal_fn(start, factor, batch))
-    good = np.isfinite(curvature) & (curvature > 0)
-    unit = np.where(good, np.abs(curvature) ** -0.5, 1.0) if good.any() else np.ones(dim)
+    # A scale (a site bounded below, u = log σ) the search drives e^8 below its start
+    # has run into a boundary: a hierarchical scale collapsing with its effects (the
+    # joint density has no MAP there, or the search stepped off into the flat region
+    # where σ·z ≈ 0 and z gets no gradient).  Put those scales back at their start,
+    # keep the rest of the search's point (effects fitted), and search again with the
+    # curvature of that point; after _MAP_RESTARTS the whitening is taken at that
+    # sane point instead of a meaningless one.
+    positive = bm.positive_index()
+    point, collapsed_ever = np.asarray(start), np.zeros(0, int)
+    total_steps, collapsed = 0, np.zeros(0, int)
+    for _ in range(_MAP_RESTARTS + 1):
+        point_j = jnp.asarray(point)
+        curvature = np.asarray(diagonal_fn(point_j, factor, batch))
+        good = np.isfinite(curvature) & (curvature > 0)
+        unit = np.where(good, np.abs(curvature) ** -0.5, 1.0) if good.any() else np.ones(dim)
 
-    def scaled(w):
-        value, grad = value_and_grad(start + unit * jnp.asarray(w), factor, batch)
-        return value, np.asarray(grad) * unit
+        def scaled(w, point_j=point_j, unit=unit):
+            value, grad = value_and_grad(point_j + unit * jnp.asarray(w), factor, batch)
+            return value, np.asarray(grad) * unit
 
-    w, value, grad, steps = minimize_on_host(scaled, np.zeros(dim), _MAP_STEPS, 1e-3)
-    center = np.asarray(start) + unit * w
-    info = {"map_steps": int(steps), "precondition_rows": int(num_sample_rows)}
-    if steps >= _MAP_STEPS or not (np.isfinite(value) and np.all(np.isfinite(center))):
-        # No MAP (a hierarchical model's scales run off to 0, a funnel): whiten by the
-        # curvature at the start instead.
+        w, value, grad, steps = minimize_on_host(scaled, np.zeros(dim), _MAP_STEPS, 1e-3)
+        total_steps += int(steps)
+        center = point + unit * w
+        if not (np.isfinite(value) and np.all(np.isfinite(center))):
+            break
+        collapsed = positive[center[positive] < np.asarray(start)[positive] - _COLLAPSE]
+        if not collapsed.size:
+            break
+        collapsed_ever = np.union1d(collapsed_ever, collapsed)
+        point = center.copy()
+        point[collapsed] = np.asarray(start)[collapsed]
+    info = {"map_steps": total_steps, "precondition_rows": int(num_sample_rows)}
+    if collapsed_ever.size:
+        info["collapsed_scales"] = sorted({bm.site_of_index(int(i)) for i in collapsed_ever})
+    if not (np.isfinite(value) and np.all(np.isfinite(center))):
+        # The search failed outright: whiten by the curvature at the start.
+        curvature = np.asarray(diagonal_fn(start, factor, batch))
+        good = np.isfinite(curvature) & (curvature > 0)
+        unit = np.where(good, np.abs(curvature) ** -0.5, 1.0) if good.any() else np.ones(dim)
         return Whitening(start, None, jnp.asarray(np.minimum(unit, _MAX_SCALE))), {
             **info,
-            "preconditioner": "diagonal curvature at the start (the MAP search did not "
-            f"converge in {_MAP_STEPS} steps)",
+            "preconditioner": "diagonal curvature at the start (the MAP search failed)",
         }
+    where = ""
+    if collapsed.size:
+        center = point  # the last search's scales collapsed again: the sane point
+        where = ", at the last search point with collapsing scales reset (no MAP)"
+    elif steps >= _MAP_STEPS:
+        where = f", at the MAP search's point after {total_steps} steps (not converged)"
     center_j = jnp.asarray(center)
     if dim <= _MAX_DENSE_DIM:
         hessian = np.asarray(hessian_fn(center_j, factor, batch))
@@ -439,7 +471,7 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
             if np.all(np.isfinite(tril)) and np.all(diag > 0):
                 return Whitening(center_j, jnp.asarray(tril), jnp.asarray(diag**-0.5)), {
                     **info,
-                    "preconditioner": "laplace (subsample MAP, dense Hessian)",
+                    "preconditioner": "laplace (subsample MAP, dense Hessian)" + where,
                 }
         except np.linalg.LinAlgError:
             pass
@@ -460,7 +492,7 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
     return Whitening(center_j, None, jnp.asarray(scale), index, tril), {
         **info,
         "preconditioner": (
-            f"laplace (subsample MAP, diagonal: prior Hessian + rows' Fisher{note})"
+            f"laplace (subsample MAP, diagonal: prior Hessian + rows' Fisher{note}){where}"
         ),
     }
 
