@@ -101,7 +101,7 @@ class Whitening(NamedTuple):
     are relative to ``scale`` = diag(H)^(−1/2)."""
 
     center: jax.Array  # (D_g,)
-    tril: jax.Array | None  # (D_g, D_g) lower triangular, or None
+    tril: jax.Array | None  # (D_g, D_g): lower triangular (FullRank) or symmetric H^(-1/2)
     scale: jax.Array  # (D_g,)
     block_index: jax.Array | None = None  # (k,) int
     block_tril: jax.Array | None = None  # (k, k) lower triangular
@@ -396,8 +396,14 @@ def _rows_of(source, batch_size, count, seed, pc) -> dict:
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
 
-def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
-    """MAP and curvature of the global latents on ``batch`` (local terms scaled to N)."""
+def _whitening(bm, batch, num_sample_rows, init_u, symmetric=False) -> tuple[Whitening, dict]:
+    """MAP and curvature of the global latents on ``batch`` (local terms scaled to N).
+
+    ``symmetric``: the dense factor is H^(-1/2) (eigen-decomposition) rather than the
+    Cholesky factor of H^(-1); both whiten, but a Cholesky factor depends on the order
+    of the sites (measured: the same 8-group model stopped in 5,740 steps with its
+    effects sorting last and not in 20,000 with them first).  Only for families whose
+    push does not need a triangular factor (not FullRank)."""
     dim = bm.global_dim
     identity = Whitening(jnp.asarray(init_u), None, jnp.ones(dim))
     if bm.local_sites or dim == 0:
@@ -467,7 +473,13 @@ def _whitening(bm, batch, num_sample_rows, init_u) -> tuple[Whitening, dict]:
         hessian = 0.5 * (hessian + hessian.T)
         diag = np.diagonal(hessian)
         try:
-            tril = np.linalg.cholesky(np.linalg.inv(hessian))
+            if symmetric:
+                eigval, eigvec = np.linalg.eigh(hessian)
+                if not np.all(eigval > 0):
+                    raise np.linalg.LinAlgError("Hessian not positive definite")
+                tril = (eigvec * eigval**-0.5) @ eigvec.T  # H^(-1/2), symmetric
+            else:
+                tril = np.linalg.cholesky(np.linalg.inv(hessian))
             if np.all(np.isfinite(tril)) and np.all(diag > 0):
                 return Whitening(center_j, jnp.asarray(tril), jnp.asarray(diag**-0.5)), {
                     **info,
@@ -870,7 +882,9 @@ def fit_minibatch(
             sample = {k: v for k, v in sample.items() if k not in ("_index", _MASK)}
             batch = {**constants_dev, **vdata.put(sample, one_sharding)}
             num_sample_rows = sample[ROWS].shape[0] * pc[1]  # over every process
-            whitening, pre_info = _whitening(bm, batch, num_sample_rows, init_u)
+            whitening, pre_info = _whitening(
+                bm, batch, num_sample_rows, init_u, symmetric=not isinstance(fam, FullRank)
+            )
         else:
             reason = "identity (per-row latents)" if bm.local_sites else "identity (off)"
             whitening, pre_info = (
