@@ -77,6 +77,7 @@ def test_example_script_runs(script, tiny_fit, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings(NOT_CONVERGED)  # a fixed budget of epochs is never "converged"
 @pytest.mark.filterwarnings(HIGH_KHAT)
 def test_vae_example_runs_with_tiny_settings(capsys):
     pytest.importorskip("sklearn")

@@ -765,11 +765,15 @@ def _minibatch(
     trace = np.concatenate(values) if values else np.zeros(0)
     whole = trace.size // steps_per_epoch * steps_per_epoch
     epochs = trace[:whole].reshape(-1, steps_per_epoch).mean(axis=1)
+    # No stopping rule watches this path yet (the MCSE rule of viax.infer.stopping needs a
+    # stationary iterate, which a network's weights under Adam rarely are): the run is a
+    # fixed budget, and a fixed budget is never reported as converged.
     message = (
         f"fixed budget of {output.num_steps / steps_per_epoch:.4g} epochs ({output.num_steps} "
-        f"steps of {batch_size} rows); stochastic run, no stopping rule applied"
+        f"steps of {batch_size} rows); minibatch learning has no convergence test: judge "
+        "the per-epoch objective in info['epoch_objective']"
     )
-    output = output._replace(converged=True, message=message)
+    output = output._replace(converged=False, message=message)
     info = {
         "path": "minibatch",
         "batch_size": batch_size,
