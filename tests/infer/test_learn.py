@@ -227,3 +227,7 @@ def test_sites_it_cannot_learn_are_refused_by_name(model, kwargs, match):
 def test_bbvi_refuses_learning_arguments():
     with pytest.raises(ValueError, match="encoder"):
         viax.fit(ppca, {"x": X_PPCA}, method="bbvi", encoder=viax.MLPEncoder())
+    # Without learning arguments the param sites themselves are refused by name (bbvi
+    # would hold them at their initial values), before anything compiles.
+    with pytest.raises(viax.ModelError, match="param site.*W.*method='advi'"):
+        viax.fit(ppca, {"x": X_PPCA}, method="bbvi", progress=False)

@@ -46,7 +46,7 @@ from viax.infer.stopping import (
     run_with_stopping,
     stop_info,
 )
-from viax.model import build_target
+from viax.model import ModelError, build_target
 
 __all__ = [
     "BBVI",
@@ -300,6 +300,13 @@ def fit_bbvi(
     transform, algorithm, eta = _optimizer(optimizer, eta, config)
     start = time.perf_counter()
     target, arrays, _ = build_target(model, data, seed=seed)
+    if target.param_sites:
+        names = ", ".join(site.name for site in target.param_sites)
+        raise ModelError(
+            f"numpyro.param site(s) {names}: method='bbvi' does not learn model parameters "
+            "and would hold them at their initial values; use method='advi' (which learns "
+            "them, viax.infer.learn) or make them sample sites"
+        )
     structure = build_structure(target, arrays, seed)
     algo = build_bbvi(
         structure, transform, num_particles, estimator, bool(rao_blackwell), control_variate
