@@ -43,6 +43,7 @@ from viax.conjugate import (
     save_checkpoint,
 )
 from viax.conjugate.checkpoint import CheckpointError
+from viax.infer import checkpoint as minibatch_checkpoint
 from viax.model import ModelError, build_target
 from viax.result import _khat_note
 
@@ -227,6 +228,20 @@ ROWS = [
         "no such",
     ),
     ("checkpoint", "empty", lambda f: load_checkpoint(f / "empty.npz"), CheckpointError, "empty"),
+    (
+        "minibatch checkpoint",
+        "truncated",
+        lambda f: minibatch_checkpoint.load(f / "truncated.npz"),
+        CheckpointError,
+        "truncated.npz: truncated or damaged",
+    ),
+    (
+        "minibatch checkpoint",
+        "garbage",
+        lambda f: minibatch_checkpoint.load(f / "garbage.npz"),
+        CheckpointError,
+        "garbage.npz: not a viax checkpoint",
+    ),
     (
         "checkpoint",
         "truncated",

@@ -69,6 +69,13 @@ def save_checkpoint(
         arrays["elbo_trace"] = np.asarray(elbo_trace, np.float64)
     for name, value in (extra or {}).items():
         arrays[f"extra/{name}"] = np.asarray(value)
+    return write_npz_atomic(path, arrays)
+
+
+def write_npz_atomic(path: Path, arrays: dict) -> Path:
+    """Write ``arrays`` to ``path`` as an uncompressed ``.npz``: into a temporary file
+    beside it, synced, then renamed over it, so a killed process leaves the old file or
+    the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -88,6 +95,13 @@ def load_checkpoint(path) -> dict:
             does not exist, is empty, is not a ``.npz`` archive, is truncated or damaged,
             or lacks a checkpoint's entries.
     """
+    return read_npz_checkpoint(path, _read)
+
+
+def read_npz_checkpoint(path, read_fn) -> dict:
+    """``read_fn(path, npz_file)`` on the opened archive, every way the file can be
+    wrong (missing, empty, not an archive, truncated, damaged, holding pickled objects)
+    turned into one :class:`CheckpointError` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -102,7 +116,9 @@ def load_checkpoint(path) -> dict:
             f"header; this file starts with {magic!r})"
         )
     try:
-        return _read(path)
+        # Our own file handle: np.load leaks its own when the archive is damaged.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
+            return read_fn(path, f)
     except CheckpointError:
         raise
     except ValueError as err:
@@ -119,48 +135,45 @@ def load_checkpoint(path) -> dict:
         ) from None
 
 
-def _read(path: Path) -> dict:
-    # Our own file handle: np.load leaks its own when the archive is damaged.
-    with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as f:
-        missing = [key for key in _REQUIRED if key not in f.files]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {path}: a .npz archive but not a viax checkpoint (no "
-                f"{', '.join(missing)})"
-            )
-        if int(f["format_version"]) != FORMAT_VERSION:
-            raise CheckpointError(
-                f"checkpoint {path}: unknown checkpoint format {int(f['format_version'])}"
-            )
-        trees: dict[str, dict[str, list]] = {"global": {}, "local": {}}
-        for key in f.files:
-            prefix, _, rest = key.partition("/")
-            if prefix in trees and rest:
-                name, i = rest.split("/")
-                trees[prefix].setdefault(name, []).append((int(i), np.asarray(f[key])))
-        natural = {
-            prefix: {name: tuple(v for _, v in sorted(parts)) for name, parts in tree.items()}
-            for prefix, tree in trees.items()
-        }
-        out = {
-            "global_natural": natural["global"],
-            "step": int(f["step"]),
-            "rng_key": np.asarray(f["rng_key"]),
-            "model_name": str(f["model_name"]),
-            # Files written before CAVI checkpoints existed are SVI's.
-            "method": str(f["method"]) if "method" in f.files else "svi",
-            "fingerprint": str(f["fingerprint"]) if "fingerprint" in f.files else "",
-        }
-        if natural["local"]:
-            out["local_natural"] = natural["local"]
-        if "elbo_trace" in f.files:
-            out["elbo_trace"] = np.asarray(f["elbo_trace"])
-        out["extra"] = {
-            key.removeprefix("extra/"): np.asarray(f[key])
-            for key in f.files
-            if key.startswith("extra/")
-        }
-        return out
+def _read(path: Path, f) -> dict:
+    missing = [key for key in _REQUIRED if key not in f.files]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {path}: a .npz archive but not a viax checkpoint (no {', '.join(missing)})"
+        )
+    if int(f["format_version"]) != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path}: unknown checkpoint format {int(f['format_version'])}"
+        )
+    trees: dict[str, dict[str, list]] = {"global": {}, "local": {}}
+    for key in f.files:
+        prefix, _, rest = key.partition("/")
+        if prefix in trees and rest:
+            name, i = rest.split("/")
+            trees[prefix].setdefault(name, []).append((int(i), np.asarray(f[key])))
+    natural = {
+        prefix: {name: tuple(v for _, v in sorted(parts)) for name, parts in tree.items()}
+        for prefix, tree in trees.items()
+    }
+    out = {
+        "global_natural": natural["global"],
+        "step": int(f["step"]),
+        "rng_key": np.asarray(f["rng_key"]),
+        "model_name": str(f["model_name"]),
+        # Files written before CAVI checkpoints existed are SVI's.
+        "method": str(f["method"]) if "method" in f.files else "svi",
+        "fingerprint": str(f["fingerprint"]) if "fingerprint" in f.files else "",
+    }
+    if natural["local"]:
+        out["local_natural"] = natural["local"]
+    if "elbo_trace" in f.files:
+        out["elbo_trace"] = np.asarray(f["elbo_trace"])
+    out["extra"] = {
+        key.removeprefix("extra/"): np.asarray(f[key])
+        for key in f.files
+        if key.startswith("extra/")
+    }
+    return out
 
 
 def resume_path(resume, checkpoint_path):

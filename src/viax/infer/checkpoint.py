@@ -12,13 +12,17 @@ function of (seed, t) and step t's draws of ``fold_in(key, t)``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from viax.conjugate.checkpoint import resume_path
+from viax.conjugate.checkpoint import (
+    CheckpointError,
+    read_npz_checkpoint,
+    resume_path,
+    write_npz_atomic,
+)
 
 __all__ = ["load", "restore_state", "restore_tracker", "resume_path", "save"]
 
@@ -104,27 +108,26 @@ def save(path, state, tracker, elbo_trace, whitening, anchor, info: dict) -> Pat
         arrays[f"anchor/{field}"] = np.asarray(getattr(anchor, field))
     for key, value in info.items():
         arrays[f"info/{key}"] = np.asarray(value)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_npz_atomic(path, arrays)
 
 
 def load(path) -> dict:
-    """The saved arrays by name, with ``"info"`` gathered into a dict."""
-    with np.load(Path(path), allow_pickle=False) as f:
-        if "format" not in f.files or str(f["format"]) != FORMAT:
-            raise ValueError(f"{path} is not a viax minibatch checkpoint")
-        saved = {key: np.asarray(f[key]) for key in f.files}
+    """The saved arrays by name, with ``"info"`` gathered into a dict; a missing, empty,
+    truncated or foreign file is a :class:`~viax.conjugate.checkpoint.CheckpointError`
+    naming it."""
+    saved = read_npz_checkpoint(path, _read)
     saved["info"] = {
         key.removeprefix("info/"): _scalar(value)
         for key, value in list(saved.items())
         if key.startswith("info/")
     }
     return saved
+
+
+def _read(path: Path, f) -> dict:
+    if "format" not in f.files or str(f["format"]) != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a viax minibatch checkpoint")
+    return {key: np.asarray(f[key]) for key in f.files}
 
 
 def restore_state(state, saved: dict):
