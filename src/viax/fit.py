@@ -198,9 +198,7 @@ def fit(
                 progress=progress,
                 path_reason=reason,
             )
-            result = _flag_runaway(result)
-            _warn_untrusted(result)
-            return result
+            return _checked(result)
     learning = {"encoder": encoder, "objective": objective, "batch_size": batch_size}
     learning["num_epochs"] = num_epochs
     if method == "bbvi" and any(v is not None for v in learning.values()):
@@ -226,9 +224,7 @@ def fit(
             progress=progress,
             stop_rule=stop_rule,
         )
-        result = _flag_runaway(result)
-        _warn_untrusted(result)
-        return result
+        return _checked(result)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}")
     if optimizer is None:
@@ -274,9 +270,7 @@ def fit(
             seed=seed,
             progress=progress,
         )
-        result = _flag_runaway(result)
-        _warn_untrusted(result)
-        return result
+        return _checked(result)
     if target.discrete_sites:
         raise ModelError(
             f"site(s) {', '.join(target.discrete_sites)} are discrete; ADVI needs continuous "
@@ -349,9 +343,7 @@ def fit(
         info=info,
         khat=khat,
     )
-    result = _flag_runaway(result)
-    _warn_untrusted(result)
-    return result
+    return _checked(result)
 
 
 def _more_log_weights(draw_log_weights, seed, log_weights, batches: int = 9):
@@ -367,6 +359,14 @@ def _more_log_weights(draw_log_weights, seed, log_weights, batches: int = 9):
 # Beyond this, a mean or sd of q in the unconstrained space has run off (float64 ends at
 # 1.8e308; no posterior of real data sits at 1e100).
 _RUNAWAY = 1e100
+
+
+def _checked(result: Result) -> Result:
+    """Every path's result, a runaway or non-finite fit flagged as not converged, with
+    the warnings an untrusted fit gets (they point at the caller of :func:`fit`)."""
+    result = _flag_runaway(result)
+    _warn_untrusted(result)
+    return result
 
 
 def _flag_runaway(result: Result) -> Result:
@@ -444,7 +444,7 @@ def _warn_untrusted(result: Result) -> None:
             f"viax.fit did not converge: {result.message}; its k-hat verdict is 'not "
             "converged', whatever k-hat says",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     if not result.khat < KHAT_USABLE:
         family = getattr(result.family, "name", result.family)
@@ -458,7 +458,7 @@ def _warn_untrusted(result: Result) -> None:
             f"viax.fit: PSIS k-hat = {result.khat:.2f} > {KHAT_USABLE}: q is too far from the "
             f"posterior for its draws or ELBO to be trusted (Yao et al. 2018); {advice}",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
