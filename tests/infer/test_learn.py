@@ -8,6 +8,7 @@ import numpyro.distributions as dist
 import optax
 import pytest
 from numpyro.distributions import constraints
+from ppca import closed_form  # examples/ppca.py, as a user would import it
 from scipy import optimize, stats
 
 import viax
@@ -36,25 +37,6 @@ def _ppca_data(n=60, d=4, q=2):
     return rng.normal(size=(n, q)) @ w.T + 0.5 * rng.normal(size=(n, d)) + 1.0
 
 
-def _tipping_bishop(x, q=2):
-    """Maximum-likelihood σ², W Wᵀ and log-likelihood (Tipping & Bishop 1999): σ² the
-    mean of the discarded eigenvalues of the sample covariance, W = U_q (Λ_q − σ² I)^½."""
-    n, d = x.shape
-    centred = x - x.mean(0)
-    cov = centred.T @ centred / n
-    lam, u = np.linalg.eigh(cov)
-    lam, u = lam[::-1], u[:, ::-1]
-    s2 = lam[q:].mean()
-    ww = u[:, :q] @ np.diag(lam[:q] - s2) @ u[:, :q].T
-    c = ww + s2 * np.eye(d)
-    log_lik = (
-        -0.5
-        * n
-        * (d * np.log(2 * np.pi) + np.linalg.slogdet(c)[1] + np.trace(np.linalg.solve(c, cov)))
-    )
-    return s2, ww, log_lik
-
-
 def _ppca_log_lik(x, w, mu, s2):
     c = w @ w.T + s2 * np.eye(x.shape[1])
     return stats.multivariate_normal(mu, c).logpdf(x).sum()
@@ -66,7 +48,9 @@ def _relative_errors(result, s2, ww):
 
 
 X_PPCA = _ppca_data()
-S2, WW, LOG_LIK = _tipping_bishop(X_PPCA)
+# Maximum-likelihood σ², W Wᵀ and log-likelihood (Tipping & Bishop 1999): σ² the mean of
+# the discarded eigenvalues of the sample covariance, W = U_q (Λ_q − σ² I)^½.
+S2, WW, LOG_LIK = closed_form(X_PPCA, q=2)
 
 
 def test_ppca_full_batch_and_amortized_reach_the_closed_form():
