@@ -107,6 +107,12 @@ def files(tmp_path_factory):
 # call(files) -> anything; files: the folder above.  phrase: a part of the message.
 
 
+def subsampled_model(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    with numpyro.plate("N", y.shape[0], subsample_size=2) as i:
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[i])
+
+
 def _fit(model, data, **kwargs):
     return lambda f: viax.fit(model, data, progress=False, **kwargs)
 
@@ -198,6 +204,20 @@ ROWS = [
         _fit(normal_model, {"y": Y}, method="bbvi", num_particles=10**13),
         ValueError,
         "memory available",
+    ),
+    (
+        "fit",
+        "bbvi on a subsampled plate",
+        _fit(subsampled_model, {"y": Y}, method="bbvi"),
+        ModelError,
+        "plate 'N' subsamples 2 of its 3 rows",
+    ),
+    (
+        "fit",
+        "full-batch on a subsampled plate",
+        _fit(subsampled_model, {"y": Y}, path="full-batch"),
+        ModelError,
+        "path='full-batch' evaluates every row",
     ),
     ("fit", "a nested dict", _fit(normal_model, {"y": {"a": 1.0}}), ModelError, "nested"),
     # viax.cavi / svi / naive

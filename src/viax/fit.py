@@ -69,6 +69,25 @@ def _check_positive_float(name, value):
     return float(value)
 
 
+def _refuse_subsampling(model, data, why: str) -> None:
+    """Refuse, before compiling, a model that subsamples a plate on a path that cannot
+    (NumPyro's own error would speak of HMC/NUTS)."""
+    from viax.batched import _subsampled_plates
+    from viax.infer.minibatch import _abstract_model_trace
+
+    if not callable(model) or isinstance(model, Model) or not isinstance(data, Mapping | None):
+        return
+    trace = _abstract_model_trace(model, data)
+    plates = _subsampled_plates(trace) if trace is not None else {}
+    if plates:
+        name, (size, batch) = next(iter(plates.items()))
+        raise ModelError(
+            f"plate {name!r} subsamples {batch} of its {size} rows "
+            f"(numpyro.plate(..., subsample_size={batch})), but {why}: use method='advi' "
+            "with the minibatch path (the default for such a model), or drop subsample_size"
+        )
+
+
 def fit(
     model: Callable | Model,
     data: Mapping[str, Any] | None = None,
@@ -177,6 +196,10 @@ def fit(
     for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
         _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
     parse_stop_rule(stop_rule)
+    if method == "bbvi":
+        _refuse_subsampling(model, data, "method='bbvi' evaluates every row each step")
+    elif path == "full-batch":
+        _refuse_subsampling(model, data, "path='full-batch' evaluates every row each step")
     if method == "advi" and encoder is None and objective is None:
         from viax.infer.minibatch import fit_minibatch, minibatch_route
 
