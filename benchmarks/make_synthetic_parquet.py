@@ -110,13 +110,25 @@ def read_truth(path: str | os.PathLike) -> dict:
 
 
 def read_arrays(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """The whole file in memory as ``(X (N, D), y (N,))``, for peers that need arrays."""
-    table = pq.read_table(path)
-    names = [n for n in table.column_names if n != "y"]
-    x = np.empty((table.num_rows, len(names)), dtype)
-    for j, n in enumerate(names):
-        x[:, j] = table.column(n).to_numpy()
-    return x, table.column("y").to_numpy().astype(dtype)
+    """The whole file in memory as ``(X (N, D), y (N,))``, for peers that need arrays.
+
+    Read one row group at a time into arrays allocated once: the peak is the arrays
+    plus one row group, not twice the data (an Arrow table, then its copy)."""
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    names = [n for n in pf.schema_arrow.names if n != "y"]
+    num_rows = pf.metadata.num_rows
+    x = np.empty((num_rows, len(names)), dtype)
+    y = np.empty(num_rows, dtype)
+    first = 0
+    for g in range(pf.metadata.num_row_groups):
+        table = pf.read_row_group(g, use_threads=False)
+        n = table.num_rows
+        for j, name in enumerate(names):
+            x[first : first + n, j] = table.column(name).to_numpy()
+        y[first : first + n] = table.column("y").to_numpy()
+        first += n
+        del table
+    return x, y
 
 
 def ensure(

@@ -307,40 +307,51 @@ class ParquetSource(Source):
     ) -> Iterator[dict[str, np.ndarray]]:
         """Rows ``[start, stop)`` of row group ``g``, counted *after* ``transform``
         (``stop=None``: to the end), transformed and assembled, in blocks of at most
-        ``read_block`` rows.  Without a transform the record batches before ``start``
-        are skipped undecoded; with one, the group is transformed from its start."""
+        ``read_block`` rows.
+
+        Arrow decodes a Parquet row group whole (``iter_batches`` too: it holds the
+        decoded group and its compressed bytes, about 3.6 times the group's size, until
+        the last batch is taken), and a stream takes hundreds of batches from one group.
+        So the piece is decoded, assembled into NumPy blocks (only the rows asked for
+        without a transform) and the Arrow memory dropped at once: a stream then holds
+        the assembled rows of one piece, not Arrow's buffers (measured on 65,536-row
+        groups of 21 float32 columns: 20 MB per stream before, 6 MB after)."""
         import pyarrow.parquet as pq
 
         f, rg, _, first = self.groups[g]
         if f not in handles:
             # Not memory-mapped: mapped pages would count in the RSS, growing with the file.
-            handles[f] = pq.ParquetFile(self.files[f])
-        stop = int(self.group_rows[g]) if stop is None and self.transform is None else stop
-        offset = 0  # raw rows of the group before this record batch
-        kept = 0  # rows after transform before this record batch
-        batches = handles[f].iter_batches(
-            batch_size=self.read_block, row_groups=[rg], columns=self.read, use_threads=False
-        )
-        for record_batch in batches:
-            n = record_batch.num_rows
-            if self.transform is None:
-                lo, hi = max(start - offset, 0), min(stop - offset, n)
-                if lo < hi:
-                    part = record_batch.slice(lo, hi - lo)
-                    yield self._assemble(self._raw(part, first + offset + lo), g)
-                offset += n
-                if offset >= stop:
+            # No pre-buffering: the handle would keep the coalesced compressed bytes of
+            # its last row group cached (7 MB per stream on the groups above).
+            handles[f] = pq.ParquetFile(self.files[f], pre_buffer=False)
+        yield from self._decode(handles[f], g, start, stop)
+
+    def _decode(self, handle: Any, g: int, start: int, stop: int | None) -> list[dict]:
+        """The blocks of :meth:`_read_piece`, decoded at once; no Arrow object outlives
+        the call (a slice of the table would keep all of its buffers)."""
+        _, rg, _, first = self.groups[g]
+        table = handle.read_row_group(rg, columns=self.read, use_threads=False)
+        blocks: list[dict[str, np.ndarray]] = []
+        if self.transform is None:
+            stop = table.num_rows if stop is None else min(stop, table.num_rows)
+            for lo in range(start, stop, self.read_block):
+                part = table.slice(lo, min(self.read_block, stop - lo))
+                blocks.append(self._assemble(self._raw(part, first + lo), g))
+        else:
+            kept = 0  # rows after transform before this block
+            for lo in range(0, table.num_rows, self.read_block):
+                part = table.slice(lo, self.read_block)
+                block = self._assemble(self._raw(part, first + lo), g)
+                m = len(block[ROWS])
+                a, b = max(start - kept, 0), m if stop is None else min(stop - kept, m)
+                kept += m
+                if a < b:
+                    blocks.append(
+                        block if (a, b) == (0, m) else {k: v[a:b] for k, v in block.items()}
+                    )
+                if stop is not None and kept >= stop:
                     break
-                continue
-            block = self._assemble(self._raw(record_batch, first + offset), g)
-            offset += n
-            m = len(block[ROWS])
-            lo, hi = max(start - kept, 0), m if stop is None else min(stop - kept, m)
-            kept += m
-            if lo < hi:
-                yield block if (lo, hi) == (0, m) else {k: v[lo:hi] for k, v in block.items()}
-            if stop is not None and kept >= stop:
-                break
+        return blocks
 
     def _raw(self, part: Any, first_row: int) -> dict[str, np.ndarray]:
         raw = {
@@ -513,11 +524,14 @@ class ParquetSource(Source):
             pending: list[dict[str, np.ndarray]] = []
             held = 0
             for _ in range(skip, count):
-                for block in source:
+                # Read only while short of b rows: a block read every sub-batch would
+                # pile the stream up in memory and copy it again for every sub-batch.
+                while held < b:
+                    block = next(source, None)
+                    if block is None:
+                        break
                     pending.append(block)
                     held += len(block[ROWS])
-                    if held >= b:
-                        break
                 merged = _concat(pending) if pending else None
                 n = min(held, b)
                 if n < b:

@@ -861,6 +861,8 @@ def fit_minibatch(
 
     # Set-up: whitening (MAP + curvature on a subsample) and the control variate's anchor.
     t_setup = time.perf_counter()
+    # Wall seconds of each phase (info["timings"]); compiles are inside their phase.
+    timings: dict[str, float] = {"prepare": t_setup - start_time}
     init_u = np.zeros(bm.global_dim)
     info: dict[str, Any] = {"path": "minibatch", "path_reason": path_reason}
     resume_from = ckpt.resume_path(resume, checkpoint_path)
@@ -878,13 +880,18 @@ def fit_minibatch(
         info.update(saved["info"])
     else:
         if precondition and not bm.local_sites:
+            t0 = time.perf_counter()
             sample = _rows_of(source, batch_size, min(num_rows, num_precondition_rows), seed, pc)
             sample = {k: v for k, v in sample.items() if k not in ("_index", _MASK)}
             batch = {**constants_dev, **vdata.put(sample, one_sharding)}
             num_sample_rows = sample[ROWS].shape[0] * pc[1]  # over every process
+            timings["whitening_read"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             whitening, pre_info = _whitening(
                 bm, batch, num_sample_rows, init_u, symmetric=not isinstance(fam, FullRank)
             )
+            timings["whitening_map"] = time.perf_counter() - t0
+            del sample, batch
         else:
             reason = "identity (per-row latents)" if bm.local_sites else "identity (off)"
             whitening, pre_info = (
@@ -896,9 +903,11 @@ def fit_minibatch(
             whitening.center, jnp.asarray(0.0), jnp.zeros(bm.global_dim), jnp.asarray(0.0)
         )
         if control_variate and not bm.local_sites and bm.global_dim:
+            t0 = time.perf_counter()
             anchor = _anchor(
                 bm, whitening.center, source, batch_size, seed, pc, put_batch, constants_dev
             )
+            timings["anchor_pass"] = time.perf_counter() - t0
             info["control_variate"] = "anchor at the subsample MAP, one pass over the data"
         else:
             info["control_variate"] = "none" + (" (per-row latents)" if bm.local_sites else "")
@@ -1038,9 +1047,19 @@ def fit_minibatch(
     finally:
         wait_fraction = float(chunks.wait_fraction)
         chunks.close()
+        try:
+            # Free the epoch's readers now (a Parquet stream holds a row group's rows),
+            # not when this function returns: the evaluation pass opens its own.
+            stream.close()
+        except ValueError:  # still running in a prefetch thread that did not stop
+            pass
     if checkpoint_path is not None:
         save(state)
     run_seconds = time.perf_counter() - run_start
+    timings["steps"] = run_seconds
+    timings["steps_compile"] = float(sum(o.compile_time for o in segment_outputs))
+    timings["steps_wait"] = wait_fraction * run_seconds
+    t0 = time.perf_counter()
     # The answer: the stopping rule's average of the global iterates; the per-row
     # parameters' running average where it has begun.
     params_w = unravel_w(jnp.asarray(rule.average))
@@ -1077,7 +1096,7 @@ def fit_minibatch(
     info["mcse"] = jax.tree_util.tree_map(np.asarray, unravel_w(jnp.asarray(rule.mcse)))
     first_batch = put_batch(next(iter(_epochs(source, batch_size, seed, 0, 1, per_epoch, pc))))
     evaluator = _Evaluator(
-        bm, fam, params, local, source, batch_size, seed, pc, put_batch, constants_dev
+        bm, fam, params, local, source, batch_size, seed, pc, put_batch, constants_dev, first_batch
     )
     khat, elbo, elbo_se = float("nan"), float("nan"), float("nan")
     if evaluate:
@@ -1089,6 +1108,9 @@ def fit_minibatch(
     else:
         tail = elbo_trace[-max(1, len(elbo_trace) // 4) :]
         elbo, elbo_se = mean_and_se(tail)
+    timings["evaluate"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start_time
+    info["timings"] = timings
     info["khat_note"] = "from one pass over the data with 200 draws of q" if evaluate else ""
     return Result(
         method="advi",
@@ -1214,9 +1236,23 @@ class _Evaluator:
     data (padded batches masked): ``(num_samples, seed) -> (num_samples,)``."""
 
     def __init__(
-        self, bm, family, params, local, source, batch_size, seed, pc, put_batch, constants
+        self,
+        bm,
+        family,
+        params,
+        local,
+        source,
+        batch_size,
+        seed,
+        pc,
+        put_batch,
+        constants,
+        first_batch=None,
     ):
         self.args = (bm, family, params, local, source, batch_size, seed, pc, put_batch, constants)
+        # The global terms need one batch (for the constants' shapes): the run's first,
+        # kept, not read again per pass (a Parquet source refills its shuffle buffers).
+        self.first_batch = first_batch
 
     def __call__(self, num_samples: int, seed: int) -> np.ndarray:
         if num_samples > _NUM_EVAL_DRAWS:
@@ -1246,16 +1282,19 @@ class _Evaluator:
             constants,
             jnp.zeros(num_samples),
         )
-        first = next(
-            iter(
-                source.batches(
-                    batch_size,
-                    seed=data_seed,
-                    epoch=0,
-                    process_index=pc[0],
-                    process_count=pc[1],
+        if self.first_batch is None:
+            self.first_batch = put_batch(
+                next(
+                    iter(
+                        source.batches(
+                            batch_size,
+                            seed=data_seed,
+                            epoch=0,
+                            process_index=pc[0],
+                            process_count=pc[1],
+                        )
+                    )
                 )
             )
-        )
-        first = {**constants, **put_batch(first)}
+        first = {**constants, **self.first_batch}
         return np.asarray(global_terms(z, first) + total - log_q)
