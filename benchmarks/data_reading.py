@@ -26,6 +26,15 @@ sys.path.insert(0, str(HERE))
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (``getrusage``'s ru_maxrss is carried over an
+    exec from the forking parent on Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -108,10 +117,34 @@ def main() -> None:
                 ),
                 flush=True,
             )
+    from _common import command_line, today
+
+    payload = {"command": command_line(), "date": today(), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1)
-    )
+    Path(args.out).write_text(json.dumps(payload, indent=1))
+    lines = [
+        "# Reading speed and memory of viax.data",
+        "",
+        f"`{payload['command']}` ({payload['date']}; each configuration in a fresh process; "
+        "the machine (2 cores) was shared with other jobs: rows per CPU-second is the "
+        "steadier number).",
+        "",
+        "| rows | source | threads | rows/s | rows per CPU-s | peak RSS MB | "
+        "RSS after import MB | resume mid-epoch s (CPU-s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        resume = (
+            f"{r['resume_mid_epoch_seconds']:.1f} ({r['resume_mid_epoch_cpu_seconds']:.1f})"
+            if "resume_mid_epoch_seconds" in r
+            else "-"
+        )
+        lines.append(
+            f"| {r['rows']:,} | {r['source']} | {r['threads'] or '-'} | "
+            f"{r['rows_per_second']:,.0f} | {r['rows_per_cpu_second']:,.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['rss_after_import_mb']:.0f} | {resume} |"
+        )
+    Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

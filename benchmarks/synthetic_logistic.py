@@ -3,32 +3,46 @@ to Parquet by benchmarks/make_synthetic_parquet.py: viax streaming from the file
 NumPyro SVI with the arrays in memory.
 
 * ``viax-parquet``: ``viax.fit(model, viax.data.parquet(path, ...), batch_size=B)``;
-* ``viax-memory``: the same fit from in-memory arrays (rows per second compared);
+* ``viax-memory``: the same fit from in-memory arrays (float32, as in the file; the
+  model's arithmetic is float64), rows per second compared with the Parquet run;
+* ``viax-memory-4dev``: viax-memory on 4 CPU devices
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=4``);
+* ``viax-parquet-2proc``: viax-parquet in 2 processes on localhost
+  (``jax.distributed``, gloo CPU collectives), each reading its share of the row groups;
 * ``numpyro``: SVI, AutoNormal, ``plate(subsample_size=1000)``, 10,000 Adam steps
-  (rate 1e-2 decaying to 1e-3), arrays in memory.
+  (rate 1e-2 decaying to 1e-3), the same float32 arrays in memory.
 
 Error: the means of q against the full-data Laplace answer (Newton's method on all rows,
-float64), in units of the Laplace sd, and the ratio of sds (mean-field: q's sd is
-1/sqrt(H_jj), the reference for it).  Each method runs in a fresh process (peak RSS is
-its own).  Results: benchmarks/results/synthetic_logistic.json + .md.
+float64, cached beside the data file), in units of the Laplace sd, and the ratio of sds
+(mean-field: q's sd is 1/sqrt(H_jj), the reference for it).  Each method runs in a fresh
+process (peak RSS is its own; for 2 processes, the larger).  Rows per second: the
+minibatch steps' (``result.info["rows_per_second"]``, first chunk's compile included)
+and the steady rate with the compile taken out; rows per CPU-second: the steps' rows
+over the process's CPU time for the whole fit, the number to compare on a shared
+machine.  Results: benchmarks/results/synthetic_logistic_<rows>.json + .md.
 
     python benchmarks/synthetic_logistic.py --rows 1000000
+    python benchmarks/synthetic_logistic.py --rows 10000000 --methods viax-parquet viax-memory
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import make_synthetic_parquet as synth
 import numpy as np
 from _common import RESULTS_DIR, command_line, machine, today, write_json
 
 BATCH = 4096
+METHODS = ("viax-parquet", "viax-memory", "viax-memory-4dev", "viax-parquet-2proc", "numpyro")
 
 
 def model(X, y):
@@ -52,32 +66,63 @@ def subsampled_model(X, y):
 
 
 def laplace(path) -> dict:
-    """Newton's method on every row (float64): mode, sd and the mean-field sd."""
-    X, y = synth.read_arrays(path, dtype=np.float64)
-    Z = np.column_stack([np.ones(len(y)), X])
-    w = np.zeros(Z.shape[1])
-    prior = np.full(Z.shape[1], 1 / 100)
+    """Newton's method on every row (float64, sums over blocks of 10^6 rows): mode, sd
+    and the mean-field sd.  Cached in ``<path>.laplace.json``."""
+    cache = Path(str(path) + ".laplace.json")
+    if cache.exists():
+        return {k: np.asarray(v) for k, v in json.loads(cache.read_text()).items()}
+    X, y = synth.read_arrays(path, dtype=np.float32)
+    d = X.shape[1] + 1
+    w = np.zeros(d)
+    prior = np.full(d, 1 / 100)
+    block = 1_000_000
     for _ in range(50):
-        p = 1 / (1 + np.exp(-(Z @ w)))
-        grad = Z.T @ (y - p) - prior * w
-        hess = (Z * (p * (1 - p))[:, None]).T @ Z + np.diag(prior)
+        grad, hess = -prior * w, np.diag(prior)
+        for lo in range(0, len(y), block):
+            Z = np.column_stack([np.ones(len(y[lo : lo + block])), X[lo : lo + block]])
+            p = 1 / (1 + np.exp(-(Z @ w)))
+            grad += Z.T @ (y[lo : lo + block] - p)
+            hess += (Z * (p * (1 - p))[:, None]).T @ Z
         step = np.linalg.solve(hess, grad)
         w += step
         if np.max(np.abs(step)) < 1e-12:
             break
     cov = np.linalg.inv(hess)
-    return {"mean": w, "sd": np.sqrt(np.diag(cov)), "meanfield_sd": 1 / np.sqrt(np.diag(hess))}
+    out = {"mean": w, "sd": np.sqrt(np.diag(cov)), "meanfield_sd": 1 / np.sqrt(np.diag(hess))}
+    cache.write_text(json.dumps({k: v.tolist() for k, v in out.items()}))
+    return out
 
 
-def run_viax(kind: str, path) -> dict:
+def _peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM, not ``getrusage``'s ru_maxrss, which Linux
+    carries over an exec from the forking parent (here the parent that computed the
+    Laplace reference: its RSS would be every child's floor)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_viax(kind: str, path, process: tuple[int, int, str] | None = None) -> dict:
     start = time.perf_counter()
+    cpu_start = time.process_time()
+    import jax
+
+    if process is not None:
+        pid, count, port = process
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(f"localhost:{port}", num_processes=count, process_id=pid)
     import viax
 
     phases = {"import": time.perf_counter() - start}
     rss_import = _peak_rss_mb()
     t0 = time.perf_counter()
     names = synth.column_names(20)
-    if kind == "viax-parquet":
+    if kind.startswith("viax-parquet"):
         data = viax.data.parquet(path, columns={"X": names, "y": "y"})
     else:
         # float32 as in the file (the model's arithmetic is float64: x64 is on)
@@ -85,27 +130,36 @@ def run_viax(kind: str, path) -> dict:
         data = {"X": X, "y": y}
     phases["read"] = time.perf_counter() - t0
     result = viax.fit(model, data, batch_size=BATCH, seed=0, progress=False)
+    cpu = time.process_time() - cpu_start
     t0 = time.perf_counter()
     result.sample(1000, seed=0)
     phases["draws_1000"] = time.perf_counter() - t0
     wall = time.perf_counter() - start
     mean = np.concatenate([np.atleast_1d(result.params["loc"])])
     sd = np.exp(result.params["log_scale"])
+    timings = result.info.get("timings") or {}
+    rows = (result.num_steps) * BATCH
+    steady = timings.get("steps", 0.0) - timings.get("steps_compile", 0.0)
     # The unconstrained vector is ordered by site name: a, then beta.
     return {
         "wall_seconds": wall,
+        "cpu_seconds": cpu,
         "fit_seconds": result.wall_time,
         "steps": result.num_steps,
         "epochs": result.info["epochs"],
         "converged": result.converged,
         "message": result.message,
+        "devices": result.info["devices"],
+        "processes": result.info["processes"],
         "rows_per_second": result.info["rows_per_second"],
+        "rows_per_second_steady": rows / steady if steady > 0 else float("nan"),
+        "rows_per_cpu_second": rows / cpu,
         "wait_fraction": result.info["wait_fraction"],
         "setup_seconds": result.info["setup_seconds"],
         "mcse_max_relative": result.info.get("mcse_max_relative"),
         "khat": result.khat,
         "phases": phases,
-        "timings": result.info.get("timings"),
+        "timings": timings,
         "rss_after_import_mb": rss_import,
         "mean": mean.tolist(),
         "sd": sd.tolist(),
@@ -113,13 +167,15 @@ def run_viax(kind: str, path) -> dict:
 
 
 def run_numpyro(path, steps: int = 10_000) -> dict:
+    start = time.perf_counter()
+    cpu_start = time.process_time()
     import jax
     import optax
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.infer.autoguide import AutoNormal
 
     jax.config.update("jax_enable_x64", True)
-    start = time.perf_counter()
+    rss_import = _peak_rss_mb()
     X, y = synth.read_arrays(path, dtype=np.float32)  # as viax-memory gets them
     guide = AutoNormal(subsampled_model)
     svi = SVI(
@@ -133,43 +189,171 @@ def run_numpyro(path, steps: int = 10_000) -> dict:
     params = result.params
     mean = np.concatenate([np.atleast_1d(params["a_auto_loc"]), params["beta_auto_loc"]])
     sd = np.concatenate([np.atleast_1d(params["a_auto_scale"]), params["beta_auto_scale"]])
-    return {"wall_seconds": wall, "steps": steps, "mean": mean.tolist(), "sd": sd.tolist()}
+    return {
+        "wall_seconds": wall,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "steps": steps,
+        "rows_per_second": steps * 1000 / wall,
+        "rss_after_import_mb": rss_import,
+        "mean": mean.tolist(),
+        "sd": sd.tolist(),
+    }
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def one(kind: str, path) -> dict:
-    out = run_numpyro(path) if kind == "numpyro" else run_viax(kind, path)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def one(kind: str, path, process=None) -> dict:
+    out = run_numpyro(path) if kind == "numpyro" else run_viax(kind, path, process)
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _launch(kind: str, path: str) -> dict:
+    """Run one method in fresh process(es); the parsed result or {"error": ...}."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if kind == "viax-memory-4dev":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    if kind == "viax-parquet-2proc":
+        port = str(_free_port())
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    kind,
+                    "--path",
+                    path,
+                    "--process",
+                    f"{i},2,{port}",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        outs = [p.communicate() for p in procs]
+        if any(p.returncode for p in procs):
+            return {"error": "\n".join(err[-2000:] for _, err in outs)}
+        results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+        r = results[0]
+        r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in results)
+        r["wall_seconds"] = max(x["wall_seconds"] for x in results)
+        r["cpu_seconds"] = sum(x["cpu_seconds"] for x in results)
+        r["rows_per_cpu_second"] = r["steps"] * BATCH / r["cpu_seconds"]
+        return r
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", kind, "--path", path],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(payload: dict) -> list[str]:
+    rows = payload["rows"]
+    lines = [
+        f"# Synthetic logistic regression, {rows:,} rows × 20 raw-scale predictors",
+        "",
+        f"`{payload['command']}` ({payload['date']}; each method in a fresh process; the "
+        "machine (2 cores) was shared with other jobs, so times are inflated and only "
+        "ratios within this run mean much).  Error against the full-data Laplace answer; "
+        "batch 4096 for viax, 1000 for NumPyro.  Rows/s: the minibatch steps' rate (the "
+        "first chunk's compile included) and, in brackets, without that compile; "
+        "rows/CPU-s: the steps' rows over the CPU time of the whole fit.",
+        "",
+        "| method | wall s | steps | rows/s (steady) | rows/CPU-s | wait | peak RSS MB | "
+        "max \\|mean err\\|/sd | sd / mean-field sd | converged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, r in payload["results"].items():
+        if "error" in r:
+            lines.append(f"| {kind} | failed | | | | | | | | |")
+            continue
+        steady = r.get("rows_per_second_steady")
+        steady_text = f" ({steady:.3g})" if steady is not None else ""
+        cpu_rate = r.get("rows_per_cpu_second")
+        wait = r.get("wait_fraction")
+        lines.append(
+            f"| {kind} | {r['wall_seconds']:.1f} | {r['steps']} | "
+            f"{r['rows_per_second']:.3g}{steady_text} | "
+            f"{'' if cpu_rate is None else f'{cpu_rate:.3g}'} | "
+            f"{'' if wait is None else f'{wait:.2f}'} | "
+            f"{r['peak_rss_mb']:.0f} | {r['max_mean_error_sd']:.3f} | "
+            f"{r['sd_ratio_range'][0]:.2f}-{r['sd_ratio_range'][1]:.2f} | "
+            f"{r.get('converged', '')} |"
+        )
+    timed = {k: r for k, r in payload["results"].items() if r.get("timings")}
+    if timed:
+        names = list(next(iter(timed.values()))["timings"])
+        lines += [
+            "",
+            "Phases of the viax runs (seconds; `result.info['timings']`; compiles inside "
+            "their phase; import and reading before `viax.fit`, draws after it):",
+            "",
+            "| method | import | read | "
+            + " | ".join(names)
+            + " | 1000 draws | RSS after import MB |",
+            "|---|---|---|" + "---|" * len(names) + "---|---|",
+        ]
+        for kind, r in timed.items():
+            t = r["timings"]
+            lines.append(
+                f"| {kind} | {r['phases']['import']:.1f} | {r['phases']['read']:.1f} | "
+                + " | ".join(f"{t.get(n, float('nan')):.1f}" for n in names)
+                + f" | {r['phases']['draws_1000']:.1f} | {r['rss_after_import_mb']:.0f} |"
+            )
+    for kind in ("viax-memory-4dev", "viax-parquet-2proc"):
+        r = payload["results"].get(kind, {})
+        ref = payload["results"].get(
+            "viax-memory" if kind == "viax-memory-4dev" else "viax-parquet", {}
+        )
+        if "mean" in r and "mean" in ref:
+            diff = np.max(np.abs(np.asarray(r["mean"]) - ref["mean"]) / np.asarray(ref["sd"]))
+            lines.append(
+                f"\n{kind} against its 1-device run: steps {r['steps']} vs {ref['steps']}, "
+                f"max |mean difference| {diff:.2e} sd."
+            )
+    return lines
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--one", choices=("viax-parquet", "viax-memory", "numpyro"))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    parser.add_argument("--one", choices=METHODS)
     parser.add_argument("--path", default=None)
+    parser.add_argument("--process", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     path = args.path or str(synth.ensure(args.rows, raw_scales=True))
     if args.one:
-        print(json.dumps(one(args.one, path)))
+        process = None
+        if args.process:
+            pid, count, port = args.process.split(",")
+            process = (int(pid), int(count), port)
+        print(json.dumps(one(args.one, path, process)))
         return
+    methods = args.methods or (
+        METHODS if args.rows <= 2_000_000 else ("viax-parquet", "viax-memory")
+    )
     reference = laplace(path)
     results = {}
-    for kind in ("viax-parquet", "viax-memory", "numpyro"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", kind, "--path", path],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if out.returncode != 0:
-            results[kind] = {"error": out.stderr[-2000:]}
-            print(kind, "failed:", out.stderr[-2000:], file=sys.stderr)
+    for kind in methods:
+        r = _launch(kind, path)
+        if "error" in r:
+            results[kind] = r
+            print(kind, "failed:", r["error"], file=sys.stderr)
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         err = (np.asarray(r["mean"]) - reference["mean"]) / reference["sd"]
         r["max_mean_error_sd"] = float(np.max(np.abs(err)))
         ratio = np.asarray(r["sd"]) / reference["meanfield_sd"]
@@ -186,28 +370,9 @@ def main():
         "results": results,
     }
     write_json(f"synthetic_logistic_{args.rows}.json", payload)
-    lines = [
-        f"# Synthetic logistic regression, {args.rows:,} rows × 20 raw-scale predictors",
-        "",
-        f"`{payload['command']}` ({payload['date']}; each method in a fresh process; the "
-        "machine was shared with other jobs).  Error against the full-data Laplace answer.",
-        "",
-        "| method | wall s | steps | rows/s | peak RSS MB | max |mean err|/sd | "
-        "sd / mean-field sd | converged |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for kind, r in results.items():
-        if "error" in r:
-            lines.append(f"| {kind} | failed | | | | | | |")
-            continue
-        rate = r.get("rows_per_second", r["steps"] * 1000 / r["wall_seconds"])
-        lines.append(
-            f"| {kind} | {r['wall_seconds']:.1f} | {r['steps']} | {rate:.3g} | "
-            f"{r['peak_rss_mb']:.0f} | {r['max_mean_error_sd']:.3f} | "
-            f"{r['sd_ratio_range'][0]:.2f}-{r['sd_ratio_range'][1]:.2f} | "
-            f"{r.get('converged', '')} |"
-        )
-    (RESULTS_DIR / f"synthetic_logistic_{args.rows}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS_DIR / f"synthetic_logistic_{args.rows}.md").write_text(
+        "\n".join(_table(payload)) + "\n"
+    )
 
 
 if __name__ == "__main__":
