@@ -176,3 +176,35 @@ def test_bad_input_is_named(folder, tmp_path, table):
         list(src.batches(32, seed=0, epoch=0))
     with pytest.raises(DataError, match="no such Parquet file"):
         data.parquet(tmp_path / "absent.parquet", ["a"])
+
+
+def test_streams_hold_numpy_rows_not_arrow_buffers(tmp_path):
+    """Arrow decodes a row group whole; a stream keeps the rows it needs as NumPy arrays
+    and drops Arrow's memory (before: each of the S streams held its decoded group, the
+    compressed bytes and a pre-buffer cache, 27 MB per stream on 5.5 MB groups).  And a
+    padded pass reads a block only when it is short of a sub-batch (before: one block
+    per sub-batch, the stream piled up in memory)."""
+    rng = np.random.default_rng(1)
+    n, groups = 4096, 8
+    table = pa.table({f"x{j}": rng.normal(size=n * groups) for j in range(8)})
+    path = tmp_path / "wide.parquet"
+    pq.write_table(table, path, row_group_size=n)
+    group_bytes = n * 8 * 8
+    src = data.parquet(path, {"X": [f"x{j}" for j in range(8)]}, read_block=256)
+    batches = src.batches(64, seed=0, epoch=0)
+    next(batches)  # every one of the 8 streams has read into its row group
+    held = pa.total_allocated_bytes()
+    assert held < group_bytes / 4, held
+    reads = []
+    original = src._read_piece
+
+    def counting(*args):
+        for block in original(*args):
+            reads.append(len(block["_rows"]))
+            yield block
+
+    src._read_piece = counting
+    padded = src.batches(64, seed=0, epoch=0, remainder="pad")
+    for _ in range(8):  # 8 sub-batches of 8 rows per stream: one 256-row block each
+        next(padded)
+    assert len(reads) == 8, reads

@@ -131,8 +131,17 @@ class _Pool:
         movers = tail + np.flatnonzero(~taken_tail)
         out = {}
         for k, v in self.arrays.items():
-            out[k] = v[idx]
-            v[holes] = v[movers]
+            if v.ndim > 1 and v.flags.c_contiguous:
+                # One np.void element per row: NumPy gathers and scatters those 3-4
+                # times faster than the rows of a 2-D array (80-byte rows, 512 of them:
+                # 20 us against 80 us), and the pool does it for every sub-batch.
+                rows = v.reshape(len(v), -1).view(np.dtype((np.void, v[0].nbytes)))
+                rows = rows.reshape(len(v))
+                out[k] = rows.take(idx).view(v.dtype).reshape((b, *v.shape[1:]))
+                rows[holes] = rows.take(movers)
+            else:
+                out[k] = v[idx]
+                v[holes] = v[movers]
         return out
 
 
@@ -748,8 +757,10 @@ def parquet(
         shuffle: row groups in a random order and rows through a shuffle buffer, both
             drawn from ``(seed, epoch)``; ``False`` reads in file order.
         shuffle_buffer: rows held for shuffling, in all (default 2^17, fewer for wide
-            rows: at most about 128 MB).  Memory: the buffer plus one record batch per
-            stream.
+            rows: at most about 128 MB).  Memory: the buffer, plus the rows of one
+            row group per stream (Arrow decodes a row group whole; the stream keeps it
+            as NumPy arrays, once): S × the row group's decoded size, so prefer row
+            groups of tens of MB, not the hundreds that some writers default to.
         num_shards: S, the streams an epoch is cut into (see the module docstring);
             the number of processes must divide it.  Default: the largest of 8, 4, 2, 1
             dividing the batch size.  It sets the batch order: keep it across runs.
