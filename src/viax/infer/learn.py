@@ -69,8 +69,9 @@ _LOG_2PI = math.log(2 * math.pi)
 _LBFGS_CHUNK = 20
 _MAX_ROW_CHUNK = 128  # rows per evidence program
 _EVIDENCE_BUDGET = 2**15  # draws × rows per evidence chunk: memory O(budget × network width)
-_KHAT_ROWS = 128  # training rows whose k̂ is checked (one evidence program's rows)
-_FINAL_BUDGET = 2**18  # draws × rows for the final training ELBO
+_KHAT_ROWS = 64  # training rows whose k̂ is checked (1000 draws each)
+_FINAL_BUDGET = 2**16  # draws × rows for the final training ELBO
+_FINAL_ROWS = 2048  # rows the final training ELBO reads (a random sample beyond)
 
 
 def needs_learning(target: Target, encoder, objective, batch_size) -> bool:
@@ -291,10 +292,14 @@ class _AmortizedQ:
     local_dim: int
     global_family: MeanField | None
     unravel_global: Callable | None
-    # The encoder reads standardised inputs (training mean and sd per feature): raw-scale
-    # data (grey levels 0-16) would leave its first layer badly conditioned.
+    # The encoder reads centred, scaled inputs (see _make_q): raw-scale data (grey
+    # levels 0-16) would leave its first layer badly conditioned.
     feature_shift: Any = 0.0
     feature_scale: Any = 1.0
+    # float32 on the minibatch path when the data are float32 (see fit_learn).
+    dtype: Any = jnp.float64
+    # An affine encoder reads whitened inputs instead (a (d, d) matrix; see _make_q).
+    feature_whiten: Any = None
 
     @property
     def rows_mode(self) -> bool:
@@ -312,7 +317,8 @@ class _AmortizedQ:
         }
 
     def normal_noise(self, key, num, num_rows):
-        return self.split_noise(jax.random.normal(key, (num, self.noise_dim(num_rows))), num_rows)
+        eps = jax.random.normal(key, (num, self.noise_dim(num_rows)), dtype=self.dtype)
+        return self.split_noise(eps, num_rows)
 
     def init(self, key, init_position):
         del init_position
@@ -324,10 +330,13 @@ class _AmortizedQ:
 
     def features(self, batch):
         parts = [
-            jnp.asarray(batch[k], dtype=float).reshape(batch[k].shape[0], -1)
+            jnp.asarray(batch[k], dtype=self.dtype).reshape(batch[k].shape[0], -1)
             for k in self.input_keys
         ]
-        return (jnp.concatenate(parts, axis=1) - self.feature_shift) / self.feature_scale
+        centred = jnp.concatenate(parts, axis=1) - self.feature_shift
+        if self.feature_whiten is not None:
+            return centred @ self.feature_whiten
+        return centred / self.feature_scale
 
     def _gaussian(self, phi, batch):
         out = self.encoder.apply(phi["encoder"], self.features(batch))  # (B, outputs)
@@ -379,6 +388,26 @@ class _AmortizedQ:
             )
         return total[:, None]
 
+    def log_q_at_noise(self, phi, eps, z, batch, row_scale):
+        """log q(z) for z = draw(phi, eps, batch): the local part from the base draws
+        (−|ε|²/2 − Σ log diag L), so no residual z − m (which cancels to rounding error
+        where L is tiny) is divided by the scale: the deterministic full-batch objective
+        was driven to a spurious +1e24 through that cancellation (full-rank encoder)."""
+        _, log_diag, _ = self._gaussian(phi, batch)
+        rows = (
+            -0.5 * jnp.sum(eps["local"] ** 2, axis=-1)
+            - jnp.sum(log_diag, axis=-1)
+            - 0.5 * self.local_dim * _LOG_2PI
+        )
+        if self.rows_mode:
+            return rows
+        total = row_scale * jnp.sum(rows, axis=1)
+        if self.global_family is not None:
+            total = total + jax.vmap(lambda u: self.global_family.log_prob(phi["global"], u))(
+                z["global"]
+            )
+        return total[:, None]
+
     def values(self, z_one):
         """Latents by name for one draw: local (B, *row_shape), global from its flat vector."""
         out, start = {}, 0
@@ -403,7 +432,7 @@ class _AmortizedQ:
         return jax.vmap(one)(z)
 
 
-def _make_q(target, arrays, structure, encoder, family, rank):
+def _make_q(target, arrays, structure, encoder, family, rank, dtype=jnp.float64):
     if encoder is None:
         return _FamilyQ(target, make_family(family, target.dim, rank), structure)
     keys = encoder.data_keys if encoder.data_keys is not None else structure.batch_keys
@@ -427,9 +456,25 @@ def _make_q(target, arrays, structure, encoder, family, rank):
     features = np.concatenate(
         [np.asarray(arrays[k], dtype=float).reshape(structure.num_rows, -1) for k in keys], axis=1
     )
+    # Centre each feature; divide all by one scale, the root mean square of the features'
+    # sds.  A per-feature sd would blow up the rare pixels of MNIST's border (sd ~ 0.005:
+    # an "on" pixel read as 200) and saturate the first tanh layer on exactly the rows
+    # where they occur; one common scale keeps every input O(1).
     shift = features.mean(axis=0)
-    scale = features.std(axis=0)
-    scale = np.where(scale > 0, scale, 1.0)
+    scale = float(np.sqrt(np.mean(features.var(axis=0))))
+    scale = scale if scale > 0 else 1.0
+    whiten = None
+    if isinstance(encoder, MLPEncoder) and not encoder.hidden_sizes:
+        # An affine encoder of whitened inputs is the same family as one of raw inputs
+        # (a change of its coordinates), but the curvature of the objective in its
+        # weights is the inputs' covariance: on the digits (eigenvalues spread over 1e7)
+        # L-BFGS crawled for thousands of steps (PPCA, 400 s) until whitened.  Directions
+        # of (near) zero variance are left unscaled.  A network is not whitened: that
+        # would change what its nonlinear layers see.
+        lam, vectors = np.linalg.eigh(np.cov(features, rowvar=False).reshape(input_dim, input_dim))
+        keep = lam > 1e-10 * max(float(lam.max()), 1e-300)
+        whiten = vectors * np.where(keep, 1.0 / np.sqrt(np.where(keep, lam, 1.0)), 1.0 / scale)
+        whiten = jnp.asarray(whiten, dtype=dtype)
     return _AmortizedQ(
         target,
         encoder,
@@ -439,8 +484,10 @@ def _make_q(target, arrays, structure, encoder, family, rank):
         local_dim,
         global_family,
         unravel,
-        jnp.asarray(shift),
-        jnp.asarray(scale),
+        jnp.asarray(shift, dtype=dtype),
+        jnp.asarray(scale, dtype=dtype),
+        dtype,
+        whiten,
     )
 
 
@@ -454,7 +501,8 @@ class RowEvidence:
 
     ``log_p`` is the sum over rows of the PSIS importance-sampling estimates
     ``log_p_rows`` (with ``log_p_se`` = √Σ se²), ``elbo`` the sum of the per-row ELBOs,
-    ``iwae`` the sum of the per-row L_S (S = num_samples, no smoothing), and
+    ``iwae`` the sum of the per-row L_S (S = num_samples, no smoothing; per row in
+    ``iwae_rows``), and
     ``khat_rows`` the per-row PSIS k̂ (Yao et al. 2018): rows above 0.7 have an
     unreliable estimate."""
 
@@ -468,6 +516,7 @@ class RowEvidence:
     elbo_rows: np.ndarray
     khat_rows: np.ndarray
     num_samples: int
+    iwae_rows: np.ndarray | None = None
 
     @property
     def khat(self) -> float:
@@ -500,9 +549,11 @@ def _row_log_weights(q, theta, phi, batch, fixed, num_samples, seed) -> np.ndarr
     keys = q.structure.batch_keys
     num_rows = int(batch[keys[0]].shape[0])
     rows = int(min(num_rows, _MAX_ROW_CHUNK))
-    # Always the same number of draws per call (extra ones discarded): one program for
-    # the final ELBO, the k̂ check and every held-out estimate.
-    draws = int(max(1, _EVIDENCE_BUDGET // rows))
+    # Draws per call: the next power of two above num_samples (so a few programs serve
+    # every call), capped by the memory budget.  Drawing the budget's 256 draws per row
+    # when 16 are asked for made the final ELBO of a 50,000-row VAE cost 16 times its
+    # need (minutes, more than training).
+    draws = int(min(max(1, _EVIDENCE_BUDGET // rows), 1 << max(0, (num_samples - 1).bit_length())))
     fn = _row_weights_fn(q, draws)
     out = np.empty((num_samples, num_rows))
     chunk_keys = jax.random.split(jax.random.PRNGKey(seed), -(-num_rows // rows))
@@ -516,6 +567,33 @@ def _row_log_weights(q, theta, phi, batch, fixed, num_samples, seed) -> np.ndarr
     return out
 
 
+def _final_elbo(q, theta, phi, batch, fixed, seed):
+    """The training ELBO Σ_n L_n ± se, from S draws on m of the N rows (all rows when
+    N ≤ _FINAL_ROWS, else a simple random sample of them, seeded).
+
+    With per-row estimates L̂_r (the mean of S log weights) on a sample of m rows,
+    the total is N · mean_r L̂_r, and its variance has the row-sampling part
+    N² (1 − m/N) s²_L / m (s²_L the sample variance of L̂_r over rows) plus the Monte
+    Carlo part (N/m)² Σ_r Var_k(lw_r) / S.  For m = N the first part vanishes.
+    Bounded cost: a 50,000-row VAE spent minutes on an all-rows final ELBO."""
+    keys = q.structure.batch_keys
+    num_rows = q.structure.num_rows
+    num_checked = int(min(num_rows, _FINAL_ROWS))
+    num_final = int(min(1000, max(16, _FINAL_BUDGET // num_checked)))
+    if num_checked < num_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(num_rows, num_checked, replace=False))
+        batch = {k: np.asarray(batch[k])[rows] for k in keys}
+    weights = _row_log_weights(q, theta, phi, batch, fixed, num_final, seed + 1)
+    per_row = weights.mean(axis=0)
+    factor = num_rows / num_checked
+    mc_var = factor**2 * np.sum(weights.var(axis=0, ddof=1)) / num_final
+    row_var = 0.0
+    if num_checked < num_rows:
+        row_var = num_rows**2 * (1 - num_checked / num_rows) * per_row.var(ddof=1) / num_checked
+    elbo = float(factor * per_row.sum())
+    return elbo, float(np.sqrt(mc_var + row_var)), num_final, num_checked
+
+
 def _row_evidence(log_weights: np.ndarray) -> RowEvidence:
     num, num_rows = log_weights.shape
     elbo_rows = log_weights.mean(axis=0)
@@ -523,18 +601,19 @@ def _row_evidence(log_weights: np.ndarray) -> RowEvidence:
     log_p_rows, se_rows, khat_rows = (np.empty(num_rows) for _ in range(3))
     for n in range(num_rows):
         log_p_rows[n], se_rows[n], khat_rows[n], _ = importance_estimate(log_weights[:, n])
-    iwae = float(np.sum(jax.scipy.special.logsumexp(log_weights, axis=0) - np.log(num)))
+    iwae_rows = np.asarray(jax.scipy.special.logsumexp(log_weights, axis=0)) - np.log(num)
     return RowEvidence(
         log_p=float(log_p_rows.sum()),
         log_p_se=float(np.sqrt(np.sum(se_rows**2))),
         elbo=float(elbo_rows.sum()),
         elbo_se=float(np.sqrt(np.sum(elbo_var) / num)),
-        iwae=iwae,
+        iwae=float(np.sum(iwae_rows)),
         log_p_rows=log_p_rows,
         log_p_se_rows=se_rows,
         elbo_rows=elbo_rows,
         khat_rows=khat_rows,
         num_samples=num,
+        iwae_rows=iwae_rows,
     )
 
 
@@ -599,7 +678,11 @@ def _full_batch(q, target, arrays, objective, params0, key, num_draws, max_steps
         data, draws = inputs
         theta = _constrain_theta(target, params["theta"])
         z = q.draw(params["q"], draws, data)
-        lw = q.log_p(theta, z, data, 1.0) - q.log_q(params["q"], z, data, 1.0)
+        if isinstance(q, _AmortizedQ):
+            log_q = q.log_q_at_noise(params["q"], draws, z, data, 1.0)
+        else:
+            log_q = q.log_q(params["q"], z, data, 1.0)
+        lw = q.log_p(theta, z, data, 1.0) - log_q
         if per_group > 1:  # IWAE over groups of K fixed draws
             lw = lw.reshape(-1, per_group, lw.shape[-1])
             return jnp.mean(jax.vmap(lambda g: objective.value(g))(lw))
@@ -707,33 +790,38 @@ def _minibatch(
             inner_scale,
         )
         grads = {"theta": g_theta, "q": g_phi}
-        flat, _ = ravel_pytree(grads)
-        norm = jnp.sqrt(jnp.sum(flat**2))
+        norm = optax.tree.norm(grads)  # no concatenation of every gradient per step
 
         def apply(old):
             params, opt_state = old
             updates, opt_state = optimizer.update(grads, opt_state, params)
-            updates = jax.tree_util.tree_map(lambda u: state.guard.step_scale * u, updates)
+            updates = jax.tree_util.tree_map(
+                lambda u: state.guard.step_scale.astype(u.dtype) * u, updates
+            )
             return optax.apply_updates(params, updates), opt_state
 
         (params, opt_state), guard, _ = guarded_update(
             state.guard, value, norm[None], apply, (state.params, state.opt_state)
         )
-        # Polyak-Ruppert average of the iterates of the run's last average_fraction.
-        use = (guard.step > average_start).astype(params0_dtype)
-        count = state.num_averaged + use
-        weight = use / jnp.maximum(count, 1.0)
-        average = jax.tree_util.tree_map(lambda a, p: a + weight * (p - a), state.average, params)
+        # Polyak-Ruppert average of the iterates of the run's last average_fraction (not
+        # computed at all without averaging: a pass over every weight per step).
+        average, count = state.average, state.num_averaged
+        if average_fraction:
+            use = (guard.step > average_start).astype(state.num_averaged.dtype)
+            count = state.num_averaged + use
+            weight = use / jnp.maximum(count, 1.0)
+            average = jax.tree_util.tree_map(
+                lambda a, p: a + weight.astype(p.dtype) * (p - a), state.average, params
+            )
         new_state = LearnState(params, opt_state, perm, average, count, guard)
         return new_state, LearnInfo(value, norm)
 
-    params0_dtype = jnp.float64
     state = LearnState(
         params0,
         optimizer.init(params0),
         jnp.arange(num_rows),
         params0,
-        jnp.asarray(0.0, params0_dtype),
+        jnp.asarray(0.0, jnp.float64),
         guard_init(1),
     )
     values: list[np.ndarray] = []
@@ -746,8 +834,12 @@ def _minibatch(
     if num_steps is not None and num_steps < total:
         total, chunk = num_steps, num_steps
     else:
-        # Chunks of whole epochs that divide the run: a shorter last chunk compiles anew.
-        most = max(1, min(num_epochs, 1000 // steps_per_epoch))
+        # Chunks of whole epochs that divide the run (a shorter last chunk compiles anew),
+        # about 250 steps or one epoch each, and at least two chunks when there are two
+        # epochs: the first chunk pays for compilation, the later ones give the steady
+        # time per step (info["seconds_per_step"]) and the points where the stopping
+        # rule looks.
+        most = max(1, min(num_epochs // 2 or 1, 250 // steps_per_epoch))
         chunk = max(e for e in range(1, most + 1) if num_epochs % e == 0) * steps_per_epoch
     average_start = int(round(total * (1.0 - average_fraction))) if average_fraction else total
     output = run(
@@ -798,6 +890,25 @@ def _build_transformed(model, data, seed, transform_batch):
     shown = transform_batch(jax.random.PRNGKey(seed + 3), dict(prepared.dynamic))
     target, _, init_position = build_target(model, {**dict(prepared.static), **shown}, seed)
     return target, prepared.dynamic, init_position
+
+
+def _compute_dtype(arrays, keys):
+    """float32 when every per-row data array is float32 (or narrower), else float64.
+
+    A network trained by stochastic steps does not need float64 (its gradient noise
+    dwarfs float32 rounding), and float32 halves the cost of its matrix products on a
+    CPU; float64 stays the default for everything else (the deterministic path, the
+    closed-form checks), and a user who passes float32 data asks for float32 the way
+    NumPyro and PyTorch users do."""
+    dtypes = [
+        np.asarray(arrays[k]).dtype if not hasattr(arrays[k], "dtype") else arrays[k].dtype
+        for k in keys
+    ]
+    if dtypes and all(
+        jnp.issubdtype(d, jnp.floating) and jnp.dtype(d).itemsize <= 4 for d in dtypes
+    ):
+        return jnp.float32
+    return jnp.float64
 
 
 def _check_int(name, value, minimum=1):
@@ -882,7 +993,10 @@ def fit_learn(
             f"{structure.plate!r} need per-row variational parameters for minibatch "
             "training; pass encoder=viax.MLPEncoder(...) to amortize them"
         )
-    q = _make_q(target, arrays, structure, encoder, family, rank)
+    dtype = _compute_dtype(arrays, structure.batch_keys) if minibatch else jnp.float64
+    if encoder is None:
+        dtype = jnp.float64
+    q = _make_q(target, arrays, structure, encoder, family, rank, dtype)
     if isinstance(objective, IWAE) and objective.num_samples > 1 and minibatch and not q.rows_mode:
         names = structure.global_names or structure.outside
         raise ModelError(
@@ -891,6 +1005,9 @@ def fit_learn(
         )
     key_init, key_run, key_final = jax.random.split(jax.random.PRNGKey(seed), 3)
     params0 = {"theta": _unconstrained_theta(target), "q": q.init(key_init, init_position)}
+    params0 = jax.tree_util.tree_map(
+        lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, params0
+    )
     setup_time = time.perf_counter() - start
     if minibatch:
         optimizer = optimizer if optimizer is not None else optax.adam(1e-3)
@@ -976,13 +1093,8 @@ def _amortized_result(q, target, arrays, theta, phi, seed, minibatch, common) ->
         return {k: np.asarray(v) for k, v in draws.items()}
 
     if q.rows_mode:
-        num_final = int(min(1000, max(16, _FINAL_BUDGET // max(num_rows, 1))))
-        weights = _row_log_weights(q, theta, phi, batch, fixed, num_final, seed + 1)
-        summed = weights.sum(axis=1)
-        elbo, elbo_se = (
-            float(summed.mean()),
-            float(np.sqrt(np.sum(weights.var(axis=0, ddof=1)) / num_final)),
-        )
+        elbo, elbo_se, num_final, num_checked = _final_elbo(q, theta, phi, batch, fixed, seed)
+        info["final_elbo_rows"] = num_checked
         rows = np.arange(min(num_rows, _KHAT_ROWS))
         check = _row_log_weights(
             q, theta, phi, {k: v[rows] for k, v in batch.items()}, fixed, 1000, seed + 2
