@@ -24,7 +24,7 @@ from viax.fit import METHODS, OPTIMIZERS, fit  # noqa: E402
 from viax.infer.advi import scale_by_stan_advi, stan_advi  # noqa: E402
 from viax.infer.bbvi import gradient_variance  # noqa: E402
 from viax.infer.driver import DivergenceError  # noqa: E402
-from viax.infer.learn import RowEvidence  # noqa: E402
+from viax.infer.learn import EarlyStopping, RowEvidence  # noqa: E402
 from viax.model import Model, ModelError  # noqa: E402
 from viax.result import Result  # noqa: E402
 
@@ -36,6 +36,7 @@ __all__ = [
     "OPTIMIZERS",
     "DivergenceError",
     "ELBO",
+    "EarlyStopping",
     "Evidence",
     "FullRank",
     "IWAE",

@@ -165,7 +165,8 @@ def fit(
             ``MCSEStop(...)`` with other settings, or ``"stan"`` (relative ELBO change
             under ``tol_rel_obj``; an optax optimizer then runs its whole budget).
             ``info["stop_rule"]``, ``info["stop_reason"]``, ``info["mcse"]`` and
-            ``info["mcse_max_relative"]`` report the outcome.
+            ``info["mcse_max_relative"]`` report the outcome.  Minibatch learning with an
+            encoder: ``viax.EarlyStopping(...)`` (held-out rows; docs/guide/learning.md).
         encoder: amortize the local latents of the data plate: ``viax.MLPEncoder(...)``
             (or ``viax.ModuleEncoder``); see docs/guide/learning.md.
         objective: ``viax.ELBO(...)`` or ``viax.IWAE(num_samples=K)`` (DReG gradients).
@@ -195,12 +196,16 @@ def fit(
     data = data_argument(data)
     for name, count in (("num_draws", num_draws), ("num_particles", num_particles)):
         _check_memory(name, count, 3, {})  # a lower bound (one latent, no data), before tracing
-    parse_stop_rule(stop_rule)
+    from viax.infer.learn import EarlyStopping
+
+    early_stopping = isinstance(stop_rule, EarlyStopping)  # learning only (viax.infer.learn)
+    if not early_stopping:
+        parse_stop_rule(stop_rule)
     if method == "bbvi":
         _refuse_subsampling(model, data, "method='bbvi' evaluates every row each step")
     elif path == "full-batch":
         _refuse_subsampling(model, data, "path='full-batch' evaluates every row each step")
-    if method == "advi" and encoder is None and objective is None:
+    if method == "advi" and encoder is None and objective is None and not early_stopping:
         from viax.infer.minibatch import fit_minibatch, minibatch_route
 
         reason = minibatch_route(model, data, batch_size, num_epochs, path)
@@ -224,6 +229,7 @@ def fit(
             return _checked(result)
     learning = {"encoder": encoder, "objective": objective, "batch_size": batch_size}
     learning["num_epochs"] = num_epochs
+    learning["stop_rule"] = stop_rule if early_stopping else None
     if method == "bbvi" and any(v is not None for v in learning.values()):
         given = ", ".join(k for k, v in learning.items() if v is not None)
         raise ValueError(f"{given}: only method='advi' learns models (viax.infer.learn)")

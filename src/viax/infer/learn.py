@@ -63,7 +63,7 @@ from viax.infer.optimize import LBFGSState, lbfgs
 from viax.model import PARAMS_KEY, ModelError, Target, build_target, prepare_data
 from viax.result import Result, log_weights_fn, mean_and_se
 
-__all__ = ["RowEvidence", "dynamic_binarization", "fit_learn", "needs_learning"]
+__all__ = ["EarlyStopping", "RowEvidence", "dynamic_binarization", "fit_learn", "needs_learning"]
 
 _LOG_2PI = math.log(2 * math.pi)
 _LBFGS_CHUNK = 20
@@ -72,6 +72,47 @@ _EVIDENCE_BUDGET = 2**15  # draws × rows per evidence chunk: memory O(budget ×
 _KHAT_ROWS = 64  # training rows whose k̂ is checked (1000 draws each)
 _FINAL_BUDGET = 2**16  # draws × rows for the final training ELBO
 _FINAL_ROWS = 2048  # rows the final training ELBO reads (a random sample beyond)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Stop minibatch learning when the bound on held-out rows stops improving.
+
+    A random ``validation_fraction`` of the rows (seeded) is held out of training.  After
+    each chunk of whole epochs, the training objective per row (L_K for
+    ``viax.IWAE(K)``; for ``viax.ELBO``, the mean of ``num_samples`` log weights) is
+    evaluated on up to ``max_rows`` of them with the *same* base draws every time (common
+    random numbers), so that two checks differ only through the parameters.  A check
+    improves on the best so far when the mean paired difference over the rows exceeds
+    ``threshold`` standard errors of that mean:
+
+        d_r = v_r(now) − v_r(best),   improved ⇔ mean(d) > threshold · sd(d) / √R.
+
+    The run stops, converged, after ``patience`` checks in a row without improvement, and
+    returns the parameters of the best check (early stopping, e.g. Prechelt 1998; the
+    held-out criterion of Burda et al. 2016).  A budget spent before that is reported as
+    not converged.  Needs rows that are independent given θ (an encoder, no global
+    latents).
+
+    Example:
+        >>> rule = EarlyStopping(validation_fraction=0.1, patience=5)
+    """
+
+    validation_fraction: float = 0.1
+    patience: int = 5
+    threshold: float = 2.0
+    num_samples: int = 8
+    max_rows: int = 1000
+
+    def __post_init__(self):
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(
+                f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}"
+            )
+        for name in ("patience", "num_samples", "max_rows"):
+            _check_int(name, getattr(self, name))
+        if not self.threshold >= 0.0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold!r}")
 
 
 def needs_learning(target: Target, encoder, objective, batch_size) -> bool:
@@ -747,7 +788,11 @@ def _minibatch(
     progress,
     average_fraction,
     transform_batch,
+    validate=None,
+    stop_rule=None,
 ):
+    """``validate(params) -> (R,)`` held-out per-row objective, watched by ``stop_rule``
+    (an :class:`EarlyStopping`) after each chunk."""
     structure = q.structure
     num_rows = structure.num_rows
     if batch_size > num_rows:
@@ -826,8 +871,41 @@ def _minibatch(
     )
     values: list[np.ndarray] = []
 
+    history: list[dict] = []  # one entry per validation check
+    best: dict = {}
+
     def check(state, chunk_info, steps_done):
         values.append(np.asarray(chunk_info.objective))
+        if validate is None:
+            return None
+        params = state.average if average_fraction else state.params
+        now = validate(params)
+        entry = {"epoch": steps_done / steps_per_epoch, "value_per_row": float(now.mean())}
+        if not best:
+            improved, entry["z"] = True, float("inf")
+        else:
+            diff = now - best["rows"]
+            se = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else 0.0
+            entry["z"] = float(diff.mean() / se) if se > 0 else float(np.sign(diff.mean()) * np.inf)
+            improved = diff.mean() > stop_rule.threshold * se
+        entry["improved"] = bool(improved)
+        history.append(entry)
+        if improved:
+            best.update(
+                rows=now,
+                epoch=entry["epoch"],
+                params=jax.tree_util.tree_map(np.asarray, params),
+                since=0,
+            )
+            return None
+        best["since"] += 1
+        if best["since"] >= stop_rule.patience:
+            return True, (
+                f"early stopping: the held-out {objective.name} per row did not improve by "
+                f"more than {stop_rule.threshold:g} se over {stop_rule.patience} checks; "
+                f"returned the parameters of epoch {best['epoch']:.4g} "
+                f"({best['rows'].mean():.6g} per row on {best['rows'].size} held-out rows)"
+            )
         return None
 
     total = num_epochs * steps_per_epoch
@@ -857,15 +935,22 @@ def _minibatch(
     trace = np.concatenate(values) if values else np.zeros(0)
     whole = trace.size // steps_per_epoch * steps_per_epoch
     epochs = trace[:whole].reshape(-1, steps_per_epoch).mean(axis=1)
-    # No stopping rule watches this path yet (the MCSE rule of viax.infer.stopping needs a
-    # stationary iterate, which a network's weights under Adam rarely are): the run is a
-    # fixed budget, and a fixed budget is never reported as converged.
-    message = (
-        f"fixed budget of {output.num_steps / steps_per_epoch:.4g} epochs ({output.num_steps} "
-        f"steps of {batch_size} rows); minibatch learning has no convergence test: judge "
-        "the per-epoch objective in info['epoch_objective']"
-    )
-    output = output._replace(converged=False, message=message)
+    # Without a stop rule the run is a fixed budget (the MCSE rule of viax.infer.stopping
+    # needs a stationary iterate, which a network's weights under Adam rarely are), and a
+    # fixed budget is never reported as converged.
+    if not output.converged:
+        message = (
+            f"fixed budget of {output.num_steps / steps_per_epoch:.4g} epochs "
+            f"({output.num_steps} steps of {batch_size} rows); "
+            + (
+                "the held-out bound was still improving (EarlyStopping's patience not spent)"
+                if validate is not None
+                else "minibatch learning has no convergence test without "
+                "stop_rule=EarlyStopping(...): judge the per-epoch objective in "
+                "info['epoch_objective']"
+            )
+        )
+        output = output._replace(converged=False, message=message)
     info = {
         "path": "minibatch",
         "batch_size": batch_size,
@@ -873,6 +958,12 @@ def _minibatch(
         "steps_per_epoch": steps_per_epoch,
         "epoch_objective": np.asarray(epochs),
     }
+    if validate is not None:
+        info["validation"] = history
+        info["best_epoch"] = best["epoch"]
+        info["stop_rule"] = stop_rule
+        if output.converged:
+            return best["params"], output, info
     if average_fraction:
         info["averaged_steps"] = int(output.state.num_averaged)
         return output.state.average, output, info
@@ -911,6 +1002,47 @@ def _compute_dtype(arrays, keys):
     return jnp.float64
 
 
+def _split_rows(arrays, structure: _Structure, rule: EarlyStopping, seed):
+    """(training arrays, held-out per-row arrays, training structure): a seeded random
+    ``rule.validation_fraction`` of the rows held out (at least one, and at most
+    ``rule.max_rows`` of them evaluated)."""
+    num_rows = structure.num_rows
+    num_held = int(round(rule.validation_fraction * num_rows))
+    if not 1 <= num_held < num_rows:
+        raise ValueError(
+            f"validation_fraction {rule.validation_fraction} of {num_rows} rows holds out "
+            f"{num_held}; at least one row must be held out and one kept"
+        )
+    order = np.random.default_rng([seed, 7]).permutation(num_rows)
+    held, kept = np.sort(order[:num_held]), np.sort(order[num_held:])
+    keys = structure.batch_keys
+    train = {k: (v[kept] if k in keys else v) for k, v in arrays.items()}
+    held_out = {k: (v[held[: rule.max_rows]] if k in keys else v) for k, v in arrays.items()}
+    return train, held_out, structure._replace(num_rows=int(kept.size)), held
+
+
+def _validation_fn(q, target, held_out, rule, objective, transform_batch, seed):
+    """``params -> (R,)`` the objective per held-out row, on fixed base draws (the same
+    draws, and one fixed transform of the rows, at every check)."""
+    if held_out is None:
+        return None
+    keys = q.structure.batch_keys
+    fixed = {k: v for k, v in held_out.items() if k not in keys}
+    held_out = {k: held_out[k] for k in keys}
+    if transform_batch is not None:
+        held_out = {**held_out, **transform_batch(jax.random.PRNGKey(seed + 5), held_out)}
+    num = objective.num_samples if isinstance(objective, IWAE) else rule.num_samples
+
+    def validate(params):
+        theta = _constrain_theta(target, params["theta"])
+        weights = _row_log_weights(q, theta, params["q"], held_out, fixed, num, seed + 11)
+        if isinstance(objective, IWAE):
+            return np.asarray(jax.scipy.special.logsumexp(weights, axis=0)) - np.log(num)
+        return weights.mean(axis=0)
+
+    return validate
+
+
 def _check_int(name, value, minimum=1):
     if value is None:
         return None
@@ -936,6 +1068,7 @@ def fit_learn(
     progress: bool = True,
     average_fraction: float = 0.0,
     transform_batch: Callable | None = None,
+    stop_rule: EarlyStopping | None = None,
 ) -> Result:
     """Learn θ (the model's ``numpyro.param`` sites) jointly with q; see the module
     docstring.  Called by :func:`viax.fit` when the model has params, or an ``encoder``,
@@ -952,8 +1085,15 @@ def fit_learn(
     ``transform_batch(rng_key, batch) -> batch`` (minibatch): a fresh random transform
     of each batch's rows, e.g. :func:`dynamic_binarization` (Burda et al. 2016); the
     check of the initial point and the final estimates see one fixed transform.
+
+    ``stop_rule`` (minibatch, with an encoder): an :class:`EarlyStopping`, which holds
+    out a fraction of the rows and stops when the bound on them stops improving; the
+    result is then ``converged`` and ``info["validation"]`` holds every check.  Without
+    it the run is a fixed budget of ``num_epochs`` and never reported as converged.
     """
     start = time.perf_counter()
+    if stop_rule is not None and not isinstance(stop_rule, EarlyStopping):
+        raise TypeError(f"stop_rule must be viax.EarlyStopping(...) here, got {stop_rule!r}")
     if not 0.0 <= average_fraction < 1.0:
         raise ValueError(f"average_fraction must be in [0, 1), got {average_fraction!r}")
     if encoder is not None and not isinstance(encoder, MLPEncoder | ModuleEncoder):
@@ -993,10 +1133,24 @@ def fit_learn(
             f"{structure.plate!r} need per-row variational parameters for minibatch "
             "training; pass encoder=viax.MLPEncoder(...) to amortize them"
         )
+    held_out = None
+    if stop_rule is not None:
+        if not minibatch or encoder is None:
+            raise ModelError(
+                "stop_rule=EarlyStopping(...) watches minibatch training with an encoder "
+                "(batch_size=..., encoder=...); the full-batch path stops by its own test"
+            )
+        arrays, held_out, structure, held_rows = _split_rows(arrays, structure, stop_rule, seed)
     dtype = _compute_dtype(arrays, structure.batch_keys) if minibatch else jnp.float64
     if encoder is None:
         dtype = jnp.float64
     q = _make_q(target, arrays, structure, encoder, family, rank, dtype)
+    if held_out is not None and not q.rows_mode:
+        names = structure.global_names or structure.outside
+        raise ModelError(
+            f"EarlyStopping needs rows that are independent given θ; site(s) "
+            f"{', '.join(names)} couple them"
+        )
     if isinstance(objective, IWAE) and objective.num_samples > 1 and minibatch and not q.rows_mode:
         names = structure.global_names or structure.outside
         raise ModelError(
@@ -1025,12 +1179,16 @@ def fit_learn(
             progress,
             average_fraction,
             transform_batch,
+            _validation_fn(q, target, held_out, stop_rule, objective, transform_batch, seed),
+            stop_rule,
         )
     else:
         params, output, info = _full_batch(
             q, target, arrays, objective, params0, key_run, num_draws, num_steps or 2000, progress
         )
     info["objective"] = objective
+    if held_out is not None:
+        info["held_out_rows"] = held_rows  # indices into the data's rows, not trained on
     info["setup_time"] = setup_time
     info["seconds_per_step"] = output.seconds_per_step
     theta = _constrain_theta(target, params["theta"])
