@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 from viax.diagnostics import KHAT_USABLE, psis
 from viax.families.gaussian import FAMILIES, Family, FullRank, make_family
 from viax.infer import advi, dadvi
+from viax.infer.chunked import full_batch_estimate, plan_chunks
 from viax.infer.driver import DivergenceError, abstract, chunk_fn, precompile, run
 from viax.infer.optimize import minimize_on_host, newton_on_host
 from viax.infer.stopping import (
@@ -332,6 +333,10 @@ def fit(
         )
     params, run_output, algorithm, info = output
     info["seconds_per_step"] = run_output.seconds_per_step
+    info["path"] = "full-batch"
+    info["path_reason"] = (
+        "asked for (path='full-batch')" if path == "full-batch" else full_batch_estimate(data)[1]
+    )
     if "elbo_terms" in info:
         log_weights = info.pop("elbo_terms")
         draw_log_weights = info.pop("draw_log_weights")
@@ -496,6 +501,12 @@ def _fit_dadvi(
 ):
     start = time.perf_counter()
     num_draws = num_draws or default_num_draws(target, family, data, init_position)
+    # Large data: the sums over rows in blocks (memory O(block x draws)); small data
+    # are evaluated whole, as before (chunks_reason says which and why).
+    chunked, chunks_reason = plan_chunks(target, data, num_draws, init_position)
+    if chunked is not None:
+        target, data = chunked, chunked.blocked(data)
+    fast_compile = chunked is None  # a long run over many rows is worth XLA's optimiser
     algo = dadvi.build_dadvi(target, family)
     draws = dadvi.base_draws(rng_key, num_draws, family.noise_dim)
     # A cold fit is mostly compilation: while this thread finds the MAP and compiles
@@ -514,7 +525,7 @@ def _fit_dadvi(
     inputs_out = (abstract(data), setup_out)
     background = precompile(
         (
-            chunk_fn(algo.step, True),
+            chunk_fn(algo.step, fast_compile),
             (state_out, key_aval, np.int32(0), min(_DADVI_CHUNK, max_steps), inputs_out),
         ),
         (algo.finalize, (state_out.optimizer.position, inputs_out, key_aval)),
@@ -526,6 +537,12 @@ def _fit_dadvi(
     inputs = (data, setup)
     info: dict[str, Any] = {
         "num_draws": num_draws,
+        "chunks": chunks_reason,
+        "curvature": (
+            "dense Hessian"
+            if not isinstance(hess, tuple)
+            else f"Hessian diagonal + dense block of {algo.curvature_block.size} coordinates"
+        ),
         "map_ok": bool(setup.map_ok),
         "map_steps": int(setup.map_steps),
         "map_newton_steps": newton_steps,
@@ -576,8 +593,9 @@ def _fit_dadvi(
         check_fn=check,
         site_of_index=target.site_of_index,
         progress=progress,
-        description="viax dadvi",
-        fast_compile=True,
+        description="viax dadvi full-batch"
+        + (f" ({chunked.num_blocks} blocks of {chunked.block_size} rows)" if chunked else ""),
+        fast_compile=fast_compile,
     )
     params_w = output.state.optimizer.position
     params, terms = algo.finalize(params_w, inputs, rng_key)
@@ -597,21 +615,61 @@ def _find_map(algo, data, init_position) -> tuple:
     in units cannot see the mode, its curvature pairs cannot resolve the ridge in
     float64, or the first gradient is so large that the step size underflows) and
     D ≤ ``_NEWTON_MAX_DIM``, modified Newton steps with the exact Hessian from its best
-    point, stopped by the scale-free Newton decrement (``newton_on_host``)."""
+    point, stopped by the scale-free Newton decrement (``newton_on_host``).  Above that
+    dimension no dense Hessian is formed: L-BFGS runs in coordinates scaled by the
+    Hessian's exact diagonal at the start, and ``hessian`` is that diagonal (D,) at the
+    end (:func:`viax.infer.chunked.hessian_diagonal`)."""
     dim = int(np.size(init_position))
-    newton = dim <= _NEWTON_MAX_DIM
+    newton = dim <= min(_NEWTON_MAX_DIM, dadvi.DENSE_HESSIAN_MAX_DIM)
     tol = 1e-6
 
     def value_and_grad(u):
         return algo.map_objective(u, data)
 
+    if not newton:
+        # No dense Hessian here: L-BFGS in coordinates scaled by the exact Hessian
+        # diagonal at the start, u = u0 + w / sqrt|H_ii| (Jacobi), so that a slope on a
+        # raw scale (curvature 1e11 on the flights' distance) and a group effect
+        # (curvature 1) move alike; the tolerance is then in those units.
+        start = np.asarray(init_position, dtype=np.float64)
+        diag, block_hess = algo.hessian(start, data)
+        diag = np.abs(np.asarray(diag, dtype=np.float64))
+        unit = np.where(np.isfinite(diag) & (diag > 0), 1.0 / np.sqrt(diag), 1.0)
+        # The small sites (intercept, slopes, scales) by the dense factor of their block.
+        block = algo.curvature_block
+        factor = np.eye(block.size)
+        if block.size and np.all(np.isfinite(block_hess)):
+            factor = np.asarray(dadvi.laplace_factor(block_hess, np.zeros(block.size))[0])
+
+        def to_u(w):
+            u = start + unit * w
+            u[block] = start[block] + factor @ w[block]
+            return u
+
+        def scaled(w):
+            value, grad = value_and_grad(to_u(w))
+            grad = np.asarray(grad, dtype=np.float64)
+            grad_w = unit * grad
+            grad_w[block] = factor.T @ grad[block]
+            return value, grad_w
+
+        # Start 1e-4 (scaled units) off u0: at u = 0 every logit of a logistic regression
+        # is exactly 0, where NumPyro's Bernoulli(logits) has a wrong gradient (its
+        # max(x, 0) and |x| have derivative 0 at 0: the slope of softplus is lost), and
+        # the search went uphill from there (flights: stopped at its start).
+        offset = 1e-4 * np.where(np.arange(dim) % 2 == 0, 1.0, -1.0)
+        w, _, _, steps = minimize_on_host(scaled, offset, _MAP_STEPS, tol)
+        center = to_u(w)
+        value, grad = value_and_grad(center)
+        grad = np.asarray(grad, dtype=np.float64)
+        return center, np.float64(value), grad, algo.hessian(center, data), steps, 0
     center, value, grad, steps = minimize_on_host(
         value_and_grad,
         np.asarray(init_position),
-        _LBFGS_STEPS_BEFORE_NEWTON if newton else _MAP_STEPS,
+        _LBFGS_STEPS_BEFORE_NEWTON,
         tol,
     )
-    if not newton or not np.isfinite(value) or np.max(np.abs(grad), initial=0.0) <= tol:
+    if not np.isfinite(value) or np.max(np.abs(grad), initial=0.0) <= tol:
         return center, np.float64(value), grad, algo.hessian(center, data), steps, 0
     # The Hessian program (traced before the background compiles began) is the one the
     # preconditioner needs anyway: Newton steps add no compile.

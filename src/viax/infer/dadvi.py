@@ -15,7 +15,9 @@ many posterior sds away.  Here instead:
 2. **Laplace preconditioner** from the Hessian H at the MAP: the fit runs in
    whitened coordinates ``u = c + A w`` with A = chol(H⁻¹) (full rank), or with the
    means whitened by the same A and the scales by diag(H)^(−1/2) (mean-field, low rank;
-   D ≤ 500, above that the means by the diagonal too), where the posterior is close to
+   D ≤ 500, above that the means by the diagonal too, and no D × D Hessian is formed:
+   its exact diagonal comes from a few Hessian-vector products per site,
+   :func:`~viax.infer.chunked.hessian_diagonal`), where the posterior is close to
    N(0, I) and every direction has the same curvature.  Every test is free of units:
    H is scaled to unit diagonal before its eigenvalues are judged
    (:func:`laplace_factor`), and the MAP counts as found when the Newton decrement
@@ -35,7 +37,10 @@ many posterior sds away.  Here instead:
    DADVI's linear-response formula assumes i.i.d. draws and overstates the error of
    moment-matched ones tenfold, so it is not used.
 
-Everything is pure and compiled; L-BFGS iterations are the steps of the driver.
+Everything is pure and compiled; L-BFGS iterations are the steps of the driver.  The
+target may be a :class:`~viax.infer.chunked.ChunkedTarget` (the sum over rows taken in
+blocks, data laid out by its ``blocked``): memory O(block × draws) for every program
+here, the final ELBO's 1000 draws taken ``draw_group`` at a time.
 """
 
 from __future__ import annotations
@@ -49,13 +54,15 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from viax.estimators.reparam import elbo_from_noise, elbo_terms
+from viax.estimators.reparam import elbo_from_noise
 from viax.families.gaussian import Family, FullRank
+from viax.infer.chunked import ChunkedTarget, hessian_diagonal, log_density_many
 from viax.infer.driver import Guard, guard_init, jit_once
 from viax.infer.optimize import LBFGSState, lbfgs
 from viax.model import Target
 
 __all__ = [
+    "DENSE_HESSIAN_MAX_DIM",
     "MAP_DECREMENT_OK",
     "DADVIInfo",
     "DADVIState",
@@ -64,6 +71,8 @@ __all__ = [
     "base_draws",
     "build_dadvi",
     "build_setup",
+    "curvature_block",
+    "laplace_diagonal",
     "laplace_factor",
 ]
 
@@ -78,6 +87,11 @@ class Preconditioner(NamedTuple):
     # (D, D) lower triangular or None: other families' means are whitened by the full
     # Laplace factor (loc = center + L loc_w) while their scales stay diagonal.
     loc_tril: jax.Array | None = None
+    # D > DENSE_HESSIAN_MAX_DIM: the means of the small sites (intercepts, slopes,
+    # scales: block_index (b,)) whitened by the dense factor of their Hessian block
+    # (b, b), the rest by the diagonal.
+    block_index: jax.Array | None = None
+    block_tril: jax.Array | None = None
 
     def to_position(self, w):
         return self.center + (self.tril @ w if self.tril is not None else self.scale * w)
@@ -89,6 +103,10 @@ class Preconditioner(NamedTuple):
         params = family.affine(params_w, self.center, self.scale)
         if self.loc_tril is not None:
             params = {**params, "loc": self.center + self.loc_tril @ params_w["loc"]}
+        if self.block_tril is not None:
+            index = self.block_index
+            block = self.center[index] + self.block_tril @ params_w["loc"][index]
+            params = {**params, "loc": params["loc"].at[index].set(block)}
         return params
 
 
@@ -113,6 +131,9 @@ _EIGEN_FLOOR = 1e-13
 # Up to this dimension the means of mean-field and low-rank q are whitened by the full
 # Laplace factor (a D × D matrix in the objective); above, by the diagonal alone.
 _LOC_WHITENING_MAX_DIM = 500
+# Up to this dimension the set-up forms the dense Hessian (D Hessian-vector products);
+# above, its exact diagonal (hessian_diagonal: a few products per site).
+DENSE_HESSIAN_MAX_DIM = 500
 
 
 def laplace_factor(hess: jax.Array, grad: jax.Array):
@@ -141,12 +162,45 @@ def laplace_factor(hess: jax.Array, grad: jax.Array):
     return tril, scale, decrement, eigval[0], positive_definite
 
 
+def laplace_diagonal(diag: jax.Array, grad: jax.Array):
+    """:func:`laplace_factor` from the diagonal (D,) of the Hessian alone: ``tril`` is
+    None, ``scale`` = |H_ii|^(−1/2) (the mean-field optimum of a Gaussian with that
+    Hessian; 1 where H_ii is 0 or not finite), ``decrement`` = Σ g_i² / |H_ii|, and the
+    smallest eigenvalue of the Jacobi-scaled diagonal is the smallest sign(H_ii)."""
+    magnitude = jnp.abs(diag)
+    good = jnp.isfinite(magnitude) & (magnitude > 0)
+    safe = jnp.where(good, magnitude, 1.0)
+    scale = jnp.where(good, 1.0 / jnp.sqrt(safe), 1.0)
+    decrement = jnp.sum(jnp.where(good, grad**2 / safe, grad**2))
+    min_eig = jnp.min(jnp.where(good, jnp.sign(diag), 0.0))
+    return None, scale, decrement, min_eig, jnp.all(good & (diag > 0))
+
+
+_BLOCK_SITE_SIZE = 8  # sites this small join the dense block of a large model
+_MAX_BLOCK = 64
+
+
+def curvature_block(target) -> np.ndarray:
+    """Flat indices of the small sites (at most :data:`_BLOCK_SITE_SIZE` coordinates
+    each, :data:`_MAX_BLOCK` in all) whose Hessian block is kept dense when D >
+    :data:`DENSE_HESSIAN_MAX_DIM`: on raw scales an intercept and the slopes are
+    correlated to 1 − 1e-6, which no diagonal undoes (the minibatch whitening's block)."""
+    index = []
+    for site in sorted(target.sites, key=lambda s: s.start):
+        if 0 < site.size <= _BLOCK_SITE_SIZE and len(index) + site.size <= _MAX_BLOCK:
+            index.extend(range(site.start, site.start + site.size))
+    return np.asarray(index if len(index) > 1 else [], dtype=np.int32)
+
+
 def build_setup(target: Target, family: Family):
     """``(map_objective, hessian, prepare)``: the negative log density and its gradient
     ``(u, data) -> (value, grad)`` for the MAP search (run on the host by
     :func:`~viax.infer.optimize.minimize_on_host`), its Hessian ``(u, data) -> (D, D)``
     (for :func:`~viax.infer.optimize.newton_on_host` where L-BFGS does not converge, and
-    for the preconditioner: one compiled program serves both), and the traceable rest of
+    for the preconditioner: one compiled program serves both; for D >
+    :data:`DENSE_HESSIAN_MAX_DIM` its exact diagonal (D,) instead, from
+    :func:`~viax.infer.chunked.hessian_diagonal`, and the preconditioner is diagonal:
+    :func:`laplace_diagonal`), and the traceable rest of
     the setup from the MAP and its Hessian: the preconditioner (the base draws, from
     :func:`base_draws`, are an input).
 
@@ -160,36 +214,93 @@ def build_setup(target: Target, family: Family):
         return jax.value_and_grad(lambda u: -target.log_density(u, data))(position)
 
     def hessian(position, data):
-        # Forward-over-reverse columns H e_i: compiles faster than jax.hessian here.
-        grad_fn = jax.grad(lambda u: -target.log_density(u, data))
         dim = position.shape[0]
-        hess = jax.vmap(lambda v: jax.jvp(grad_fn, (position,), (v,))[1])(jnp.eye(dim))
+
+        def negative(u):
+            return -target.log_density(u, data)
+
+        # Forward-over-reverse columns H e_i: compiles faster than jax.hessian here.
+        grad_fn = jax.grad(negative)
+
+        def column(v):
+            return jax.jvp(grad_fn, (position,), (v,))[1]
+
+        def columns(basis):
+            if isinstance(target, ChunkedTarget):
+                # All products at once would hold (count/M) times the block's memory.
+                return jax.lax.map(column, basis, batch_size=target.draw_group)
+            return jax.vmap(column)(basis)
+
+        if dim > DENSE_HESSIAN_MAX_DIM:
+            # No D × D matrix (4,170 latents × 327k rows took 77 GB): its exact diagonal
+            # from a few Hessian-vector products, and the dense block of the small sites.
+            sites = tuple((s.start, s.size) for s in target.sites)
+            diag = hessian_diagonal(negative, position, sites)
+            block = curvature_block(target)
+            if block.size == 0:
+                return diag, jnp.zeros((0, 0), position.dtype)
+            hess = columns(jnp.eye(dim, dtype=position.dtype)[block])[:, block]
+            return diag, 0.5 * (hess + hess.T)
+        hess = columns(jnp.eye(dim, dtype=position.dtype))
         return 0.5 * (hess + hess.T)
 
     def prepare(center, value, grad, hess, map_steps, init_position, draws) -> Setup:
         # value, gradient and Hessian of −log p̃ at center come from the host's search:
         # no model evaluation is compiled here, only linear algebra.
         dim = init_position.shape[0]
-        tril, scale, decrement, min_eig, positive_definite = laplace_factor(hess, grad)
+        block, block_tril = None, None
+        if isinstance(hess, tuple):  # D > DENSE_HESSIAN_MAX_DIM: diagonal + small block
+            diag, block_hess = hess
+            tril, scale, decrement, min_eig, positive_definite = laplace_diagonal(diag, grad)
+            block = curvature_block(target)
+            if block.size:
+                block_tril, block_scale, block_decrement, block_min, block_pd = laplace_factor(
+                    block_hess, grad[block]
+                )
+                outside = np.ones(dim, bool)
+                outside[block] = False
+                decrement = laplace_diagonal(diag[outside], grad[outside])[2] + block_decrement
+                scale = scale.at[block].set(block_scale)
+                min_eig = jnp.minimum(min_eig, block_min)
+                positive_definite = positive_definite & block_pd
+            if isinstance(family, FullRank):
+                tril = jnp.diag(scale)
+                if block.size:
+                    tril = tril.at[np.ix_(block, block)].set(block_tril)
+        else:
+            tril, scale, decrement, min_eig, positive_definite = laplace_factor(hess, grad)
         finite = (
             jnp.isfinite(value)
             & jnp.all(jnp.isfinite(center))
             & jnp.all(jnp.isfinite(grad))
-            & jnp.all(jnp.isfinite(hess))
-            & jnp.all(jnp.isfinite(tril))
+            & jnp.all(jnp.stack([jnp.all(jnp.isfinite(h)) for h in jax.tree.leaves(hess)]))
+            & jnp.all(jnp.isfinite(scale))
+            & (jnp.all(jnp.isfinite(tril)) if tril is not None else True)
         )
         ok = finite & positive_definite & (decrement <= MAP_DECREMENT_OK)
         laplace = finite & (decrement <= dim)
         map_position = center
         center = jnp.where(laplace, center, init_position)
-        tril = jnp.where(laplace, tril, jnp.eye(dim))
+        if tril is not None:
+            tril = jnp.where(laplace, tril, jnp.eye(dim))
         scale = jnp.where(laplace, scale, 1.0)
         if isinstance(family, FullRank):
             log_det = jnp.sum(jnp.log(jnp.diagonal(tril)))
             precond = Preconditioner(center, tril, jnp.ones(dim), log_det)
         else:
             loc_tril = tril if dim <= _LOC_WHITENING_MAX_DIM else None
-            precond = Preconditioner(center, None, scale, jnp.sum(jnp.log(scale)), loc_tril)
+            if block_tril is not None:
+                block_tril = jnp.where(laplace, block_tril, jnp.eye(block.size))
+                block = jnp.asarray(block)
+            precond = Preconditioner(
+                center,
+                None,
+                scale,
+                jnp.sum(jnp.log(scale)),
+                loc_tril,
+                block if block_tril is not None else None,
+                block_tril,
+            )
         return Setup(precond, draws, map_position, map_steps, ok, min_eig, decrement, laplace)
 
     return map_objective, hessian, prepare
@@ -231,10 +342,13 @@ class DADVI(NamedTuple):
     step: Callable  # (state, rng_key, inputs) -> (state, info); inputs = (data, setup)
     finalize: Callable  # (params_w, inputs, rng_key) -> (params, elbo terms)
     initial: Callable  # inputs -> (loss, grad) at the start, for error reports only
+    # D > DENSE_HESSIAN_MAX_DIM: flat indices of the dense Hessian block (hessian
+    # returns (diagonal, block)); empty otherwise
+    curvature_block: np.ndarray = np.zeros(0, np.int32)
 
 
 def _fixed_draw_elbo(target, family, params, data, draws, precond: Preconditioner):
-    if precond.loc_tril is not None:
+    if precond.loc_tril is not None or precond.block_tril is not None:
         # q in the original coordinates from the whitened params: the map of the means
         # is not the map of the draws, so the ELBO is taken there (no Jacobian term).
         return elbo_from_noise(
@@ -275,10 +389,8 @@ def build_dadvi(target: Target, family: Family, num_final_draws: int = 1000) -> 
         data, setup = inputs
         params = setup.preconditioner.push(family, params_w)
         key = jax.random.fold_in(rng_key, 1)
-        terms = elbo_terms(
-            family, lambda z: target.log_density(z, data), params, key, num_final_draws
-        )
-        return params, terms
+        z, log_q = family.sample_and_log_prob(params, key, num_final_draws)
+        return params, log_density_many(target, z, data) - log_q
 
     def initial(inputs):
         return jax.value_and_grad(loss_fn)(family.init(), inputs)
@@ -290,4 +402,5 @@ def build_dadvi(target: Target, family: Family, num_final_draws: int = 1000) -> 
         step,
         jit_once(finalize),
         jit_once(initial),
+        curvature_block(target) if target.dim > DENSE_HESSIAN_MAX_DIM else np.zeros(0, np.int32),
     )

@@ -157,18 +157,24 @@ def lbfgs(fun: Callable[..., jax.Array], memory_size: int = 10):
 
 
 def minimize(fun, position, *args, max_steps: int = 1000, tol: float = 1e-8, memory_size=10):
-    """Run :func:`lbfgs` in a ``while_loop`` until max |∇| ≤ tol, the step size
-    underflows, the objective is not finite at the start, or ``max_steps``; returns
-    the final state and the step count.  Traceable: call it inside ``jax.jit``."""
+    """Run :func:`lbfgs` in a ``while_loop`` until max |∇| ≤ tol, the step's length
+    underflows (1e-12 of max |x|), the objective is not finite at the start, or
+    ``max_steps``; returns the final state and the step count.  Traceable: call it
+    inside ``jax.jit``."""
     init, step = lbfgs(fun, memory_size)
 
     def cond(carry):
         state, k = carry
         grad_norm = jnp.max(jnp.abs(ravel_pytree(state.grad)[0]))
+        # The step's length underflowing stops the search, not its factor (see
+        # minimize_on_host, which takes the same steps).
+        x = ravel_pytree(state.position)[0]
+        move = state.step_size * jnp.max(jnp.abs(state.direction), initial=0.0)
         return (k == 0) | (
             (k < max_steps)
             & (grad_norm > tol)
-            & (state.step_size > 1e-12)
+            & (state.step_size > 1e-300)
+            & (move > 1e-12 * (1.0 + jnp.max(jnp.abs(x), initial=0.0)))
             & jnp.isfinite(state.value)
         )
 
@@ -199,7 +205,15 @@ def minimize_on_host(
     value, g = np.inf, np.zeros(n)
     direction = np.zeros(n)
     for k in range(max_steps):
-        if k > 0 and not (np.max(np.abs(g), initial=0.0) > tol and step_size > 1e-12):
+        # The step's length, not its factor, decides that it underflowed: after a fresh
+        # start the factor is 1/max|g|, which is 1e-8 for a gradient of 1e8 (327k rows
+        # on raw scales) and would stop the search before its first step.
+        move = step_size * np.max(np.abs(direction), initial=0.0)
+        if k > 0 and not (
+            np.max(np.abs(g), initial=0.0) > tol
+            and step_size > 1e-300
+            and move > 1e-12 * (1.0 + np.max(np.abs(x), initial=0.0))
+        ):
             return x, value, g, k
         if k > 0 and not np.isfinite(value):
             return x, value, g, k

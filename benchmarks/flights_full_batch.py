@@ -1,0 +1,102 @@
+"""Flights (benchmarks/flights.py's model and data): the full-batch default fit, the
+sums over the 327,346 rows taken in blocks (viax.infer.chunked) and the Laplace set-up's
+curvature by the exact Hessian diagonal (4,170 latents: no D × D matrix).
+
+Writes benchmarks/results/flights_full_batch.json: per-site posterior means and sds
+(the same "summary" layout as flights.py, the reference its minibatch runs are compared
+with), wall time, peak RSS of the fitting process (a fresh one), steps, converged.
+
+    python benchmarks/flights_full_batch.py                  # mean-field, default draws
+    python benchmarks/flights_full_batch.py --num-draws 64   # fewer fixed draws
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from _common import command_line, machine, today, write_json
+from flights import GLOBALS, _summary, load_arrays, make_model
+
+
+def run(num_draws: int | None, num_steps: int | None, family: str) -> dict:
+    import viax
+
+    start = time.perf_counter()
+    data, sizes, _ = load_arrays()
+    model = make_model(sizes["C"], sizes["D"], sizes["T"])
+    result = viax.fit(
+        model,
+        data,
+        family=family,
+        num_draws=num_draws,
+        num_steps=num_steps,
+        path="full-batch",
+        seed=0,
+        progress=False,
+    )
+    wall = time.perf_counter() - start
+    draws = result.sample(4000, seed=1)
+    info = result.info
+    return {
+        "wall_seconds": wall,
+        "fit_seconds": result.wall_time,
+        "compile_seconds": result.compile_time,
+        "steps": result.num_steps,
+        "converged": result.converged,
+        "message": result.message,
+        "num_rows": int(len(data["y"])),
+        "latents": int(result.family.dim),
+        "num_draws": info["num_draws"],
+        "chunks": info["chunks"],
+        "curvature": info["curvature"],
+        "preconditioner": info["preconditioner"],
+        "map_steps": info["map_steps"],
+        "map_ok": info["map_ok"],
+        "path": info.get("path"),
+        "path_reason": info.get("path_reason"),
+        "elbo": result.elbo,
+        "khat": result.khat,
+        "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--num-draws", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--family", default="meanfield")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run(args.num_draws, args.steps, args.family)))
+        return
+    argv = [sys.executable, __file__, "--child", "--family", args.family]
+    if args.num_draws:
+        argv += ["--num-draws", str(args.num_draws)]
+    if args.steps:
+        argv += ["--steps", str(args.steps)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(out.stderr[-4000:], file=sys.stderr)
+        raise SystemExit(out.returncode)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print({k: v for k, v in result.items() if k != "summary"}, flush=True)
+    payload = {
+        "command": command_line(),
+        "date": today(),
+        "machine": machine(),
+        "note": "shared 2-core machine (other jobs running): times are inflated",
+        "family": args.family,
+        "result": result,
+    }
+    write_json("flights_full_batch.json", payload)
+
+
+if __name__ == "__main__":
+    main()
