@@ -719,17 +719,12 @@ def minibatch_route(model_fn, data, batch_size, num_epochs, path: str) -> str | 
         return "the model subsamples a plate (numpyro.plate(..., subsample_size=B))"
     if batch_size is not None or num_epochs is not None:
         return "batch_size/num_epochs given"
-    arrays = [np.asarray(v) for v in (data or {}).values() if np.ndim(v) > 0]
-    if arrays:
-        rows = max(a.shape[0] for a in arrays)
-        row_bytes = sum(a.nbytes // a.shape[0] for a in arrays if a.shape[0] == rows)
-        need = rows * max(row_bytes, 8) * 64
-        if need > FULL_BATCH_BYTES:
-            return (
-                f"the full-batch path would hold about {need / 1e9:.1f} GB ({rows} rows × "
-                f"64 draws), over its {FULL_BATCH_BYTES / 1e9:.1f} GB budget"
-            )
-    return None
+    # The full-batch path sums over its rows in blocks (memory bounded): what it may
+    # not exceed is a time budget, and the data held twice (viax.infer.chunked).
+    from viax.infer.chunked import full_batch_estimate
+
+    fits, reason = full_batch_estimate(data)
+    return None if fits else reason
 
 
 def _abstract_model_trace(model_fn, data):
