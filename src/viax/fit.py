@@ -176,9 +176,11 @@ def fit(
             encoder or objective, minibatch VI (:func:`viax.infer.minibatch.fit_minibatch`:
             whitened, variance-reduced, averaged, stopped by the MCSE) runs when asked,
             when ``batch_size`` is given, when ``data`` is a :mod:`viax.data` source
-            (e.g. ``viax.data.parquet``), when the model subsamples a plate, or when the
-            full-batch path would need more than 2 GB; ``info["path"]`` and
-            ``info["path_reason"]`` say which and why.  See docs/guide/scale.md.
+            (e.g. ``viax.data.parquet``), when the model subsamples a plate, or when a
+            full-batch fit would exceed its time budget (10 minutes, estimated; its
+            memory is bounded: large data are summed in row blocks,
+            :mod:`viax.infer.chunked`); ``info["path"]`` and ``info["path_reason"]`` say
+            which and why, as does the progress bar.  See docs/guide/scale.md.
         devices, checkpoint_path, resume: minibatch path: the devices of its "data"
             mesh (default all), an atomic checkpoint file, and resuming from it.
 
@@ -311,8 +313,17 @@ def fit(
         _check_memory(name, count, fam.noise_dim + 2 * target.dim, arrays)
     rng_key = jax.random.PRNGKey(seed)
     if optimizer == "dadvi":
+        why = "asked for" if path == "full-batch" else "within the time budget"
         output = _fit_dadvi(
-            target, fam, arrays, init_position, rng_key, num_steps or 1000, num_draws, progress
+            target,
+            fam,
+            arrays,
+            init_position,
+            rng_key,
+            num_steps or 1000,
+            num_draws,
+            progress,
+            path_why=why,
         )
     else:
         output = _fit_stochastic(
@@ -497,7 +508,15 @@ def _warn_untrusted(result: Result) -> None:
 
 
 def _fit_dadvi(
-    target: Target, family: Family, data, init_position, rng_key, max_steps, num_draws, progress
+    target: Target,
+    family: Family,
+    data,
+    init_position,
+    rng_key,
+    max_steps,
+    num_draws,
+    progress,
+    path_why: str = "",
 ):
     start = time.perf_counter()
     num_draws = num_draws or default_num_draws(target, family, data, init_position)
@@ -506,7 +525,8 @@ def _fit_dadvi(
     chunked, chunks_reason = plan_chunks(target, data, num_draws, init_position)
     if chunked is not None:
         target, data = chunked, chunked.blocked(data)
-    fast_compile = chunked is None  # a long run over many rows is worth XLA's optimiser
+    # A long run over many rows is worth XLA's optimiser; a short one is not.
+    fast_compile = chunked is None or chunked.num_rows * num_draws < 2**24
     algo = dadvi.build_dadvi(target, family)
     draws = dadvi.base_draws(rng_key, num_draws, family.noise_dim)
     # A cold fit is mostly compilation: while this thread finds the MAP and compiles
@@ -594,7 +614,8 @@ def _fit_dadvi(
         site_of_index=target.site_of_index,
         progress=progress,
         description="viax dadvi full-batch"
-        + (f" ({chunked.num_blocks} blocks of {chunked.block_size} rows)" if chunked else ""),
+        + (f" ({path_why})" if path_why else "")
+        + (f", {chunked.num_blocks} blocks of {chunked.block_size} rows" if chunked else ""),
         fast_compile=fast_compile,
     )
     params_w = output.state.optimizer.position

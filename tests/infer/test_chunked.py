@@ -156,3 +156,18 @@ def test_chunked_fit_with_diagonal_curvature_equals_whole_fit(monkeypatch):
     np.testing.assert_allclose(
         parts.family.stddev(parts.params), whole.family.stddev(whole.params), atol=1e-5
     )
+
+
+def test_path_is_chosen_from_a_time_budget(monkeypatch):
+    from viax.infer.minibatch import minibatch_route
+
+    data = _data()
+    assert minibatch_route(hierarchical, data, None, None, "auto") is None
+    fits, reason = chunked.full_batch_estimate(data)
+    assert fits and reason.startswith("500 rows x 64 draws: about") and "(one block)" in reason
+    # 500 x 64 x (3 + 8) numbers, 200 passes at 5e-9 s: 0.35 s, over a budget of 0.1 s.
+    monkeypatch.setattr(chunked, "FULL_BATCH_SECONDS", 0.1)
+    reason = minibatch_route(hierarchical, data, None, None, "auto")
+    assert reason.startswith("a full-batch fit would take about 0.352 s")
+    assert reason.endswith("over its 0.1 s budget")
+    assert minibatch_route(hierarchical, data, None, None, "full-batch") is None  # forced

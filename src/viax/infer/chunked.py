@@ -115,15 +115,15 @@ def full_batch_estimate(data: Mapping[str, Any] | None, num_draws: int = 64) -> 
         )
     if seconds > FULL_BATCH_SECONDS:
         return False, (
-            f"a full-batch fit would take about {seconds:.0f} s ({_EXPECTED_PASSES} passes "
-            f"over {num_rows} rows x {num_draws} draws), over its {FULL_BATCH_SECONDS:.0f} s "
+            f"a full-batch fit would take about {seconds:.3g} s ({_EXPECTED_PASSES} passes "
+            f"over {num_rows} rows x {num_draws} draws), over its {FULL_BATCH_SECONDS:.3g} s "
             "budget"
         )
     blocks = math.ceil(num_rows / block_size_for(num_rows, width, num_draws))
     memory = "one block" if blocks == 1 else f"about {blocks} blocks of rows, memory bounded"
     return True, (
         f"{num_rows} rows x {num_draws} draws: about {seconds:.3g} s within the "
-        f"{FULL_BATCH_SECONDS:.0f} s budget ({memory})"
+        f"{FULL_BATCH_SECONDS:.3g} s budget ({memory})"
     )
 
 
