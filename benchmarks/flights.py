@@ -14,8 +14,11 @@ Side by side, each in a fresh process (peak RSS is the process's):
   exponentially decaying rate (1e-2 → 1e-3), as many steps as viax-memory took (the same
   number of rows seen).
 
-Agreement: means of the global latents in units of viax's posterior sd, and the ratio of
-sds, each method against viax-memory.  Results: benchmarks/results/flights.json + .md.
+Agreement, as the issue asks (means within 0.1 posterior sd, sds within 10%): against
+viax's full-batch mean-field fit, benchmarks/results/flights_full_batch.json (written by
+benchmarks/flights_full_batch.py), when that file exists; else against NumPyro's SVI
+(a reference only in name: it is itself a stochastic fit with no convergence test).
+Results: benchmarks/results/flights.json + .md.
 
     python benchmarks/flights.py            # all three, ~minutes
     python benchmarks/flights.py --one viax-memory   # one, in this process
@@ -151,6 +154,9 @@ def run_viax(kind: str, steps: int | None) -> dict:
         "wait_fraction": result.info["wait_fraction"],
         "setup_seconds": result.info["setup_seconds"],
         "preconditioner": result.info["preconditioner"],
+        "dadvi_steps": result.info.get("dadvi_steps"),
+        "map_steps": result.info.get("map_steps"),
+        "timings": result.info.get("timings"),
         "mcse_max_relative": result.info.get("mcse_max_relative"),
         "elbo": result.elbo,
         "khat": result.khat,
@@ -192,9 +198,13 @@ def one(kind: str, steps: int | None) -> dict:
     return out
 
 
+FULL_BATCH = RESULTS_DIR / "flights_full_batch.json"
+
+
 def agreement(reference: dict, other: dict) -> dict:
-    """Worst |Δmean| / sd_ref and the range of sd_other / sd_ref over the global latents,
-    and the same over every effect (z)."""
+    """Worst and median |Δmean| / sd_ref, the range of sd_other / sd_ref, and the
+    fractions off (a mean more than 0.1 sd_ref away, an sd more than 10% off) over the
+    global latents, and the same over every effect (z)."""
     rows = {}
     for group, names in (("globals", GLOBALS), ("effects", ("z_carrier", "z_dest", "z_tail"))):
         dm, ratio = [], []
@@ -209,7 +219,13 @@ def agreement(reference: dict, other: dict) -> dict:
             "median_mean_diff_sd": float(np.median(dm)),
             "sd_ratio_min": float(ratio.min()),
             "sd_ratio_max": float(ratio.max()),
+            "frac_mean_off": float(np.mean(dm > 0.1)),
+            "frac_sd_off": float(np.mean(np.abs(ratio - 1) > 0.1)),
         }
+    rows["agrees"] = all(
+        rows[g]["frac_mean_off"] == 0 and rows[g]["frac_sd_off"] == 0
+        for g in ("globals", "effects")
+    )
     return rows
 
 
@@ -238,15 +254,20 @@ def main():
             continue
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         print(kind, {k: v for k, v in results[kind].items() if k != "summary"}, flush=True)
-    ref = results.get("viax-memory", {})
-    for kind in ("viax-parquet", "numpyro"):
-        if "summary" in results.get(kind, {}) and "summary" in ref:
-            results[kind]["agreement_with_viax_memory"] = agreement(ref, results[kind])
+    if FULL_BATCH.exists():
+        full = json.loads(FULL_BATCH.read_text())
+        ref, ref_name = full["result"], f"viax full-batch ({FULL_BATCH.name}, {full['date']})"
+    else:
+        ref, ref_name = results.get("numpyro", {}), "numpyro (no full-batch reference file)"
+    for kind in ("viax-memory", "viax-parquet", "numpyro"):
+        if "summary" in results.get(kind, {}) and "summary" in ref and results[kind] is not ref:
+            results[kind]["agreement"] = agreement(ref, results[kind])
     payload = {
         "command": command_line(),
         "date": today(),
-        "machine": machine(),
+        "machine": {**machine(), "note": "machine shared with other jobs"},
         "batch_size": BATCH,
+        "reference": ref_name,
         "results": results,
     }
     write_json("flights.json", payload)
@@ -258,24 +279,30 @@ def write_markdown(payload: dict) -> None:
         "# Flights: hierarchical logistic regression, minibatch VI",
         "",
         f"`{payload['command']}` ({payload['date']}; batch {payload['batch_size']} rows; "
-        "each method in a fresh process; the machine was shared with other jobs).",
+        "each method in a fresh process; machine shared with other jobs, so seconds are "
+        f"inflated). Reference: {payload.get('reference', 'viax-memory')}. Off: a mean "
+        "more than 0.1 reference sd away, an sd more than 10% off.",
         "",
         "| method | wall s | steps | rows/s | peak RSS MB | globals: max |Δmean|/sd | "
-        "sd ratio | effects: median |Δmean|/sd | converged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "sd ratio | effects: median / max |Δmean|/sd | effects off (mean, sd) | agrees "
+        "| converged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in payload["results"].items():
         if "error" in r:
-            lines.append(f"| {kind} | failed | | | | | | | |")
+            lines.append(f"| {kind} | failed | | | | | | | | | |")
             continue
-        agree = r.get("agreement_with_viax_memory", {})
+        agree = r.get("agreement", {})
         g, e = agree.get("globals", {}), agree.get("effects", {})
+        nan = float("nan")
         ratio = f"{g['sd_ratio_min']:.2f}-{g['sd_ratio_max']:.2f}" if g else "(reference)"
+        off = f"{e['frac_mean_off']:.1%}, {e['frac_sd_off']:.1%}" if e else ""
         lines.append(
             f"| {kind} | {r['wall_seconds']:.1f} | {r['steps']} | "
             f"{r.get('rows_per_second', r['rows_seen'] / r['wall_seconds']):.3g} | "
-            f"{r['peak_rss_mb']:.0f} | {g.get('max_mean_diff_sd', float('nan')):.2f} | {ratio} | "
-            f"{e.get('median_mean_diff_sd', float('nan')):.2f} | {r.get('converged', '')} |"
+            f"{r['peak_rss_mb']:.0f} | {g.get('max_mean_diff_sd', nan):.2f} | {ratio} | "
+            f"{e.get('median_mean_diff_sd', nan):.2f} / {e.get('max_mean_diff_sd', nan):.2f} | "
+            f"{off} | {agree.get('agrees', '')} | {r.get('converged', '')} |"
         )
     (RESULTS_DIR / "flights.md").write_text("\n".join(lines) + "\n")
 
