@@ -208,3 +208,19 @@ def test_streams_hold_numpy_rows_not_arrow_buffers(tmp_path):
     for _ in range(8):  # 8 sub-batches of 8 rows per stream: one 256-row block each
         next(padded)
     assert len(reads) == 8, reads
+
+
+def test_first_occurrences_by_position_and_by_sort_agree():
+    """The shuffle buffer's draws keep the first occurrence of each drawn position; the
+    fast path (smallest position per value) and the sort give the same mask."""
+    from viax.data.parquet_source import _first_occurrences
+
+    rng = np.random.default_rng(2)
+    for n, m in ((50, 40), (1000, 300), (16896, 584)):
+        values = rng.integers(0, n, size=m)
+        fast = _first_occurrences(values, n)
+        slow = _first_occurrences(values, 65 * m)  # the sort, same values
+        _, first = np.unique(values, return_index=True)
+        expected = np.zeros(m, bool)
+        expected[first] = True
+        assert np.array_equal(fast, expected) and np.array_equal(slow, expected)
