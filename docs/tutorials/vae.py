@@ -29,7 +29,8 @@ from sklearn.datasets import load_digits
 
 import viax
 
-# A pixel is on when its grey level is above 8 of 16.
+# A pixel is on when its grey level is above 8 of 16.  float32 data: the minibatch
+# path then trains the networks in float32 (float64 data would train in float64).
 x_all = (load_digits().data > 8).astype(np.float32)
 order = np.random.default_rng(0).permutation(len(x_all))
 x_train, x_test = x_all[order[300:]], x_all[order[:300]]
