@@ -21,7 +21,9 @@ Two paths:
   minibatches of in-memory arrays, a fresh permutation of the rows every epoch; the
   local terms of a batch of B of N rows are scaled by N/B.  Objectives:
   :class:`~viax.estimators.objectives.ELBO` and
-  :class:`~viax.estimators.objectives.IWAE` (with DReG gradients).
+  :class:`~viax.estimators.objectives.IWAE` (with DReG gradients).  float32 when the
+  per-row data are float32 (:func:`_compute_dtype`).  A fixed budget unless
+  ``stop_rule=``:class:`EarlyStopping` (held-out rows, paired test, patience).
 
 q is either a Gaussian family over all latents (full batch), or an encoder for the
 local latents of the data plate (:mod:`viax.encoders`; amortization) with a mean-field
