@@ -233,12 +233,28 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", choices=("viax-memory", "viax-parquet", "numpyro"))
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--methods",
+        default="viax-memory,viax-parquet,numpyro",
+        help="comma-separated subset of the three, run in this order",
+    )
+    parser.add_argument(
+        "--compare-only",
+        action="store_true",
+        help="recompute the agreement of the stored results (e.g. once the full-batch "
+        "reference exists) and rewrite flights.json/md, keeping their command and date",
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.steps)))
         return
+    if args.compare_only:
+        stored = json.loads((RESULTS_DIR / "flights.json").read_text())
+        results = stored["results"]
+        finish(results, stored["command"], stored["date"], stored["machine"])
+        return
     results = {}
-    for kind in ("viax-memory", "viax-parquet", "numpyro"):
+    for kind in args.methods.split(","):
         steps = args.steps
         if kind == "numpyro" and "steps" in results.get("viax-memory", {}):
             steps = results["viax-memory"]["steps"]  # the same number of rows seen
@@ -254,6 +270,12 @@ def main():
             continue
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         print(kind, {k: v for k, v in results[kind].items() if k != "summary"}, flush=True)
+    shared = {**machine(), "note": "machine shared with other jobs"}
+    finish(results, command_line(), today(), shared)
+
+
+def finish(results: dict, command: str, date: str, machine_info: dict) -> None:
+    """The agreement of every method with the reference; flights.json and .md."""
     if FULL_BATCH.exists():
         full = json.loads(FULL_BATCH.read_text())
         ref, ref_name = full["result"], f"viax full-batch ({FULL_BATCH.name}, {full['date']})"
@@ -263,9 +285,9 @@ def main():
         if "summary" in results.get(kind, {}) and "summary" in ref and results[kind] is not ref:
             results[kind]["agreement"] = agreement(ref, results[kind])
     payload = {
-        "command": command_line(),
-        "date": today(),
-        "machine": {**machine(), "note": "machine shared with other jobs"},
+        "command": command,
+        "date": date,
+        "machine": machine_info,
         "batch_size": BATCH,
         "reference": ref_name,
         "results": results,
