@@ -258,8 +258,8 @@ def main():
         f"`{payload['command']}` ({payload['date']}; batch {args.batch} rows; machine shared "
         "with other jobs, so seconds are inflated). Agreement over every latent (globals "
         "and group effects, 10,000 draws of each q; group scales on the log scale): a "
-        "mean is off when more than 0.1 reference sd away, an sd when more than 10% off. Honest: agrees, or says it did "
-        "not converge.",
+        "mean is off when more than 0.1 reference sd away, an sd when more than 10% off. "
+        "Honest: agrees, or says it did not converge.",
         "",
         "| case | rows | groups | latents | full-batch s | minibatch s | epochs | converged "
         "| max Δmean/sd | means off | sd ratio | sites off | honest |",
