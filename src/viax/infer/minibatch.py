@@ -53,6 +53,7 @@ do not depend on the number of devices or processes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -101,6 +102,8 @@ _DADVI_STEPS = 400  # its L-BFGS steps at most
 # 1e-3 the flights set-up took 977 steps of 16 draws × 65,536 rows, 12 minutes).
 _DADVI_TOL = 0.02
 _DRIFT_TOL = 0.05  # the stopping rule's negligible drift, posterior scales (tol / 2)
+_HIERARCHICAL_HALVINGS = 2  # step-size halvings of a fit whitened at DADVI
+_HIERARCHICAL_STEPS = 40_000  # its default step budget (20,000 otherwise)
 
 
 # -- whitening ------------------------------------------------------------------------
@@ -1072,6 +1075,16 @@ def fit_minibatch(
     state = algo.init(fam.init(), rng_key)
     flat0, unravel_w = ravel_pytree(state.params["global"])
     scale_fn = _scale_fn(fam, unravel_w, flat0.shape[0])
+    if "dadvi_steps" in info and stop_rule is None:
+        # Hierarchical (whitened at DADVI): Adam's step-size bias is not small there
+        # (measured on a 10k-row, 678-latent logistic model: a group scale's log ended
+        # 0.30, 0.16, 0.05 sd from the full-batch fit after 0, 1, 2 halvings), so the
+        # rule halves up to twice (its default), with the budget to do so.
+        rule_config = dataclasses.replace(rule_config, max_halvings=_HIERARCHICAL_HALVINGS)
+        if num_steps is None:
+            max_steps = _HIERARCHICAL_STEPS
+            if num_epochs is not None:
+                max_steps = min(max_steps, num_epochs * per_epoch)
     rule = rule_config.start(flat0.shape[0], scale_fn, max_steps)
     trace: list[np.ndarray] = []
     if saved is not None:
