@@ -421,7 +421,7 @@ def main():
         nargs="+",
         default=["numpyro", "elbo"],
         choices=["numpyro", "elbo", "iwae"],
-        help="which runs, in this order",
+        help="which runs, in this order (repeat numpyro to bracket viax's runs in time)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--train-rows", type=int, default=50_000)
@@ -430,10 +430,15 @@ def main():
     parser.add_argument("--ppca-components", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render-only", action="store_true", help="rewrite the .md from the .json")
+    parser.add_argument(
+        "--name",
+        default="vae_mnist",
+        help="results file stem in benchmarks/results (e.g. a bracketed timing run)",
+    )
     args = parser.parse_args()
-    payload = _common.read_json("vae_mnist.json") or {}
+    payload = _common.read_json(f"{args.name}.json") or {}
     if args.render_only:
-        (_common.RESULTS_DIR / "vae_mnist.md").write_text(render(payload))
+        (_common.RESULTS_DIR / f"{args.name}.md").write_text(render(payload))
         return
     stamp = {
         "command": _common.command_line(),
@@ -472,7 +477,7 @@ def main():
         payload["ppca"] = {**stamp, "rows": ppca_rows(args.ppca_components)}
     # Re-read before writing: another run may have written the other section meanwhile.
     payload = {
-        **(_common.read_json("vae_mnist.json") or {}),
+        **(_common.read_json(f"{args.name}.json") or {}),
         **{
             k: v
             for k, v in payload.items()
@@ -480,9 +485,9 @@ def main():
             and ((k == "vae" and not args.skip_vae) or (k == "ppca" and not args.skip_ppca))
         },
     }
-    _common.write_json("vae_mnist.json", payload)
+    _common.write_json(f"{args.name}.json", payload)
     text = render(payload)
-    (_common.RESULTS_DIR / "vae_mnist.md").write_text(text)
+    (_common.RESULTS_DIR / f"{args.name}.md").write_text(text)
     print(text)
 
 
