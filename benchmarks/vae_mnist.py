@@ -301,7 +301,9 @@ def render(payload) -> str:
             f"numpyro {vae['machine'].get('numpyro', '?')}; command: `{vae['command']}`. "
             "The machine was shared with other jobs (1-minute load average at the start and "
             f"end of the run: {vae.get('load_average', '?')} on 2 cores): compare the runs of "
-            "one table with each other only, not with timings taken elsewhere.\n"
+            "one table with each other only, not with timings taken elsewhere; the runs "
+            "are sequential, so their ratios also carry the load's drift (repeat numpyro in "
+            "--runs to bracket viax's runs in time).\n"
         )
         lines.append(
             _common.markdown_table(
