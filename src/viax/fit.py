@@ -183,6 +183,8 @@ def fit(
             which and why, as does the progress bar.  See docs/guide/scale.md.
         devices, checkpoint_path, resume: minibatch path: the devices of its "data"
             mesh (default all), an atomic checkpoint file, and resuming from it.
+            Minibatch learning takes ``devices`` too (local devices: None, a count or a
+            list; docs/guide/learning.md).
 
     Returns:
         A :class:`~viax.result.Result`.
@@ -301,6 +303,7 @@ def fit(
             optimizer=None if isinstance(optimizer, str) else optimizer,
             seed=seed,
             progress=progress,
+            devices=devices,
         )
         return _checked(result)
     if target.discrete_sites:

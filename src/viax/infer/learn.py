@@ -24,6 +24,11 @@ Two paths:
   :class:`~viax.estimators.objectives.IWAE` (with DReG gradients).  float32 when the
   per-row data are float32 (:func:`_compute_dtype`).  A fixed budget unless
   ``stop_rule=``:class:`EarlyStopping` (held-out rows, paired test, patience).
+  Devices: as on the scale path (:mod:`viax.data.sharding`), a one-axis mesh "data"
+  over the local devices (all by default); each step's gathered batch is split over it
+  and θ, φ and the optimiser state are replicated, so XLA sums the gradient over the
+  devices.  The row order and the draws depend on the seed alone, so 1 and 4 devices
+  give the same numbers up to the order of floating-point sums.
 
 q is either a Gaussian family over all latents (full batch), or an encoder for the
 local latents of the data plate (:mod:`viax.encoders`; amortization) with a mean-field
@@ -55,6 +60,7 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import _unconstrain_reparam
 
+from viax import data as vdata
 from viax.diagnostics import KHAT_USABLE, importance_estimate, psis
 from viax.encoders import MLPEncoder, ModuleEncoder, num_outputs
 from viax.estimators.objectives import ELBO, IWAE, objective_value_and_grad
@@ -832,9 +838,12 @@ def _minibatch(
     transform_batch,
     validate=None,
     stop_rule=None,
+    mesh=None,
 ):
     """``validate(params) -> (R,)`` held-out per-row objective, watched by ``stop_rule``
-    (an :class:`EarlyStopping`) after each chunk."""
+    (an :class:`EarlyStopping`) after each chunk.  ``mesh``: a "data" mesh
+    (:func:`viax.data.data_mesh`) whose devices share each batch's rows; the data and
+    the state are replicated on it."""
     structure = q.structure
     num_rows = structure.num_rows
     if batch_size > num_rows:
@@ -843,6 +852,10 @@ def _minibatch(
     row_scale = num_rows / batch_size
     keys = structure.batch_keys
     num_samples = objective.num_samples
+    rows_sharding = state_sharding = None
+    if mesh is not None:
+        rows_sharding = vdata.batch_sharding(mesh)
+        state_sharding = vdata.replicated(mesh)
 
     def step(state: LearnState, rng_key, data):
         key_perm, key_eps = jax.random.split(rng_key)
@@ -855,6 +868,13 @@ def _minibatch(
         )
         index = jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
         batch = {k: (v[index] if k in keys else v) for k, v in data.items()}
+        if rows_sharding is not None:
+            # Each device evaluates its B/P rows; the replicated θ, φ make XLA all-reduce
+            # the gradient's row sums.
+            batch = {
+                k: (jax.lax.with_sharding_constraint(v, rows_sharding) if k in keys else v)
+                for k, v in batch.items()
+            }
         if transform_batch is not None:
             key_eps, key_transform = jax.random.split(key_eps)
             batch = {**batch, **transform_batch(key_transform, {k: batch[k] for k in keys})}
@@ -901,6 +921,8 @@ def _minibatch(
                 lambda a, p: a + weight.astype(p.dtype) * (p - a), state.average, params
             )
         new_state = LearnState(params, opt_state, perm, average, count, guard)
+        if state_sharding is not None:
+            new_state = jax.lax.with_sharding_constraint(new_state, state_sharding)
         return new_state, LearnInfo(value, norm)
 
     state = LearnState(
@@ -911,6 +933,9 @@ def _minibatch(
         jnp.asarray(0.0, jnp.float64),
         guard_init(1),
     )
+    if mesh is not None:
+        state = vdata.put(state, state_sharding)
+        arrays = vdata.put(arrays, state_sharding)
     values: list[np.ndarray] = []
 
     history: list[dict] = []  # one entry per validation check
@@ -1093,6 +1118,26 @@ def _check_int(name, value, minimum=1):
     return int(value)
 
 
+def _learn_devices(devices) -> list:
+    """The devices of the "data" mesh: ``None`` every local device, an integer the
+    first that many, or a sequence of devices."""
+    available = jax.local_devices()
+    if devices is None:
+        return list(available)
+    if isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(available):
+            raise ValueError(
+                f"devices={devices}: this process has {len(available)} local device(s)"
+            )
+        return list(available[: int(devices)])
+    if isinstance(devices, bool | str) or not hasattr(devices, "__iter__"):
+        raise TypeError(f"devices must be None, an integer or a list of devices, got {devices!r}")
+    chosen = list(devices)
+    if not chosen or not all(isinstance(d, jax.Device) for d in chosen):
+        raise TypeError(f"devices must be a non-empty list of jax devices, got {devices!r}")
+    return chosen
+
+
 def fit_learn(
     model,
     data: Mapping[str, Any] | None = None,
@@ -1111,6 +1156,7 @@ def fit_learn(
     average_fraction: float = 0.0,
     transform_batch: Callable | None = None,
     stop_rule: EarlyStopping | None = None,
+    devices=None,
 ) -> Result:
     """Learn θ (the model's ``numpyro.param`` sites) jointly with q; see the module
     docstring.  Called by :func:`viax.fit` when the model has params, or an ``encoder``,
@@ -1132,6 +1178,12 @@ def fit_learn(
     out a fraction of the rows and stops when the bound on them stops improving; the
     result is then ``converged`` and ``info["validation"]`` holds every check.  Without
     it the run is a fixed budget of ``num_epochs`` and never reported as converged.
+
+    ``devices`` (minibatch): the devices whose "data" mesh shares each batch's rows:
+    ``None`` every local device, an integer the first that many, or a list of devices;
+    ``batch_size`` must be a multiple of their number (the default batch size is rounded
+    down to one).  The full-batch path runs on one device.  ``info["devices"]`` says how
+    many ran.
     """
     start = time.perf_counter()
     if stop_rule is not None and not isinstance(stop_rule, EarlyStopping):
@@ -1156,6 +1208,19 @@ def fit_learn(
             f"optimizer must be an optax GradientTransformation here, got {optimizer!r}"
         )
     minibatch = batch_size is not None or num_epochs is not None or optimizer is not None
+    mesh_devices = _learn_devices(devices)
+    num_devices = len(mesh_devices) if minibatch else 1
+    if not minibatch and devices is not None and len(mesh_devices) > 1:
+        raise ValueError(
+            f"devices= lists {len(mesh_devices)} devices, but full-batch learning runs on "
+            "one: the devices share minibatches (pass batch_size=...)"
+        )
+    if batch_size is not None and batch_size % num_devices:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of the number of devices "
+            f"({num_devices}) so that every device gets the same rows; pass devices= to use "
+            "fewer"
+        )
     if transform_batch is None:
         target, arrays, init_position = build_target(model, data, seed=seed)
     else:
@@ -1207,6 +1272,13 @@ def fit_learn(
     setup_time = time.perf_counter() - start
     if minibatch:
         optimizer = optimizer if optimizer is not None else optax.adam(1e-3)
+        if batch_size is None:  # min(100, N), rounded down to a multiple of the devices
+            batch_size = min(100, structure.num_rows) // num_devices * num_devices
+            if batch_size == 0:
+                raise ValueError(
+                    f"{structure.num_rows} rows cannot be shared by {num_devices} devices; "
+                    "pass devices= to use fewer"
+                )
         params, output, info = _minibatch(
             q,
             target,
@@ -1215,7 +1287,7 @@ def fit_learn(
             params0,
             key_run,
             optimizer,
-            batch_size or min(100, structure.num_rows),
+            batch_size,
             num_epochs or 100,
             num_steps,
             progress,
@@ -1223,12 +1295,16 @@ def fit_learn(
             transform_batch,
             _validation_fn(q, target, held_out, stop_rule, objective, transform_batch, seed),
             stop_rule,
+            vdata.data_mesh(mesh_devices),
         )
+        # Back to the host: the final estimates run on the default device, uncommitted.
+        params = jax.tree_util.tree_map(np.asarray, params)
     else:
         params, output, info = _full_batch(
             q, target, arrays, objective, params0, key_run, num_draws, num_steps or 2000, progress
         )
     info["objective"] = objective
+    info["devices"] = num_devices
     if held_out is not None:
         info["held_out_rows"] = held_rows  # indices into the data's rows, not trained on
     info["setup_time"] = setup_time
