@@ -1,5 +1,6 @@
 """Evidence estimates and k-hat against exact log p(x) and known failures of q."""
 
+import sys
 import warnings
 
 import jax.numpy as jnp
@@ -121,8 +122,29 @@ def test_khat_flags_a_too_narrow_meanfield_q():
     with pytest.warns(RuntimeWarning, match="k-hat"):
         result = viax.fit(correlated(0.99), family="meanfield", progress=False)
     assert result.khat > 0.7 and result.khat_verdict == "do not trust"
+    assert result.info["num_khat_draws"] == 10_000  # 1000 draws, confirmed on 9 batches more
     table = result.diagnostics(num_samples=2000)
     assert "DO NOT TRUST" in table.loc["k-hat", "note"]
+
+
+def test_a_khat_of_one_or_more_is_confirmed_on_one_batch_when_batches_are_slow(monkeypatch):
+    # As on a million rows, where one batch of the 1000 final draws takes minutes: the
+    # upward bias of 1000 draws cannot lift a usable k-hat to 1, so one more batch will do.
+    fit_module = sys.modules["viax.fit"]
+    monkeypatch.setattr(fit_module, "_CONFIRM_SECONDS", 0.0)
+    rng = np.random.default_rng(0)
+
+    def draw(key):
+        return rng.standard_t(0.8, size=1000)
+
+    first = draw(None)
+    info = {}
+    weights = fit_module._more_log_weights(draw, 0, first, 1.3, info)
+    assert weights.size == 2000 and np.array_equal(weights[:1000], first)
+    assert "confirmed on 2000, not 10000" in info["khat_draws_reason"]
+    info = {}
+    assert fit_module._more_log_weights(draw, 0, first, 0.9, info).size == 10_000
+    assert info == {}  # below 1 the ten-fold confirmation runs however slow it is
 
 
 def test_importance_resampling_widens_a_moderately_narrow_q():
