@@ -207,6 +207,20 @@ ROWS = [
     ),
     (
         "fit",
+        "minibatch, more devices than there are",
+        _fit(normal_model, {"y": Y}, batch_size=2, devices=64),
+        ValueError,
+        "devices=64: this process has",
+    ),
+    (
+        "fit",
+        "minibatch, devices a string",
+        _fit(normal_model, {"y": Y}, batch_size=2, devices="cpu"),
+        TypeError,
+        "devices must be None, an integer or a list",
+    ),
+    (
+        "fit",
         "bbvi on a subsampled plate",
         _fit(subsampled_model, {"y": Y}, method="bbvi"),
         ModelError,

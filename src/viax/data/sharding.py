@@ -9,6 +9,7 @@ assembled from the per-process slices by ``jax.make_array_from_process_local_dat
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,19 +29,36 @@ __all__ = [
 DATA_AXIS = "data"
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+def data_mesh(devices: Sequence[jax.Device] | int | None = None) -> Mesh:
     """A one-dimensional :class:`jax.sharding.Mesh` with axis ``"data"``.
 
     Args:
         devices: the devices to use; default all devices of the run: the local ones, or,
-            after ``jax.distributed.initialize()``, those of every process.
+            after ``jax.distributed.initialize()``, those of every process.  An integer
+            n takes the first n devices of a single-process run.
 
     Example:
         >>> import viax
         >>> viax.data.data_mesh().axis_names
         ('data',)
     """
+    if isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
+        available = jax.devices()
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"devices={devices} with {jax.process_count()} processes: pass None (every "
+                "device of every process) or a list of devices"
+            )
+        if not 1 <= devices <= len(available):
+            raise ValueError(f"devices={devices}: this process has {len(available)} device(s)")
+        devices = available[: int(devices)]
+    elif devices is not None and (
+        isinstance(devices, bool | str) or not hasattr(devices, "__iter__")
+    ):
+        raise TypeError(f"devices must be None, an integer or a list of devices, got {devices!r}")
     devices = list(jax.devices() if devices is None else devices)
+    if not all(isinstance(d, jax.Device) for d in devices):
+        raise TypeError(f"devices must be a list of jax devices, got {devices!r}")
     if not devices:
         raise ValueError("data_mesh needs at least one device")
     devices.sort(key=lambda d: (d.process_index, d.id))

@@ -925,7 +925,8 @@ def fit_minibatch(
         num_steps: steps at most (default 20,000).
         steps_per_chunk: K, steps per compiled scan (default: about a tenth of an
             epoch, between 20 and 200).
-        devices: devices of the "data" mesh (default: all).
+        devices: devices of the "data" mesh: None (default) all, an integer n the first n
+            of a single-process run, or a list of devices.
         checkpoint_path, checkpoint_every, resume: write a checkpoint (atomic ``.npz``,
             no pickle) at most every ``checkpoint_every`` seconds and at the end;
             ``resume=True`` continues from ``checkpoint_path`` (or a path given) with
@@ -954,6 +955,7 @@ def fit_minibatch(
     if rule_config == "stan":
         raise ValueError("the minibatch path stops by the MCSE rule only (stop_rule='mcse')")
     pc = vdata.process_share()
+    mesh = vdata.data_mesh(devices)  # a bad devices= is refused before any tracing
     subsample = (
         _subsample_batch_size(model_fn, data) if not isinstance(data, vdata.Source) else None
     )
@@ -984,7 +986,6 @@ def fit_minibatch(
     num_rows = bm.num_rows
     if batch_size > num_rows:
         raise ValueError(f"batch_size {batch_size} exceeds the {num_rows} rows of the data")
-    mesh = vdata.data_mesh(devices)
     num_devices = mesh.devices.size
     if batch_size % num_devices:
         raise ValueError(
