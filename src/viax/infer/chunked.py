@@ -277,7 +277,10 @@ def _plan(target, arrays, names, num_rows, block, num_blocks, num_draws, positio
     rng = np.random.default_rng(0)
     for u in (np.asarray(position), np.asarray(position) + 0.1 * rng.standard_normal(target.dim)):
         whole = float(whole_fn(u, arrays))
-        part = float(chunked_fn(u, blocked))
+        try:  # a row term without the rows on its leading axis shows only when traced
+            part = float(chunked_fn(u, blocked))
+        except ModelError as err:
+            return None, f"not chunked: {err}"
         if not (math.isfinite(whole) and abs(part - whole) <= _CHECK_RTOL * (1.0 + abs(whole))):
             return None, (
                 f"not chunked: the log density summed over row blocks ({part:.10g}) is not the "
