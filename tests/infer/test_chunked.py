@@ -43,6 +43,7 @@ def _data(num_rows=500, seed=0):
 def small_blocks(monkeypatch):
     # 500 rows x 16 draws in 7 blocks of 72 rows (the last one padded).
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", SMALL_BLOCKS)
+    monkeypatch.setattr(chunked, "WHOLE_ELEMENTS", 0)
     monkeypatch.setattr(chunked, "_PLANS", {})
 
 
@@ -70,6 +71,11 @@ def test_small_data_are_not_chunked():
     target, arrays, u0 = build_target(hierarchical, _data())
     plan, reason = chunked.plan_chunks(target, arrays, 64, u0)
     assert plan is None and reason == "500 rows x 64 draws fit in one block"
+    # More than a block, within WHOLE_ELEMENTS: whole, as the 569-row x 1024-draw
+    # logistic regression of the speed benchmark (a chunked plan costs a compile there).
+    assert chunked.block_size_for(500, 3, 1024) < 500
+    plan, reason = chunked.plan_chunks(target, arrays, 1024, u0)
+    assert plan is None and reason.startswith("500 rows x 1024 draws evaluated whole")
 
 
 def per_row_latent(x, y):
@@ -141,6 +147,7 @@ def test_chunked_fit_with_diagonal_curvature_equals_whole_fit(monkeypatch):
     assert whole.info["curvature"] == "dense Hessian" and whole.info["path"] == "full-batch"
     assert whole.info["path_reason"].startswith("500 rows x 64 draws: about")
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", SMALL_BLOCKS)
+    monkeypatch.setattr(chunked, "WHOLE_ELEMENTS", 0)
     monkeypatch.setattr(chunked, "_PLANS", {})
     monkeypatch.setattr(dadvi, "DENSE_HESSIAN_MAX_DIM", 4)
     monkeypatch.setattr(dadvi, "_BLOCK_SITE_SIZE", 1)  # a, b, tau: z stays diagonal

@@ -18,7 +18,8 @@ cost").  Value, gradient and Hessian-vector products are those of the unchunked
 density up to the order of summation (1e-12 relative; tested).
 
 Small data pay nothing: when the rows fit in one block (``rows × draws × numbers per
-row ≤ BLOCK_ELEMENTS``) no chunked target is built.  A model that cannot be cut into
+row ≤ BLOCK_ELEMENTS``), or in ``WHOLE_ELEMENTS`` (256 MB per array), no chunked target
+is built.  A model that cannot be cut into
 blocks (per-row latents, a subsampled plate, a model that uses its rows outside their
 plate) is fitted unchunked, with the reason in ``info["chunks_reason"]``; the chunked
 density is checked against the whole one at two points before it is used.
@@ -46,6 +47,7 @@ from viax.model import ModelError, Target
 
 __all__ = [
     "BLOCK_ELEMENTS",
+    "WHOLE_ELEMENTS",
     "FULL_BATCH_SECONDS",
     "ChunkedTarget",
     "full_batch_estimate",
@@ -58,6 +60,11 @@ __all__ = [
 # rows × draws × (numbers per row + _ROW_OVERHEAD) in one block: 2^22 float64 numbers
 # are 32 MB for each array of that size the model holds per block.
 BLOCK_ELEMENTS = 2**22
+# Data up to this many (rows × draws × numbers per row) are evaluated whole, as before
+# blocks existed: 256 MB per array, which the whole-data program always handled, and
+# cutting them costs a second compiled program and the check (+0.3-0.45 s on the
+# 569-row × 1024-draw logistic regression of benchmarks/speed.py).
+WHOLE_ELEMENTS = 2**25
 _ROW_OVERHEAD = 8  # intermediates per row and draw beyond the row's own numbers
 _MIN_BLOCK = 64
 _CHECK_RTOL = 1e-8  # chunked against whole log density at two points
@@ -238,6 +245,12 @@ def plan_chunks(
     block = block_size_for(num_rows, width, num_draws)
     if block >= num_rows:
         return None, f"{num_rows} rows x {num_draws} draws fit in one block"
+    elements = num_rows * num_draws * (width + _ROW_OVERHEAD)
+    if elements <= WHOLE_ELEMENTS:
+        return None, (
+            f"{num_rows} rows x {num_draws} draws evaluated whole ({elements / 2**20:.3g} M "
+            f"numbers per array, within {WHOLE_ELEMENTS / 2**20:.3g} M)"
+        )
     if target.param_sites:
         return None, "not chunked: the model has numpyro.param sites"
     num_blocks = math.ceil(num_rows / block)

@@ -829,7 +829,6 @@ def _subsample_batch_size(model_fn, data) -> int | None:
 
 
 PATHS = ("auto", "full-batch", "minibatch")
-FULL_BATCH_BYTES = 2 * 1024**3  # the full-batch path's budget: rows × row size × 64 draws
 
 
 def minibatch_route(model_fn, data, batch_size, num_epochs, path: str) -> str | None:
