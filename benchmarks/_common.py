@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import shlex
 import sys
 from collections.abc import Iterable, Sequence
@@ -151,3 +152,17 @@ def as_arrays(data: dict[str, Any]):
     import numpy as np
 
     return {k: (np.asarray(v, dtype=float) if isinstance(v, list) else v) for k, v in data.items()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS in MB: VmHWM, not ``getrusage``'s ru_maxrss, which Linux
+    carries over an exec from the forking parent (a parent that computed a reference
+    would set every child's floor)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

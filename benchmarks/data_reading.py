@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -24,18 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-
-def _peak_rss_mb() -> float:
-    """This process's peak RSS: VmHWM (``getrusage``'s ru_maxrss is carried over an
-    exec from the forking parent on Linux)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _common import command_line, peak_rss_mb, today  # noqa: E402  (stdlib only)
 
 
 def one(kind: str, path: str, batch_size: int, threads: int | None) -> dict:
@@ -45,7 +33,7 @@ def one(kind: str, path: str, batch_size: int, threads: int | None) -> dict:
 
     import viax
 
-    rss_import = _peak_rss_mb()
+    rss_import = peak_rss_mb()
     if kind == "arrays":
         x, y = read_arrays(path)
         source = viax.data.as_source({"X": x, "y": y})
@@ -64,7 +52,7 @@ def one(kind: str, path: str, batch_size: int, threads: int | None) -> dict:
         "rows": rows,
         "rows_per_second": rows / wall,
         "rows_per_cpu_second": rows / cpu,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "rss_after_import_mb": rss_import,
     }
     if kind == "parquet":
@@ -117,8 +105,6 @@ def main() -> None:
                 ),
                 flush=True,
             )
-    from _common import command_line, today
-
     payload = {"command": command_line(), "date": today(), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=1))

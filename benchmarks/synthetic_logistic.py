@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import make_synthetic_parquet as synth
 import numpy as np
-from _common import RESULTS_DIR, command_line, machine, today, write_json
+from _common import RESULTS_DIR, command_line, machine, peak_rss_mb, today, write_json
 
 BATCH = 4096
 METHODS = ("viax-parquet", "viax-memory", "viax-memory-4dev", "viax-parquet-2proc", "numpyro")
@@ -94,20 +93,6 @@ def laplace(path) -> dict:
     return out
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak RSS: VmHWM, not ``getrusage``'s ru_maxrss, which Linux
-    carries over an exec from the forking parent (here the parent that computed the
-    Laplace reference: its RSS would be every child's floor)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_viax(kind: str, path, process: tuple[int, int, str] | None = None) -> dict:
     start = time.perf_counter()
     cpu_start = time.process_time()
@@ -120,7 +105,7 @@ def run_viax(kind: str, path, process: tuple[int, int, str] | None = None) -> di
     import viax
 
     phases = {"import": time.perf_counter() - start}
-    rss_import = _peak_rss_mb()
+    rss_import = peak_rss_mb()
     t0 = time.perf_counter()
     names = synth.column_names(20)
     if kind.startswith("viax-parquet"):
@@ -178,7 +163,7 @@ def run_numpyro(path, steps: int = 10_000) -> dict:
     from numpyro.infer.autoguide import AutoNormal
 
     jax.config.update("jax_enable_x64", True)
-    rss_import = _peak_rss_mb()
+    rss_import = peak_rss_mb()
     X, y = synth.read_arrays(path, dtype=np.float32)  # as viax-memory gets them
     guide = AutoNormal(subsampled_model)
     svi = SVI(
@@ -205,7 +190,7 @@ def run_numpyro(path, steps: int = 10_000) -> dict:
 
 def one(kind: str, path, process=None) -> dict:
     out = run_numpyro(path) if kind == "numpyro" else run_viax(kind, path, process)
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = peak_rss_mb()
     return out
 
 
