@@ -429,6 +429,11 @@ class _AmortizedQ:
             - jnp.sum(log_diag, axis=-1)
             - 0.5 * self.local_dim * (_LOG_2PI)
         )
+        return self._log_q_total(phi, rows, z, row_scale)
+
+    def _log_q_total(self, phi, rows, z, row_scale):
+        """The per-row local log q (S, B) as returned: per row in rows mode, else
+        summed over the rows scaled by N/B, plus the global family's log q: (S, 1)."""
         if self.rows_mode:
             return rows
         total = row_scale * jnp.sum(rows, axis=1)
@@ -449,14 +454,7 @@ class _AmortizedQ:
             - jnp.sum(log_diag, axis=-1)
             - 0.5 * self.local_dim * _LOG_2PI
         )
-        if self.rows_mode:
-            return rows
-        total = row_scale * jnp.sum(rows, axis=1)
-        if self.global_family is not None:
-            total = total + jax.vmap(lambda u: self.global_family.log_prob(phi["global"], u))(
-                z["global"]
-            )
-        return total[:, None]
+        return self._log_q_total(phi, rows, z, row_scale)
 
     def values(self, z_one):
         """Latents by name for one draw: local (B, *row_shape), global from its flat vector."""
