@@ -49,19 +49,8 @@ def run(num_draws: int | None, num_steps: int | None, family: str) -> dict:
     draws = result.sample(4000, seed=1)
     info = result.info
     return {
-        "wall_seconds": wall,
-        "fit_seconds": result.wall_time,
-        "compile_seconds": result.compile_time,
-        "steps": result.num_steps,
-        "converged": result.converged,
-        "message": result.message,
-        "num_rows": int(len(data["y"])),
+        **_fit_record(result, wall, int(len(data["y"]))),
         "latents": int(result.family.dim),
-        "num_draws": info["num_draws"],
-        "chunks": info["chunks"],
-        "curvature": info["curvature"],
-        "preconditioner": info["preconditioner"],
-        "map_steps": info["map_steps"],
         "map_ok": info["map_ok"],
         "path": info.get("path"),
         "path_reason": info.get("path_reason"),
@@ -69,6 +58,25 @@ def run(num_draws: int | None, num_steps: int | None, family: str) -> dict:
         "khat": result.khat,
         "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _fit_record(result, wall: float, num_rows: int) -> dict:
+    """The fields both runs report of a full-batch fit."""
+    info = result.info
+    return {
+        "wall_seconds": wall,
+        "fit_seconds": result.wall_time,
+        "compile_seconds": result.compile_time,
+        "steps": result.num_steps,
+        "converged": result.converged,
+        "message": result.message,
+        "num_rows": num_rows,
+        "num_draws": info["num_draws"],
+        "chunks": info["chunks"],
+        "curvature": info["curvature"],
+        "preconditioner": info["preconditioner"],
+        "map_steps": info["map_steps"],
     }
 
 
@@ -95,20 +103,8 @@ def run_synthetic(num_rows: int, num_draws: int | None, family: str) -> dict:
     wall = time.perf_counter() - start
     mean = np.asarray(result.family.mean(result.params))  # a, then beta (site order)
     sd = np.asarray(result.family.stddev(result.params))
-    info = result.info
     return {
-        "wall_seconds": wall,
-        "fit_seconds": result.wall_time,
-        "compile_seconds": result.compile_time,
-        "steps": result.num_steps,
-        "converged": result.converged,
-        "message": result.message,
-        "num_rows": num_rows,
-        "num_draws": info["num_draws"],
-        "chunks": info["chunks"],
-        "curvature": info["curvature"],
-        "preconditioner": info["preconditioner"],
-        "map_steps": info["map_steps"],
+        **_fit_record(result, wall, num_rows),
         "khat": result.khat,
         "max_abs_mean_error_in_laplace_sd": float(
             np.max(np.abs(mean - reference["mean"]) / reference["sd"])
