@@ -8,27 +8,13 @@ import numpyro.distributions as dist
 import optax
 import pytest
 from numpyro.distributions import constraints
-from ppca import closed_form  # examples/ppca.py, as a user would import it
+from ppca import closed_form, ppca  # examples/ppca.py, as a user would import it
 from scipy import optimize, stats
 
 import viax
 from viax.infer.learn import fit_learn
 
 # -- probabilistic PCA ------------------------------------------------------------------
-
-
-def ppca(x, q=2):
-    """x_n = W z_n + μ + ε_n, z_n ~ N(0, I_q), ε_n ~ N(0, σ² I): W, μ, σ are params."""
-    import jax
-    import jax.numpy as jnp
-
-    n, d = x.shape
-    w = numpyro.param("W", lambda key: 0.1 * jax.random.normal(key, (d, q)))
-    mu = numpyro.param("mu", jnp.zeros(d))
-    sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
-    with numpyro.plate("rows", n):
-        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([q]).to_event(1))
-        numpyro.sample("x", dist.Normal(z @ w.T + mu, sigma).to_event(1), obs=x)
 
 
 def _ppca_data(n=60, d=4, q=2):

@@ -19,19 +19,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # 60 rows, batches of 20 (5 rows a device), 10 epochs = 30 Adam steps in 2 chunks.
 _SCRIPT = textwrap.dedent(
     """
-    import jax, jax.numpy as jnp, numpy as np, numpyro, optax, re
-    import numpyro.distributions as dist
-    from numpyro.distributions import constraints
+    import jax, numpy as np, optax, re
     import viax
-
-    def ppca(x, q=2):
-        n, d = x.shape
-        w = numpyro.param("W", lambda key: 0.1 * jax.random.normal(key, (d, q)))
-        mu = numpyro.param("mu", jnp.zeros(d))
-        sigma = numpyro.param("sigma", 1.0, constraint=constraints.positive)
-        with numpyro.plate("rows", n):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([q]).to_event(1))
-            numpyro.sample("x", dist.Normal(z @ w.T + mu, sigma).to_event(1), obs=x)
+    from examples.ppca import ppca  # run from the repository root
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 2)) @ rng.normal(size=(2, 4)) + 0.5 * rng.normal(size=(60, 4))
