@@ -28,6 +28,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from numpyro.distributions import constraints
@@ -100,6 +102,7 @@ def files(tmp_path_factory):
         "    numpyro.sample('y', dist.Normal(mu, 1.0), obs=y)\n"
     )
     np.savez(folder / "points.npz", X=X2)
+    pq.write_table(pa.table({"y": np.linspace(-1.0, 1.0, 8)}), folder / "rows.parquet")
     return folder
 
 
@@ -111,6 +114,16 @@ def subsampled_model(y):
     mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
     with numpyro.plate("N", y.shape[0], subsample_size=2) as i:
         numpyro.sample("y", dist.Normal(mu, 1.0), obs=y[i])
+
+
+def param_model(y):
+    tau = numpyro.param("tau", 1.0, constraint=constraints.positive)
+    mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+    numpyro.sample("y", dist.Normal(mu, tau), obs=y)
+
+
+def _rows_source(folder):
+    return viax.data.parquet(folder / "rows.parquet", columns={"y": "y"})
 
 
 def _fit(model, data, **kwargs):
@@ -232,6 +245,29 @@ ROWS = [
         _fit(subsampled_model, {"y": Y}, path="full-batch"),
         ModelError,
         "path='full-batch' evaluates every row",
+    ),
+    (
+        "fit",
+        "numpyro.param on a streamed source",
+        lambda f: viax.fit(param_model, _rows_source(f), progress=False),
+        ModelError,
+        "numpyro.param site(s) tau: parameters θ are learned",
+    ),
+    (
+        "fit",
+        "an encoder on a streamed source",
+        lambda f: viax.fit(
+            normal_model, _rows_source(f), encoder=viax.MLPEncoder(), batch_size=2, progress=False
+        ),
+        ValueError,
+        "encoder: learning (viax.infer.learn) reads data held in memory",
+    ),
+    (
+        "fit",
+        "a checkpoint while learning",
+        _fit(param_model, {"y": Y}, batch_size=2, checkpoint_path="run.npz"),
+        ValueError,
+        "checkpoint_path/resume: learning",
     ),
     ("fit", "a nested dict", _fit(normal_model, {"y": {"a": 1.0}}), ModelError, "nested"),
     # viax.cavi / svi / naive

@@ -302,6 +302,19 @@ def analyse(
     return dataclasses.replace(bm, noncentred=names)
 
 
+def _refuse_params(trace) -> None:
+    """A batched model is fitted for fixed θ: a ``numpyro.param`` site would silently keep
+    its initial value, so it is refused by name."""
+    names = [name for name, site in trace.items() if site["type"] == "param"]
+    if names:
+        raise ModelError(
+            f"numpyro.param site(s) {', '.join(names)}: parameters θ are learned "
+            "(viax.infer.learn) from data held in memory; pass the data as a dict of "
+            "arrays (batch_size= minibatches them). A viax.data source is fitted for a "
+            "fixed model"
+        )
+
+
 def _analyse(
     model_fn: Callable,
     static: dict,
@@ -319,6 +332,7 @@ def _analyse(
     whole = {**static, **{k: _abstract(v) for k, v in constants.items()}}
     if not rows:
         trace, shapes = _abstract_trace(model_fn, whole)
+        _refuse_params(trace)
         plates = _subsampled_plates(trace)
         if len(plates) > 1:
             raise ModelError(
@@ -338,6 +352,7 @@ def _analyse(
         batch = {k: jax.ShapeDtypeStruct((size, *v.shape[1:]), v.dtype) for k, v in rows.items()}
         traces.append(_abstract_trace(model_fn, {**whole, **batch}))
     (trace, shapes), (other, _) = traces
+    _refuse_params(trace)
     if _subsampled_plates(trace):
         raise ModelError(
             "the model subsamples a plate itself (subsample_size=...): pass the whole data "

@@ -18,7 +18,7 @@ from jax.flatten_util import ravel_pytree
 from viax.diagnostics import KHAT_USABLE, psis
 from viax.families.gaussian import FAMILIES, Family, FullRank, make_family
 from viax.infer import advi, dadvi
-from viax.infer.chunked import full_batch_estimate, plan_chunks
+from viax.infer.chunked import dense_curvature_plan, full_batch_estimate, plan_chunks
 from viax.infer.driver import DivergenceError, abstract, chunk_fn, precompile, run
 from viax.infer.optimize import minimize_on_host, newton_on_host
 from viax.infer.stopping import (
@@ -282,6 +282,19 @@ def fit(
         eta = _check_positive_float("eta", eta)
     seed = _check_positive_int("seed", seed, minimum=0)
 
+    streamed = data is not None and not isinstance(data, Mapping)
+    given = ", ".join(k for k in ("encoder", "objective", "stop_rule") if learning[k] is not None)
+    if streamed and given:
+        raise ValueError(
+            f"{given}: learning (viax.infer.learn) reads data held in memory, a dict of arrays "
+            "(batch_size= minibatches them); a viax.data source streams batches to fit a fixed "
+            "model"
+        )
+    if (checkpoint_path is not None or resume) and _learns(model, data, learning):
+        raise ValueError(
+            "checkpoint_path/resume: learning θ or an encoder (viax.infer.learn) does not "
+            "write checkpoints; they serve the minibatch path of a fixed model"
+        )
     target, arrays, init_position = build_target(model, data, seed=seed)
     if target.param_sites or any(v is not None for v in learning.values()):
         from viax.infer.learn import fit_learn
@@ -426,6 +439,17 @@ def _more_log_weights(draw_log_weights, seed, log_weights, khat, info, batches: 
 _RUNAWAY = 1e100
 
 
+def _learns(model, data, learning: dict) -> bool:
+    """Whether the call goes to :mod:`viax.infer.learn` (an encoder, an objective, an
+    early-stopping rule, or ``numpyro.param`` sites in an abstract trace: nothing compiled)."""
+    if any(learning[k] is not None for k in ("encoder", "objective", "stop_rule")):
+        return True
+    from viax.infer.minibatch import _abstract_model_trace
+
+    trace = _abstract_model_trace(model, data) if callable(model) else None
+    return trace is not None and any(site["type"] == "param" for site in trace.values())
+
+
 def _checked(result: Result) -> Result:
     """Every path's result, a runaway or non-finite fit flagged as not converged, with
     the warnings an untrusted fit gets (they point at the caller of :func:`fit`)."""
@@ -542,12 +566,15 @@ def _fit_dadvi(
     num_draws = num_draws or default_num_draws(target, family, data, init_position)
     # Large data: the sums over rows in blocks (memory O(block x draws)); small data
     # are evaluated whole, as before (chunks_reason says which and why).
+    # Dense D x D curvature where its memory and Hessian passes fit a budget (the ridges
+    # of hierarchical models need it), else the diagonal + a dense block of small sites.
+    dense, curvature_reason = dense_curvature_plan(target.dim, data)
     chunked, chunks_reason = plan_chunks(target, data, num_draws, init_position)
     if chunked is not None:
         target, data = chunked, chunked.blocked(data)
     # A long run over many rows is worth XLA's optimiser; a short one is not.
     fast_compile = chunked is None or chunked.num_rows * num_draws < 2**24
-    algo = dadvi.build_dadvi(target, family)
+    algo = dadvi.build_dadvi(target, family, dense=dense)
     draws = dadvi.base_draws(rng_key, num_draws, family.noise_dim)
     # A cold fit is mostly compilation: while this thread finds the MAP and compiles
     # and runs the rest of the setup (Laplace), the L-BFGS chunk and the finalisation
@@ -578,6 +605,7 @@ def _fit_dadvi(
     info: dict[str, Any] = {
         "num_draws": num_draws,
         "chunks": chunks_reason,
+        "curvature_reason": curvature_reason,
         "curvature": (
             "dense Hessian"
             if not isinstance(hess, tuple)
