@@ -146,6 +146,9 @@ def run_viax(kind: str, path, process: tuple[int, int, str] | None = None) -> di
         "setup_seconds": result.info["setup_seconds"],
         "mcse_max_relative": result.info.get("mcse_max_relative"),
         "khat": result.khat,
+        "elbo": result.elbo,
+        "elbo_se": result.elbo_se,
+        "evaluation": result.info.get("evaluation"),
         "phases": phases,
         "timings": timings,
         "rss_after_import_mb": rss_import,
@@ -300,6 +303,22 @@ def _table(payload: dict) -> list[str]:
                 f"| {kind} | {r['phases']['import']:.1f} | {r['phases']['read']:.1f} | "
                 + " | ".join(f"{t.get(n, float('nan')):.1f}" for n in names)
                 + f" | {r['phases']['draws_1000']:.1f} | {r['rss_after_import_mb']:.0f} |"
+            )
+    evaluated = {k: r for k, r in payload["results"].items() if r.get("evaluation")}
+    if evaluated:
+        lines += ["", "Final evaluation (`result.info['evaluation']`; 200 draws of q):", ""]
+        for kind, r in evaluated.items():
+            e = r["evaluation"]
+            how = (
+                f"difference estimator on {e['batches']} batches, largest row-sampling sd "
+                f"of a log weight {e['max_log_weight_rows_sd']:.3g} nats (their spread "
+                f"{e['log_weights_sd']:.3g}), ELBO row-sampling se {e['elbo_rows_se']:.3g}"
+                if e.get("method") == "difference estimator"
+                else f"exact: {e.get('reason', '')}"
+            )
+            lines.append(
+                f"- {kind}: ELBO {r['elbo']:.2f} ± {r['elbo_se']:.2f}, k̂ {r['khat']:.2f}, "
+                f"{r['timings'].get('evaluate', float('nan')):.1f} s; {how}"
             )
     for kind in ("viax-memory-4dev", "viax-parquet-2proc"):
         r = payload["results"].get(kind, {})

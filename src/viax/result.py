@@ -169,11 +169,38 @@ class Result:
 
     def _in_chunks(self, make_fn, num_samples: int, seed: int) -> list:
         """``make_fn(target, family, chunk)(params, key, data)`` for ⌈num_samples/chunk⌉
-        keys, chunk ≤ 10⁴, so that 10⁶ draws fit in memory."""
+        keys, chunk ≤ 10⁴, so that 10⁶ draws fit in memory; over many rows the sum over
+        rows is taken in blocks too (:meth:`_row_blocks`)."""
         chunk = int(min(num_samples, _CHUNK))
-        fn = make_fn(self.target, self.family, chunk)
+        target, data = self._row_blocks(chunk)
+        fn = make_fn(target, self.family, chunk)
         keys = jax.random.split(jax.random.PRNGKey(seed), -(-num_samples // chunk))
-        return [fn(self.params, key, self.data) for key in keys]
+        return [fn(self.params, key, data) for key in keys]
+
+    def _row_blocks(self, num_draws: int):
+        """``(target, data)`` for ``num_draws`` draws at once: the fit's own where the
+        whole data × draws hold at most 2^27 numbers per array (1 GB); else the
+        log density summed over row blocks (:mod:`viax.infer.chunked`: a scan over blocks
+        sized for these draws, memory O(block × draws), not O(N × draws): 10⁴ draws of a
+        10⁶-row model hold 80 GB in each (draws × rows) array).  A model that cannot be cut
+        (per-row latents, rows used outside their plate) is evaluated whole, as before;
+        ``info["log_weights_rows"]`` says which."""
+        from viax.infer.chunked import WHOLE_ELEMENTS, plan_chunks, row_layout
+
+        if not isinstance(self.data, dict) or not self.data:
+            return self.target, self.data
+        num_rows, _, width = row_layout(self.data)
+        if num_rows * num_draws * (width + 8) <= max(WHOLE_ELEMENTS, _WHOLE_LOG_WEIGHTS):
+            return self.target, self.data
+        try:
+            position = np.asarray(self.family.mean(self.params))
+            chunked, reason = plan_chunks(self.target, self.data, num_draws, position)
+        except (ValueError, TypeError) as error:  # ModelError is a ValueError
+            chunked, reason = None, f"not chunked: {error}"
+        self.info["log_weights_rows"] = reason
+        if chunked is None:
+            return self.target, self.data
+        return chunked, chunked.blocked(self.data)
 
     def log_weights(self, num_samples: int = 1000, seed: int = 0) -> np.ndarray:
         """log p(x, z) − log q(z) for z ~ q, shape (num_samples,)."""
@@ -477,6 +504,8 @@ def mean_and_se(values: np.ndarray) -> tuple[float, float]:
 
 
 _CHUNK = 10_000
+# rows x draws x (numbers per row + 8) above which log weights sum the rows in blocks
+_WHOLE_LOG_WEIGHTS = 2**27
 
 
 @functools.lru_cache(maxsize=128)

@@ -210,17 +210,27 @@ def test_streams_hold_numpy_rows_not_arrow_buffers(tmp_path):
     assert len(reads) == 8, reads
 
 
-def test_first_occurrences_by_position_and_by_sort_agree():
-    """The shuffle buffer's draws keep the first occurrence of each drawn position; the
-    fast path (smallest position per value) and the sort give the same mask."""
-    from viax.data.parquet_source import _first_occurrences
+def test_buffer_draws_several_sub_batches_at_once_and_resumes_inside_a_draw(folder):
+    """With a buffer of 125 rows per stream and sub-batches of 4 rows, a stream draws
+    G = 7 sub-batches at once; resuming at batch 10 (inside the second draw) replays the
+    draws on positions and gives the uninterrupted stream's batches, for 1 or 2
+    processes; an epoch still holds distinct rows, in an order far from the file's."""
+    from viax.data.parquet_source import _draw_unit
 
-    rng = np.random.default_rng(2)
-    for n, m in ((50, 40), (1000, 300), (16896, 584)):
-        values = rng.integers(0, n, size=m)
-        fast = _first_occurrences(values, n)
-        slow = _first_occurrences(values, 65 * m)  # the sort, same values
-        _, first = np.unique(values, return_index=True)
-        expected = np.zeros(m, bool)
-        expected[first] = True
-        assert np.array_equal(fast, expected) and np.array_equal(slow, expected)
+    assert _draw_unit(125, 4) == 7 and _draw_unit(16384, 512) == 8 and _draw_unit(10, 4) == 1
+    src = data.parquet(folder, {"X": ["a", "b"]}, shuffle_buffer=1000)
+    full = list(src.batches(32, seed=3, epoch=1))
+    rows = _rows(full)
+    assert len(np.unique(rows)) == len(rows) == 992
+    assert abs(np.corrcoef(rows, np.arange(len(rows)))[0, 1]) < 0.2
+    for count in (1, 2):
+        for p in range(count):
+            share = list(src.batches(32, seed=3, epoch=1, process_index=p, process_count=count))
+            rest = list(
+                src.batches(
+                    32, seed=3, epoch=1, start_batch=10, process_index=p, process_count=count
+                )
+            )
+            for a, b in zip(share[10:], rest, strict=True):
+                np.testing.assert_array_equal(a["_rows"], b["_rows"])
+                np.testing.assert_array_equal(a["X"], b["X"])

@@ -8,10 +8,13 @@ never of the number of processes):
    read in that order, after ``transform``, they form one virtual sequence of N rows.
 2. The sequence is cut into S equal *streams* (``num_shards``), each of L = ⌊N/S⌋
    consecutive rows (a row group on a cut is read, in part, by both of its streams).
-3. Each stream reads its rows in record batches of ``read_block`` rows, applies
-   ``transform``, and feeds a shuffle buffer of ``shuffle_buffer / S`` rows; every
-   sub-batch is b = B/S rows drawn at random from the buffer (the buffer is refilled
-   to the same size before each draw, so its content depends on the row sequence only).
+3. Each stream reads its rows (a row group's piece at a time; with a ``transform``,
+   in blocks of ``read_block`` rows), and feeds a shuffle buffer of
+   ``shuffle_buffer / S`` rows plus one draw: its slots start with the stream's first
+   rows; every G sub-batches of b = B/S rows (G b ≈ 4096 rows, at most a quarter of
+   the buffer: :func:`_draw_unit`) it draws G b distinct slots at random, hands their
+   rows out in that order as its next G sub-batches, and refills those slots with its
+   next rows (so the draws depend on the row count only, never on where blocks end).
 4. Global batch k is the concatenation of sub-batch k of streams 0, ..., S-1; an epoch
    has ⌊L/b⌋ = ⌊N/B⌋ batches (the rest of each stream, under b rows, and the N mod S
    rows past the last stream are dropped: a different set each epoch).
@@ -56,7 +59,9 @@ __all__ = ["ParquetSource", "parquet", "unique_values"]
 
 _SALT_GROUPS = 0x5EED_0002
 _SALT_STREAM = 0x5EED_0003
+PACKED = "_packed"  # a block's packed rows (see _Buffer); never in a batch handed out
 _BUFFER_BYTES = 128 * 2**20  # default shuffle buffer: at most this many bytes in all
+_DRAW_ROWS = 4096  # rows a stream draws from its buffer at once (see _draw_unit)
 
 
 def _files(path: str | os.PathLike) -> list[Path]:
@@ -71,104 +76,123 @@ def _files(path: str | os.PathLike) -> list[Path]:
     return [path]
 
 
-def _distinct(rng: np.random.Generator, n: int, b: int) -> np.ndarray:
-    """b distinct uniform draws from range(n), in random order, in O(b log b) (NumPy's
-    ``choice(replace=False)`` costs O(n) unless b < n/50)."""
-    if 4 * b > n:
-        return rng.permutation(n)[:b]
-    out = np.empty(0, np.int64)
-    while len(out) < b:
-        draw = rng.integers(0, n, size=b + b // 8 + 8)
-        candidates = np.concatenate([out, draw]) if len(out) else draw
-        out = candidates[_first_occurrences(candidates, n)][:b]
+def _draw_unit(capacity: int, b: int) -> int:
+    """G, the sub-batches a stream draws from its shuffle buffer at once: about
+    ``_DRAW_ROWS`` rows, at most a quarter of the buffer, at least one sub-batch.
+
+    Why not one sub-batch at a time: a draw costs a dozen NumPy calls whatever its size,
+    and with S = 8 streams a sub-batch is only B/8 rows (512 for B = 4096): drawn one at a
+    time, the buffer cost 0.23 CPU-µs per row, as much as decoding the Parquet file.  G is
+    a function of the batch size, the number of streams and the buffer only, so the
+    batch order still does not depend on the process count."""
+    return max(1, min(_DRAW_ROWS // b, capacity // (4 * b)))
+
+
+class _Rows:
+    """The rows of a stream in order, handed out k at a time across block boundaries
+    (views where a block covers the request)."""
+
+    def __init__(self, blocks: Iterator[dict[str, np.ndarray]]) -> None:
+        self.blocks = blocks
+        self.pending: dict[str, np.ndarray] | None = None
+        self.offset = 0
+        self.taken = 0  # rows handed out so far
+
+    def take(self, k: int) -> dict[str, np.ndarray] | None:
+        """The next (at most) k rows; ``None`` at the end of the stream."""
+        parts = []
+        need = k
+        while need > 0:
+            if self.pending is None:
+                self.pending = next(self.blocks, None)
+                self.offset = 0
+                if self.pending is None:
+                    break
+            n = len(self.pending[ROWS])
+            t = min(n - self.offset, need)
+            if t == n:
+                parts.append(self.pending)
+            else:
+                parts.append({c: v[self.offset : self.offset + t] for c, v in self.pending.items()})
+            self.offset += t
+            need -= t
+            if self.offset >= n:
+                self.pending = None
+        self.taken += k - need
+        return _concat(parts) if parts else None
+
+
+class _Buffer:
+    """A shuffle buffer of fixed slots: it starts with the stream's first rows in its
+    slots; a draw takes m distinct occupied slots uniformly at random, in random order,
+    and the stream's next rows refill those very slots, so no row moves inside the
+    buffer.  The slots hold packed rows (every column of a row in one record, see
+    :func:`_packed_rows`): a draw is one gather and one scatter of whole rows, not one
+    per column (the columns of a random row would be as many cache misses).  Once the
+    stream is exhausted the emptied slots are tracked in ``live``.  The draws depend on
+    the row count alone (``rng.choice`` on the number of occupied slots), so replaying
+    them on row positions reproduces them."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self.packed: np.ndarray | None = None  # (slots,) packed rows
+        self.records: np.ndarray | None = None  # the same memory, one np.void per row
+        self.live: np.ndarray | None = None  # occupied slots, once not all are
+
+    def fill(self, where: np.ndarray, block: dict[str, np.ndarray]) -> None:
+        """Write the rows of ``block`` into slots ``where`` (allocating on first use)."""
+        rows = _packed_rows(block)
+        if self.packed is None:
+            self.packed = np.empty(self.slots, rows.dtype)
+            self.records = self.packed.view(np.dtype((np.void, rows.dtype.itemsize)))
+        self.records[where] = rows.view(self.records.dtype)
+
+    def start(self, rows: _Rows) -> None:
+        first = rows.take(self.slots)
+        if first is None:
+            raise AssertionError("a Parquet stream has no rows")  # the epoch's count fits
+        n = len(first[ROWS])
+        self.fill(np.arange(n), first)
+        self.live = None if n == self.slots else np.arange(n)
+
+    def draw(self, rng: np.random.Generator, m: int, rows: _Rows) -> dict[str, np.ndarray]:
+        """m rows drawn at random (distinct), their slots refilled from ``rows``."""
+        if self.live is None:
+            chosen = rng.choice(self.slots, m, replace=False)
+        else:
+            chosen = self.live[rng.choice(len(self.live), m, replace=False)]
+        out = _fields(self.records.take(chosen).view(self.packed.dtype))
+        new = rows.take(m)
+        filled = 0 if new is None else len(new[ROWS])
+        if filled:
+            self.fill(chosen[:filled], new)
+        if filled < m:  # the stream ran out: those slots stay empty
+            live = np.arange(self.slots) if self.live is None else self.live
+            keep = np.ones(self.slots, bool)
+            keep[chosen[filled:]] = False
+            self.live = live[keep[live]]
+        return out
+
+
+def _fields(packed: np.ndarray) -> dict[str, np.ndarray]:
+    """A block over packed rows: each column a (strided) view of its field, and the
+    packed rows themselves under ``PACKED``."""
+    out = {name: packed[name] for name in packed.dtype.names}
+    out[PACKED] = packed
     return out
 
 
-def _first_occurrences(values: np.ndarray, n: int) -> np.ndarray:
-    """Mask of the first occurrence of each value of ``values`` (ints in range(n)), in
-    their order.  For a small range (the shuffle buffer: n ≈ 33 × len(values)) by the
-    smallest position of each value (``np.minimum.at``, well defined for repeats):
-    twice as fast as the sort, and the pool draws once per 512-row sub-batch."""
-    m = len(values)
-    position = np.arange(m)
-    if n <= 64 * m:
-        first = np.full(n, m, np.intp)
-        np.minimum.at(first, values, position)
-        return first[values] == position
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    repeat = np.zeros(m, bool)
-    repeat[order[1:][ordered[1:] == ordered[:-1]]] = True
-    return ~repeat
-
-
-class _Pool:
-    """A shuffle buffer: rows appended at the end, b rows taken at random positions,
-    the holes filled from the tail (O(b) per draw, no O(buffer) copies).  Without a
-    generator it is a FIFO queue (no shuffling)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.arrays: dict[str, np.ndarray] | None = None
-        self.rows: dict[str, np.ndarray] = {}  # one-element-per-row views (see _views)
-        self.size = 0
-
-    def _views(self) -> None:
-        """For each array, a 1-D view with one element per row: ``np.void`` of the
-        row's bytes for a C-contiguous array of rows, which NumPy gathers and scatters
-        3-4 times faster than the rows of a 2-D array (512 rows of 80 bytes: 20 us
-        against 80 us; the pool does it for every sub-batch)."""
-        self.rows = {}
-        for k, v in self.arrays.items():
-            if v.ndim > 1 and v.flags.c_contiguous and v[0].nbytes:
-                void = np.dtype((np.void, v[0].nbytes))
-                self.rows[k] = v.reshape(len(v), -1).view(void).reshape(len(v))
-            else:
-                self.rows[k] = v
-
-    def add(self, block: Mapping[str, np.ndarray], n: int) -> None:
-        if self.arrays is None:
-            self.arrays = {
-                k: np.empty((max(n, self.capacity), *v.shape[1:]), v.dtype)
-                for k, v in block.items()
-            }
-            self._views()
-        allocated = len(next(iter(self.arrays.values())))
-        if self.size + n > allocated:
-            grow = max(self.size + n, 2 * allocated)
-            for k, v in self.arrays.items():
-                bigger = np.empty((grow, *v.shape[1:]), v.dtype)
-                bigger[: self.size] = v[: self.size]
-                self.arrays[k] = bigger
-            self._views()
-        for k, v in self.arrays.items():
-            v[self.size : self.size + n] = block[k]
-        self.size += n
-
-    def take(self, rng: np.random.Generator | None, b: int) -> dict[str, np.ndarray]:
-        n = self.size
-        self.size = n - b
-        if rng is None:
-            out = {k: v[:b].copy() for k, v in self.arrays.items()}
-            for v in self.arrays.values():
-                v[: n - b] = v[b:n].copy()
-            return out
-        idx = _distinct(rng, n, b)
-        tail = n - b
-        taken_tail = np.zeros(b, bool)
-        taken_tail[idx[idx >= tail] - tail] = True
-        holes = idx[idx < tail]
-        movers = tail + np.flatnonzero(~taken_tail)
-        out = {}
-        for k, v in self.arrays.items():
-            rows = self.rows[k]
-            if rows is v:
-                out[k] = v[idx]
-                v[holes] = v[movers]
-            else:
-                out[k] = rows.take(idx).view(v.dtype).reshape((b, *v.shape[1:]))
-                rows[holes] = rows.take(movers)
-        return out
+def _packed_rows(block: dict[str, np.ndarray]) -> np.ndarray:
+    """The block's rows as one contiguous structured array (a record per row); the
+    block's own when it has one."""
+    if PACKED in block:
+        return np.ascontiguousarray(block[PACKED])
+    names = [k for k in block if k != MASK]
+    dtype = np.dtype([(k, block[k].dtype, block[k].shape[1:]) for k in names])
+    packed = np.empty(len(block[ROWS]), dtype)
+    for k in names:
+        packed[k] = block[k]
+    return packed
 
 
 class ParquetSource(Source):
@@ -295,7 +319,9 @@ class ParquetSource(Source):
             batch_size=min(self.read_block, 1024), row_groups=[rg], columns=self.read
         )
         block = self._assemble(self._raw(next(reader), first), 0)  # may be empty: shapes only
-        return {k: (tuple(v.shape[1:]), v.dtype) for k, v in block.items() if k != ROWS}
+        return {
+            k: (tuple(v.shape[1:]), v.dtype) for k, v in block.items() if k not in (ROWS, PACKED)
+        }
 
     @property
     def columns(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -368,10 +394,12 @@ class ParquetSource(Source):
         table = handle.read_row_group(rg, columns=self.read, use_threads=False)
         blocks: list[dict[str, np.ndarray]] = []
         if self.transform is None:
+            # One block for the whole piece: the group is decoded whole anyway, and one
+            # matrix per piece costs fewer calls than one per record batch.
             stop = table.num_rows if stop is None else min(stop, table.num_rows)
-            for lo in range(start, stop, self.read_block):
-                part = table.slice(lo, min(self.read_block, stop - lo))
-                blocks.append(self._assemble(self._raw(part, first + lo), g))
+            if start < stop:
+                part = table.slice(start, stop - start)
+                blocks.append(self._assemble(self._raw(part, first + start), g))
         else:
             kept = 0  # rows after transform before this block
             for lo in range(0, table.num_rows, self.read_block):
@@ -389,9 +417,17 @@ class ParquetSource(Source):
         return blocks
 
     def _raw(self, part: Any, first_row: int) -> dict[str, np.ndarray]:
-        raw = {
-            name: self._to_numpy(name, part.column(i)) for i, name in enumerate(part.schema.names)
-        }
+        raw = {}
+        for i, name in enumerate(part.schema.names):
+            column = part.column(i)
+            if name not in self._codes and getattr(column, "num_chunks", 0) == 1:
+                # The chunk's own conversion: zero-copy for numbers without nulls (the
+                # chunked array's conversion copies).
+                column = column.chunk(0)
+            if name not in self._codes:
+                raw[name] = column.to_numpy(zero_copy_only=False)
+            else:
+                raw[name] = self._to_numpy(name, column)
         raw[ROWS] = np.arange(first_row, first_row + part.num_rows, dtype=np.int64)
         return raw
 
@@ -436,7 +472,7 @@ class ParquetSource(Source):
                     )
                 block[ROWS] = raw[ROWS]
         rows = block[ROWS]
-        out: dict[str, np.ndarray] = {}
+        fields: list[tuple[str, Any]] = []
         for name, spec in self.outputs.items():
             sources = [spec] if isinstance(spec, str) else list(spec)
             for c in sources:
@@ -471,12 +507,25 @@ class ParquetSource(Source):
                         f"column {c!r} is null at {self.where(int(rows[i]))}; its code is -1 "
                         "there: drop such rows in transform= (keep = block[name] >= 0)"
                     )
+            columns = [np.asarray(block[c]) for c in sources]
             if isinstance(spec, str):
-                out[name] = block[spec]
+                fields.append((name, columns[0].dtype, columns[0].shape[1:], columns))
+            else:  # the columns stacked on a last axis, as np.stack(..., axis=-1)
+                shape = (*columns[0].shape[1:], len(columns))
+                fields.append((name, np.result_type(*columns), shape, columns))
+        # Packed rows: every column of a row in one record, so the shuffle buffer moves
+        # whole rows (one gather, one scatter), and each column is a view of its field.
+        dtype = np.dtype([(n, d, shape) for n, d, shape, _ in fields] + [(ROWS, np.int64)])
+        packed = np.empty(len(rows), dtype)
+        for name, _, _, columns in fields:
+            target = packed[name]
+            if len(columns) == 1 and isinstance(self.outputs[name], str):
+                target[...] = columns[0]
             else:
-                out[name] = np.stack([block[c] for c in sources], axis=-1)
-        out[ROWS] = rows.astype(np.int64, copy=False)
-        return out
+                for j, column in enumerate(columns):
+                    target[..., j] = column
+        packed[ROWS] = rows
+        return _fields(packed)
 
     def _streams(
         self, seed: int, epoch: int, num_shards: int, remainder: str
@@ -594,54 +643,42 @@ class ParquetSource(Source):
                 yield out
             return
 
-        state = {"pending": None, "absorbed": 0}
+        if rng is None:  # no shuffling: the stream's rows in order
+            rows = _Rows(blocks(skip * b))
+            for _ in range(skip, count):
+                yield rows.take(b)
+            return
 
-        def fill(pool: _Pool, source: Iterator) -> None:
-            # Refill to exactly capacity + b rows (or to the end of the stream), splitting
-            # blocks, so the draws depend on the row sequence alone, not on where record
-            # batches end.
-            while pool.size < capacity + b:
-                pending = state["pending"]
-                if pending is None:
-                    pending = next(source, None)
-                    if pending is None:
-                        break
-                n = len(pending[ROWS])
-                need = capacity + b - pool.size
-                if n <= need:
-                    pool.add(pending, n)
-                    state["pending"] = None
-                else:
-                    pool.add({c: v[:need] for c, v in pending.items()}, need)
-                    state["pending"] = {c: v[need:] for c, v in pending.items()}
-                    n = need
-                state["absorbed"] += n
-
-        first = 0
-        pool = _Pool(capacity + b)
-        if skip:
+        # Draws of G sub-batches from a buffer of capacity + G b slots (see _Buffer).
+        group = _draw_unit(capacity, b)
+        sizes = [b * (min(j + group, count) - j) for j in range(0, count, group)]
+        buffer = _Buffer(capacity + group * b)
+        first_unit, drop = divmod(skip, group)
+        if first_unit:
             # Resume without reading: the draws depend on the row counts alone, which are
             # known (metadata, or the counting pass of a transform).  Replay them on row
             # positions, then read only the rows left in the buffer.
-            positions = _Pool(capacity + b)
-            index_blocks = (
+            positions = _Rows(
                 {ROWS: np.arange(base[g] + start, base[g] + stop, dtype=np.int64)}
                 for g, start, stop in pieces
             )
-            for _ in range(skip):
-                fill(positions, index_blocks)
-                positions.take(rng, b)
-            if positions.size:
-                kept = positions.arrays[ROWS][: positions.size]
-                pool.add(self._positions_data(kept, base, handles), positions.size)
-            state["pending"] = None
-            first = skip
-        source = blocks(state["absorbed"])
-        for _ in range(first, count):
-            fill(pool, source)
-            if pool.size < b:  # cannot happen: the epoch's count fits every stream
-                raise AssertionError("a Parquet stream ran out of rows")
-            yield pool.take(rng, b)
+            replay = _Buffer(buffer.slots)
+            replay.start(positions)
+            for m in sizes[:first_unit]:
+                replay.draw(rng, m, positions)
+            occupied = np.arange(buffer.slots) if replay.live is None else replay.live
+            kept = replay.packed[ROWS][occupied]
+            buffer.fill(occupied, self._positions_data(kept, base, handles))
+            buffer.live = replay.live
+            rows = _Rows(blocks(positions.taken))
+        else:
+            rows = _Rows(blocks())
+            buffer.start(rows)
+        for m in sizes[first_unit:]:
+            unit = buffer.draw(rng, m, rows)
+            for i in range(drop, m // b):
+                yield {k: v[i * b : (i + 1) * b] for k, v in unit.items()}
+            drop = 0
 
     def _head(self, pieces, b: int, handles: dict[int, Any]) -> Iterator[dict[str, np.ndarray]]:
         """The first (at most) b rows of a stream: its padding."""
@@ -737,17 +774,33 @@ class ParquetSource(Source):
         release the GIL), which changes nothing in the result."""
         if threads <= 1:
             for parts in zip(*streams, strict=True):
-                yield _concat(list(parts))
+                yield _batch(parts)
             return
         with ThreadPoolExecutor(threads, thread_name_prefix="viax-parquet") as pool:
             for _ in range(count):
-                yield _concat(list(pool.map(next, streams)))
+                yield _batch(list(pool.map(next, streams)))
+
+
+def _batch(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The streams' sub-batches joined into the batch handed out: one contiguous array
+    per column (the sub-batches' columns are views of packed rows)."""
+    return {
+        k: np.concatenate([p[k] for p in parts]) if len(parts) > 1 else np.ascontiguousarray(v)
+        for k, v in parts[0].items()
+        if k != PACKED
+    }
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if len(parts) == 1:
         return parts[0]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out: dict[str, np.ndarray] = {}
+    if PACKED in parts[0]:  # one copy of the packed rows; the columns are its fields
+        out = _fields(np.concatenate([p[PACKED] for p in parts]))
+    for k in parts[0]:
+        if k not in out:
+            out[k] = np.concatenate([p[k] for p in parts])
+    return out
 
 
 def parquet(
@@ -790,7 +843,8 @@ def parquet(
         num_shards: S, the streams an epoch is cut into (see the module docstring);
             the number of processes must divide it.  Default: the largest of 8, 4, 2, 1
             dividing the batch size.  It sets the batch order: keep it across runs.
-        read_block: rows per Arrow record batch read.
+        read_block: rows per block handed to ``transform`` (without a transform, a
+            stream's piece of a row group is one block).
         check_finite: raise :class:`DataError` naming the column, file, row group and
             row of any NaN or infinity.
         num_threads: threads reading this process's streams concurrently (default: half
