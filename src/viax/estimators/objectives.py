@@ -115,6 +115,7 @@ def objective_value_and_grad(
     theta: Any,
     phi: Any,
     row_scale=1.0,
+    draw_and_log_q_fn: Callable[[Any], tuple[Any, jax.Array]] | None = None,
 ):
     """The objective's estimate and the gradient of its *negative* (a loss) in (θ, φ).
 
@@ -122,6 +123,11 @@ def objective_value_and_grad(
         log_p_fn: ``(theta, z) -> (K, R)`` log p_θ(x_r, z_kr).
         draw_fn: ``phi -> z``, a pytree whose leaves lead with (K,) or (K, R) axes.
         log_q_fn: ``(phi, z) -> (K, R)`` log q_φ(z_kr | x_r).
+        draw_and_log_q_fn: optional ``phi -> (z, log q_φ(z))`` equal to
+            ``(draw_fn(phi), log_q_fn(phi, draw_fn(phi)))`` in value and gradient but
+            cheaper (one pass of an encoder instead of two); used where q's parameters
+            are differentiated in log q (not for ``stick_the_landing`` nor DReG, whose
+            log q holds them fixed).
 
     Returns:
         ``(value, (grad_theta, grad_phi))``.
@@ -130,6 +136,9 @@ def objective_value_and_grad(
         return _dreg(objective, log_p_fn, draw_fn, log_q_fn, theta, phi, row_scale)
 
     def loss(theta, phi):
+        if draw_and_log_q_fn is not None and not objective.stop_q:
+            z, log_q = draw_and_log_q_fn(phi)
+            return -objective.value(log_p_fn(theta, z) - log_q, row_scale)
         z = draw_fn(phi)
         q_params = jax.lax.stop_gradient(phi) if objective.stop_q else phi
         log_weights = log_p_fn(theta, z) - log_q_fn(q_params, z)
