@@ -935,8 +935,9 @@ def fit_minibatch(
             no pickle) at most every ``checkpoint_every`` seconds and at the end;
             ``resume=True`` continues from ``checkpoint_path`` (or a path given) with
             the numbers the uninterrupted run would have produced.
-        evaluate: after the run, one pass over the data with 200 draws of q for the
-            final ELBO and PSIS k̂.
+        evaluate: after the run, the final ELBO and PSIS k̂ from 200 draws of q: over
+            many rows by a difference estimator on 32 sampled batches, its row-sampling
+            error reported (``info["evaluation"]``, see :class:`_Evaluator`).
 
     Returns:
         a :class:`~viax.result.Result` over the global latents (``result.sample()``,
@@ -1430,9 +1431,10 @@ class _Evaluator:
     over C for every draw, and its row-sampling variance
     K² (1 − k/K) Var_c(R_c(z)) / k is second order in z − μ (measured on the 10⁶-row
     logistic regression of benchmarks/synthetic_logistic.py: at most 0.2 nats, where
-    the log weights spread 7.7 nats; there 200 draws over every row had cost a third of
-    the fit, and half of it at 10⁷ rows).  Each log weight's row-sampling sd is computed; if the largest
-    exceeds a tenth of the spread (sd) of the log weights the pass is redone exactly:
+    the log weights spread 7.7 nats; there 200 draws over every row had cost a third
+    of the fit, and half of it at 10⁷ rows).  Each log weight's row-sampling sd is
+    computed; if the largest exceeds a tenth of the spread (sd) of the log weights the
+    pass is redone exactly:
     noise of sd σ_e on log weights of spread σ_w acts like a spread of
     √(σ_w² + σ_e²), 0.5% more at σ_e = σ_w / 10, which moves neither k̂ nor the ELBO's
     se visibly.  ``last`` says which was used and the errors
