@@ -906,14 +906,25 @@ def _minibatch(
                 k: (jax.lax.with_sharding_constraint(v, rows_sharding) if k in keys else v)
                 for k, v in batch.items()
             }
-        if transform_batch is not None:
-            key_eps, key_transform = threefry.split(key_eps)
-            batch = {**batch, **transform_batch(key_transform, {k: batch[k] for k in keys})}
-        eps = q.normal_noise(key_eps, num_samples, batch_size)
-        # Materialise the random draws once: XLA otherwise fuses the (unrolled) hash into
-        # each of their consumers and computes it again in each (the binarized batch
-        # feeds the encoder and the likelihood, ε the draw, log q and the gradient).
-        batch, eps = jax.lax.optimization_barrier((batch, eps))
+
+        def draw(operand):
+            key_eps, rows = operand
+            if transform_batch is not None:
+                key_eps, key_transform = threefry.split(key_eps)
+                rows = {**rows, **transform_batch(key_transform, rows)}
+            return rows, q.normal_noise(key_eps, num_samples, batch_size)
+
+        # A conditional is a fusion boundary, so the draws are computed once and stored:
+        # XLA otherwise fuses the unrolled hash (and the hash of the keys) into every
+        # consumer and recomputes it per element of each (the binarized rows feed the
+        # encoder and the likelihood; ε the draw, log q and three gradients).  The
+        # predicate is always true but not known to the compiler.
+        rows, eps = jax.lax.cond(
+            state.guard.step >= 0, draw, draw, (key_eps, {k: batch[k] for k in keys})
+        )
+        if rows_sharding is not None:
+            rows = {k: jax.lax.with_sharding_constraint(v, rows_sharding) for k, v in rows.items()}
+        batch = {**batch, **rows}
 
         def log_p_fn(theta_u, z):
             return q.log_p(_constrain_theta(target, theta_u), z, batch, row_scale)
