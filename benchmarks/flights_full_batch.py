@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
-from _common import command_line, machine, today, write_json
+from _common import command_line, machine, peak_rss_mb, today, write_json
 from flights import GLOBALS, _summary, load_arrays, make_model
 
 
@@ -57,7 +56,7 @@ def run(num_draws: int | None, num_steps: int | None, family: str) -> dict:
         "elbo": result.elbo,
         "khat": result.khat,
         "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
@@ -75,6 +74,10 @@ def _fit_record(result, wall: float, num_rows: int) -> dict:
         "num_draws": info["num_draws"],
         "chunks": info["chunks"],
         "curvature": info["curvature"],
+        "curvature_reason": info.get("curvature_reason"),
+        "map_hessians": info.get("map_newton_steps"),
+        "map_decrement": info.get("map_decrement"),
+        "rewhitened_after": info.get("rewhitened_after"),
         "preconditioner": info["preconditioner"],
         "map_steps": info["map_steps"],
     }
@@ -117,7 +120,7 @@ def run_synthetic(num_rows: int, num_draws: int | None, family: str) -> dict:
             float(np.min(sd / reference["sd"])),
             float(np.max(sd / reference["sd"])),
         ],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 

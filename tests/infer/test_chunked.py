@@ -149,11 +149,12 @@ def test_chunked_fit_with_diagonal_curvature_equals_whole_fit(monkeypatch):
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", SMALL_BLOCKS)
     monkeypatch.setattr(chunked, "WHOLE_ELEMENTS", 0)
     monkeypatch.setattr(chunked, "_PLANS", {})
-    monkeypatch.setattr(dadvi, "DENSE_HESSIAN_MAX_DIM", 4)
+    monkeypatch.setattr(chunked, "DENSE_CURVATURE_SECONDS", 0.0)  # no dense Hessian
     monkeypatch.setattr(dadvi, "_BLOCK_SITE_SIZE", 1)  # a, b, tau: z stays diagonal
     parts = viax.fit(hierarchical, data, num_draws=16, seed=0, progress=False, path="full-batch")
     assert parts.info["chunks"] == "500 rows in 7 blocks of 72 (16 draws)"
     assert parts.info["curvature"] == "Hessian diagonal + dense block of 3 coordinates"
+    assert parts.info["curvature_reason"].startswith("Hessian diagonal: the dense curvature")
     assert parts.info["path_reason"] == "asked for (path='full-batch')"
     # The same optimum of the same fixed-draw objective, reached through another
     # preconditioner: L-BFGS stops within ~1e-6 of it (posterior sds here are 0.1-1).

@@ -50,7 +50,11 @@ __all__ = [
     "WHOLE_ELEMENTS",
     "FULL_BATCH_SECONDS",
     "ChunkedTarget",
+    "DENSE_CURVATURE_MEMORY",
+    "DENSE_CURVATURE_SECONDS",
+    "dense_curvature_plan",
     "full_batch_estimate",
+    "hvp_group",
     "hessian_diagonal",
     "log_density_many",
     "plan_chunks",
@@ -134,6 +138,94 @@ def full_batch_estimate(data: Mapping[str, Any] | None, num_draws: int = 64) -> 
     )
 
 
+# The dense D × D curvature (the Hessian from D Hessian-vector products, and its
+# factorisation) is formed when _DENSE_COPIES float64 D × D matrices fit in this
+# fraction of the available memory and _DENSE_HESSIANS Hessians plus one
+# eigendecomposition are expected within DENSE_CURVATURE_SECONDS; otherwise the exact
+# diagonal and a dense block of the small sites (:func:`hessian_diagonal`).
+DENSE_CURVATURE_MEMORY = 0.25
+DENSE_CURVATURE_SECONDS = 300.0
+_DENSE_COPIES = 8  # H, its scaled copy, eigenvectors, the factor, XLA's workspace
+_DENSE_HESSIANS = 3  # at the start of the MAP search, after its first round, at the MAP
+# A batch of Hessian-vector products costs about this many passes of _SECONDS_PER_NUMBER
+# per direction (forward-over-reverse; measured: 4,170 products over 30,000 flights rows
+# in 61 s on the shared machine at load 5, i.e. 7 such passes; a quiet machine ~half).
+_HVP_PASSES = 4.0
+# eigh of a D × D float64 matrix takes about this × D³ seconds: 4,170 in 25-35 s on this
+# project's shared 2-core machine (NumPy and XLA alike).
+_EIGH_SECONDS_PER_CUBE = 4.5e-10
+# The dense Hessian reads at least this many rows when it reads a sample of them.
+_MIN_CURVATURE_ROWS = 16384
+
+
+def dense_curvature_plan(
+    dim: int, data: Mapping[str, Any] | None
+) -> tuple[bool, str, int | None]:
+    """``(dense, reason, rows)``: whether the set-up forms the dense D × D Hessian of the
+    log density (memory and time budget) or its exact diagonal plus a dense block of the
+    small sites, a sentence saying why (``info["curvature_reason"]``), and the rows the
+    dense Hessian reads (None: all).
+
+    A hierarchical posterior has long ridges no diagonal undoes: an intercept against
+    every group effect, a carrier's effect against those of its planes, a scale against
+    its effects.  Their dense curvature costs D²·8 bytes (139 MB at D = 4,170) and D
+    Hessian-vector products, each about :data:`_HVP_PASSES` passes over the rows, so it
+    is chosen by that memory and time, not by D alone.  Where the passes over every
+    row would not fit the time, the Hessian reads every k-th block of rows, at least
+    :data:`_MIN_CURVATURE_ROWS` (it only preconditions: the optimum does not depend on
+    it, the number of steps does)."""
+    arrays = {k: v for k, v in (data or {}).items() if np.ndim(v) > 0}
+    num_rows, _, width = row_layout(arrays)
+    per_number = _DENSE_HESSIANS * dim * _HVP_PASSES * _SECONDS_PER_NUMBER
+
+    def seconds(rows):  # the Hessians' passes over ``rows`` rows, and one eigh
+        numbers = max(rows * (width + _ROW_OVERHEAD), dim)
+        return per_number * numbers + _EIGH_SECONDS_PER_CUBE * float(dim) ** 3
+
+    memory = _DENSE_COPIES * 8.0 * float(dim) ** 2
+    available = _available_memory()
+    if memory > DENSE_CURVATURE_MEMORY * available:
+        return False, (
+            f"Hessian diagonal: {dim} x {dim} dense curvature ({memory / 1e9:.3g} GB in "
+            f"{_DENSE_COPIES} copies) over {DENSE_CURVATURE_MEMORY:.0%} of the "
+            f"{available / 1e9:.3g} GB available"
+        ), None
+    rows = num_rows
+    if seconds(num_rows) > DENSE_CURVATURE_SECONDS:
+        spare = DENSE_CURVATURE_SECONDS - seconds(0)
+        rows = int(max(0.0, spare) / (per_number * (width + _ROW_OVERHEAD)))
+    least = min(num_rows, _MIN_CURVATURE_ROWS)
+    if rows < least or seconds(rows) > DENSE_CURVATURE_SECONDS:
+        return False, (
+            f"Hessian diagonal: the dense curvature would take about {seconds(least):.3g} s "
+            f"({_DENSE_HESSIANS} x {dim} Hessian-vector products over {least} rows), over "
+            f"its {DENSE_CURVATURE_SECONDS:.3g} s budget"
+        ), None
+    sample = "" if rows >= num_rows else f" from about {rows} of the {num_rows} rows"
+    return True, (
+        f"dense Hessian{sample}: {dim} x {dim} ({memory / 1e9:.3g} GB in {_DENSE_COPIES} "
+        f"copies), about {seconds(rows):.3g} s within the {DENSE_CURVATURE_SECONDS:.3g} s "
+        "budget"
+    ), (None if rows >= num_rows else rows)
+
+
+def hvp_group(target, data: Mapping[str, Any], dim: int) -> int:
+    """Hessian-vector products taken at once (``jax.lax.map``'s batch size) when the
+    dense Hessian is formed: ``draw_group`` for a :class:`ChunkedTarget` (its blocks
+    are sized for that many draws); for a whole target all ``dim`` when dim × rows ×
+    numbers per row is within :data:`WHOLE_ELEMENTS` (as before blocks existed), else
+    as many as fit in :data:`BLOCK_ELEMENTS` (4,170 products over 30k rows at once held
+    gigabytes)."""
+    if isinstance(target, ChunkedTarget):
+        return max(1, min(dim, target.draw_group))
+    arrays = {k: v for k, v in (data or {}).items() if np.ndim(v) > 0}
+    num_rows, _, width = row_layout(arrays)
+    per_direction = max(1, num_rows * (width + _ROW_OVERHEAD))
+    if dim * per_direction <= WHOLE_ELEMENTS:
+        return dim
+    return max(1, min(dim, BLOCK_ELEMENTS // per_direction))
+
+
 def block_size_for(num_rows: int, width: int, num_draws: int) -> int:
     """Rows per block so that one block of ``num_draws`` draws holds about
     :data:`BLOCK_ELEMENTS` numbers per array; the blocks balanced over the rows."""
@@ -195,10 +287,25 @@ class ChunkedTarget:
         constants = {k: v for k, v in arrays.items() if k not in self.row_names}
         return {"blocks": blocks, "constants": constants}
 
-    def log_density(self, position: jax.Array, data: Mapping[str, Any]) -> jax.Array:
-        """G(u) + Σ_k Σ_{i∈B_k} mask_i ℓ_i(u) for ``u`` (D,); see the module docstring."""
+    def curvature_stride(self, rows: int) -> int:
+        """Every how many blocks the dense curvature reads to see about ``rows`` rows."""
+        wanted = max(1, math.ceil(rows / self.block_size))
+        return max(1, self.num_blocks // wanted)
+
+    def log_density(
+        self, position: jax.Array, data: Mapping[str, Any], stride: int = 1
+    ) -> jax.Array:
+        """G(u) + Σ_k Σ_{i∈B_k} mask_i ℓ_i(u) for ``u`` (D,); see the module docstring.
+
+        ``stride`` > 1: only every stride-th block, its row sum scaled by N / (rows
+        read), an estimate of the same density for the dense curvature of a large data
+        set (:func:`dense_curvature_plan`: a preconditioner, so an estimate serves)."""
         blocks, constants = data["blocks"], data["constants"]
         bm = self.batched
+        scale = None
+        if stride > 1:
+            blocks = {k: v[::stride] for k, v in blocks.items()}
+            scale = self.num_rows / jnp.sum(blocks[MASK]).astype(position.dtype)
 
         def parts(block):
             batch = {**constants, **{k: v for k, v in block.items() if k != MASK}}
@@ -213,7 +320,7 @@ class ChunkedTarget:
         local_sum, _ = jax.lax.scan(
             jax.checkpoint(body, prevent_cse=False), jnp.zeros((), position.dtype), blocks
         )
-        return global_sum + local_sum
+        return global_sum + (local_sum if scale is None else scale * local_sum)
 
 
 def log_density_many(target, positions: jax.Array, data) -> jax.Array:

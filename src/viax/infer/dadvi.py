@@ -56,7 +56,7 @@ import scipy.linalg
 
 from viax.estimators.reparam import elbo_from_noise
 from viax.families.gaussian import Family, FullRank
-from viax.infer.chunked import ChunkedTarget, hessian_diagonal, log_density_many
+from viax.infer.chunked import hessian_diagonal, hvp_group, log_density_many
 from viax.infer.driver import Guard, guard_init, jit_once
 from viax.infer.optimize import LBFGSState, lbfgs
 from viax.model import Target
@@ -72,6 +72,7 @@ __all__ = [
     "build_dadvi",
     "build_setup",
     "curvature_block",
+    "host_whitening",
     "laplace_diagonal",
     "laplace_factor",
 ]
@@ -128,9 +129,6 @@ MAP_DECREMENT_OK = 1e-3
 # largest are floored: a posterior correlation of 1 − 1e-8 gives 2e-8, so only directions
 # that float64 cannot resolve are touched.
 _EIGEN_FLOOR = 1e-13
-# Up to this dimension the means of mean-field and low-rank q are whitened by the full
-# Laplace factor (a D × D matrix in the objective); above, by the diagonal alone.
-_LOC_WHITENING_MAX_DIM = 500
 # Up to this dimension the set-up forms the dense Hessian (D Hessian-vector products);
 # above, its exact diagonal (hessian_diagonal: a few products per site).
 DENSE_HESSIAN_MAX_DIM = 500
@@ -176,6 +174,40 @@ def laplace_diagonal(diag: jax.Array, grad: jax.Array):
     return None, scale, decrement, min_eig, jnp.all(good & (diag > 0))
 
 
+_LBFGS_MEMORY = 10
+_LBFGS_MEMORY_LARGE = 30  # D > DENSE_HESSIAN_MAX_DIM
+_SHIFTS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)
+
+
+def host_whitening(hess: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """``(scale, factor, kind)`` on the host, for a dense Hessian H (D, D) of −log p̃:
+    the map u = c + S F w, S = diag(scale) = diag(|H_ii|)^(−1/2) (Jacobi), turns H into
+    (about) I in w: gradient g_w = Fᵀ S g, Newton decrement ‖g_w‖².
+
+    F = C⁻ᵀ with C = chol(S H S + shift·I) for the smallest shift of :data:`_SHIFTS`
+    that makes it positive definite (D³/3 flops: 2-6 s at D = 4,170 here, ``kind``
+    "cholesky").  Where none does, F is None (I: ``kind`` "diagonal", the Jacobi
+    scaling alone): at the start of a non-centred hierarchical model every effect is 0,
+    a saddle where each scale's row of H holds its effects' gradients.  There the
+    saddle-free |H| (eigh, 25-150 s at D = 4,170) was tried and measured worse: on 30,000
+    flights rows its round stopped at 1,000 L-BFGS steps where the diagonal's converged
+    in 640."""
+    diag = np.abs(np.diagonal(hess))
+    good = np.isfinite(diag) & (diag > 0)
+    scale = np.where(good, 1.0 / np.sqrt(np.where(good, diag, 1.0)), 1.0)
+    scaled = scale[:, None] * hess * scale[None, :]
+    scaled = 0.5 * (scaled + scaled.T)
+    eye = np.eye(scaled.shape[0])
+    for shift in _SHIFTS:
+        try:
+            chol = np.linalg.cholesky(scaled + shift * eye)
+        except np.linalg.LinAlgError:
+            continue
+        if np.all(np.isfinite(chol)):
+            return scale, scipy.linalg.solve_triangular(chol, eye, lower=True).T, "cholesky"
+    return scale, None, "diagonal"
+
+
 _BLOCK_SITE_SIZE = 8  # sites this small join the dense block of a large model
 _MAX_BLOCK = 64
 
@@ -192,7 +224,9 @@ def curvature_block(target) -> np.ndarray:
     return np.asarray(index if len(index) > 1 else [], dtype=np.int32)
 
 
-def build_setup(target: Target, family: Family):
+def build_setup(
+    target: Target, family: Family, dense: bool | None = None, curvature_stride: int = 1
+):
     """``(map_objective, hessian, prepare)``: the negative log density and its gradient
     ``(u, data) -> (value, grad)`` for the MAP search (run on the host by
     :func:`~viax.infer.optimize.minimize_on_host`), its Hessian ``(u, data) -> (D, D)``
@@ -208,7 +242,17 @@ def build_setup(target: Target, family: Family):
     MAP was found (``map_ok``), and also when it was not but the point lies within the
     posterior's typical set by the Hessian's own measure (decrement ≤ D), with the
     Hessian made positive definite (:func:`laplace_factor`); otherwise (no mode, as in
-    a funnel, or a non-finite point) it is the identity at the initial point."""
+    a funnel, or a non-finite point) it is the identity at the initial point.
+
+    ``dense`` (default: D ≤ :data:`DENSE_HESSIAN_MAX_DIM`; the fit passes
+    :func:`~viax.infer.chunked.dense_curvature_plan`'s memory and time budget) forms the
+    dense Hessian from D Hessian-vector products, :func:`~viax.infer.chunked.hvp_group`
+    at a time, and whitens the means of every family by its factor; from every
+    ``curvature_stride``-th block of rows of a :class:`~viax.infer.chunked.ChunkedTarget`
+    (:meth:`~viax.infer.chunked.ChunkedTarget.log_density`'s estimate; the fit's budget
+    picks the stride) when that is over 1."""
+    if dense is None:
+        dense = target.dim <= DENSE_HESSIAN_MAX_DIM
 
     def map_objective(position, data):
         return jax.value_and_grad(lambda u: -target.log_density(u, data))(position)
@@ -217,6 +261,8 @@ def build_setup(target: Target, family: Family):
         dim = position.shape[0]
 
         def negative(u):
+            if curvature_stride > 1:
+                return -target.log_density(u, data, curvature_stride)
             return -target.log_density(u, data)
 
         # Forward-over-reverse columns H e_i: compiles faster than jax.hessian here.
@@ -226,12 +272,13 @@ def build_setup(target: Target, family: Family):
             return jax.jvp(grad_fn, (position,), (v,))[1]
 
         def columns(basis):
-            if isinstance(target, ChunkedTarget):
-                # All products at once would hold (count/M) times the block's memory.
-                return jax.lax.map(column, basis, batch_size=target.draw_group)
-            return jax.vmap(column)(basis)
+            # All products at once would hold (count / group) times a block's memory.
+            group = hvp_group(target, data, basis.shape[0])
+            if group >= basis.shape[0]:
+                return jax.vmap(column)(basis)
+            return jax.lax.map(column, basis, batch_size=group)
 
-        if dim > DENSE_HESSIAN_MAX_DIM:
+        if not dense:
             # No D × D matrix (4,170 latents × 327k rows took 77 GB): its exact diagonal
             # from a few Hessian-vector products, and the dense block of the small sites.
             sites = tuple((s.start, s.size) for s in target.sites)
@@ -244,9 +291,10 @@ def build_setup(target: Target, family: Family):
         hess = columns(jnp.eye(dim, dtype=position.dtype))
         return 0.5 * (hess + hess.T)
 
-    def prepare(center, value, grad, hess, map_steps, init_position, draws) -> Setup:
+    def prepare(center, value, grad, hess, map_steps, init_position, draws, sd=None) -> Setup:
         # value, gradient and Hessian of −log p̃ at center come from the host's search:
-        # no model evaluation is compiled here, only linear algebra.
+        # no model evaluation is compiled here, only linear algebra.  ``sd`` (D,): a
+        # re-whitening at a mean-field q's mean (center) keeps its sds as the scales.
         dim = init_position.shape[0]
         block, block_tril = None, None
         if isinstance(hess, tuple):  # D > DENSE_HESSIAN_MAX_DIM: diagonal + small block
@@ -279,6 +327,9 @@ def build_setup(target: Target, family: Family):
         )
         ok = finite & positive_definite & (decrement <= MAP_DECREMENT_OK)
         laplace = finite & (decrement <= dim)
+        if sd is not None:
+            laplace = finite & jnp.all(jnp.isfinite(sd))
+            scale = sd
         map_position = center
         center = jnp.where(laplace, center, init_position)
         if tril is not None:
@@ -288,7 +339,7 @@ def build_setup(target: Target, family: Family):
             log_det = jnp.sum(jnp.log(jnp.diagonal(tril)))
             precond = Preconditioner(center, tril, jnp.ones(dim), log_det)
         else:
-            loc_tril = tril if dim <= _LOC_WHITENING_MAX_DIM else None
+            loc_tril = tril if dense else None
             if block_tril is not None:
                 block_tril = jnp.where(laplace, block_tril, jnp.eye(block.size))
                 block = jnp.asarray(block)
@@ -335,7 +386,7 @@ class DADVIInfo(NamedTuple):
 class DADVI(NamedTuple):
     map_objective: Callable  # (u, data) -> (−log p̃(u), gradient), for the host L-BFGS
     hessian: Callable  # (u, data) -> (D, D) Hessian of −log p̃, for the host Newton steps
-    # (center, value, grad, hessian, map_steps, init_position, data, draws)
+    # (center, value, grad, hessian, map_steps, init_position, data, draws[, sd])
     #     -> (Setup, DADVIState); value/grad/hessian of −log p̃ at center
     setup: Callable
     # The base draws come from the fit's key (base_draws), finalize's from fold_in 1.
@@ -345,6 +396,7 @@ class DADVI(NamedTuple):
     # D > DENSE_HESSIAN_MAX_DIM: flat indices of the dense Hessian block (hessian
     # returns (diagonal, block)); empty otherwise
     curvature_block: np.ndarray = np.zeros(0, np.int32)
+    dense: bool = True  # hessian returns the dense (D, D) matrix
 
 
 def _fixed_draw_elbo(target, family, params, data, draws, precond: Preconditioner):
@@ -362,21 +414,36 @@ def _fixed_draw_elbo(target, family, params, data, draws, precond: Preconditione
 
 
 @functools.lru_cache(maxsize=128)
-def build_dadvi(target: Target, family: Family, num_final_draws: int = 1000) -> DADVI:
+def build_dadvi(
+    target: Target,
+    family: Family,
+    num_final_draws: int = 1000,
+    dense: bool | None = None,
+    curvature_stride: int = 1,
+) -> DADVI:
     """L-BFGS on the fixed-draw ELBO; ``inputs = (data, setup)`` is an argument of the
-    compiled step, so nothing data-dependent is baked into the code."""
+    compiled step, so nothing data-dependent is baked into the code.  ``dense``: the
+    set-up's curvature (:func:`build_setup`; default D ≤ :data:`DENSE_HESSIAN_MAX_DIM`),
+    read from every ``curvature_stride``-th block of rows."""
+    if dense is None:
+        dense = target.dim <= DENSE_HESSIAN_MAX_DIM
 
     def loss_fn(params, inputs):
         data, setup = inputs
         return -_fixed_draw_elbo(target, family, params, data, setup.draws, setup.preconditioner)
 
-    lbfgs_init, lbfgs_step = lbfgs(loss_fn)
-    map_objective, hessian, prepare = build_setup(target, family)
+    # A large hierarchical model keeps more curvature pairs: after the Laplace whitening
+    # what is left is how E_q[H] differs from H at the MAP (the scales' effects), spread
+    # over many directions; 2 m D flops a step, nothing beside the rows' cost.
+    memory = _LBFGS_MEMORY if target.dim <= DENSE_HESSIAN_MAX_DIM else _LBFGS_MEMORY_LARGE
+    lbfgs_init, lbfgs_step = lbfgs(loss_fn, memory_size=memory)
+    map_objective, hessian, prepare = build_setup(target, family, dense, curvature_stride)
 
-    def setup(center, value, grad, hess, map_steps, init_position, data, draws):
+    def setup(center, value, grad, hess, map_steps, init_position, data, draws, sd=None):
         # Preconditioner from the MAP in one compiled program; the L-BFGS state is fresh
-        # (its first step evaluates the objective), so the ELBO is compiled once.
-        setup = prepare(center, value, grad, hess, map_steps, init_position, draws)
+        # (its first step evaluates the objective), so the ELBO is compiled once.  With
+        # ``sd``: a mean-field q re-whitened at its mean ``center`` (init reproduces q).
+        setup = prepare(center, value, grad, hess, map_steps, init_position, draws, sd)
         state = DADVIState(lbfgs_init(family.init(), (data, setup)), guard_init(target.dim))
         return setup, state
 
@@ -402,5 +469,6 @@ def build_dadvi(target: Target, family: Family, num_final_draws: int = 1000) -> 
         step,
         jit_once(finalize),
         jit_once(initial),
-        curvature_block(target) if target.dim > DENSE_HESSIAN_MAX_DIM else np.zeros(0, np.int32),
+        np.zeros(0, np.int32) if dense else curvature_block(target),
+        dense,
     )
