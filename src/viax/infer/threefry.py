@@ -4,20 +4,21 @@ On a CPU, ``jax.random`` lowers the Threefry-2x32 hash (Salmon et al. 2011, "Par
 random numbers: as easy as 1, 2, 3") as a rolled loop of five iterations: a compact
 program, but each iteration is a separate kernel that copies its state, so drawing
 the 78,400 uniforms of one dynamically binarized MNIST batch took 0.93 ms against
-0.26 ms for the same hash unrolled (``/tmp`` micro-benchmark in the report of
-benchmarks/results/vae_mnist_profile.md).  The functions here compute the same 20
+0.26 ms for the same hash unrolled (300 draws in a ``lax.scan``, 2-core machine; see
+docs/guide/learning.md, "Benchmark").  The functions here compute the same 20
 rounds unrolled, on the same counters, so they return exactly the arrays of
 :func:`jax.random.split`, :func:`jax.random.uniform` and :func:`jax.random.normal`
-(tests/infer/test_threefry.py checks bit equality).  They fall back to ``jax.random``
+(tests/infer/test_learn_step.py checks bit equality).  They fall back to ``jax.random``
 wherever that equality is not assured: a typed key, a PRNG other than the default
 threefry2x32, ``jax_threefry_partitionable`` off, or 2^32 values or more.
 
-Use them inside a step that runs thousands of times; the unrolled hash compiles into
-a larger program, which only pays off there.
+Each function is jitted (shape and dtype static), as jax.random's are: called outside
+a trace it runs as one compiled program, not op by op.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -65,6 +66,7 @@ def _counters(shape):
     return jnp.zeros(shape, jnp.uint32), low
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def split(key, num: int = 2):
     """``jax.random.split(key, num)`` for a raw threefry key: (num, 2) uint32."""
     if not _exact(key, 2 * num):
@@ -80,6 +82,7 @@ def _bits(key, shape, width: int):
     return (bits1.astype(jnp.uint64) << np.uint64(32)) | bits2.astype(jnp.uint64)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def uniform(key, shape, dtype, minval=0.0, maxval=1.0):
     """``jax.random.uniform(key, shape, dtype, minval, maxval)`` for float32 or float64."""
     shape = tuple(shape)
@@ -99,6 +102,7 @@ def uniform(key, shape, dtype, minval=0.0, maxval=1.0):
     return jax.lax.max(minval, floats * (maxval - minval) + minval)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def normal(key, shape, dtype):
     """``jax.random.normal(key, shape, dtype)`` for float32 or float64: √2 erf⁻¹(u), u
     uniform on (−1, 1)."""
