@@ -464,6 +464,25 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
     )
 
 
+class _AllParamsSeen(Exception):
+    """Raised by :class:`_ParamRecorder` once it holds every param site it waits for."""
+
+
+class _ParamRecorder(numpyro.primitives.Messenger):
+    """Records the messages of the param sites ``names`` and stops the model at the last."""
+
+    def __init__(self, fn, names):
+        self.names = set(names)
+        self.seen: dict = {}
+        super().__init__(fn)
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "param" and msg["name"] in self.names:
+            self.seen[msg["name"]] = dict(msg)
+            if len(self.seen) == len(self.names):
+                raise _AllParamsSeen
+
+
 def _param_sites(model_fn, prepared: PreparedData, trace) -> tuple[ParamSite, ...]:
     """The ``numpyro.param`` sites with their constraints and concrete initial values.
 
@@ -475,7 +494,14 @@ def _param_sites(model_fn, prepared: PreparedData, trace) -> tuple[ParamSite, ..
     seeded = handlers.substitute(
         handlers.seed(model_fn, jax.random.PRNGKey(0)), substitute_fn=init_to_uniform(radius=2)
     )
-    concrete = handlers.trace(seeded).get_trace(**dict(prepared.static), **prepared.dynamic)
+    # The run stops at the last param site: the rest of the model (a decoder over every
+    # row, the likelihood) is not needed for the initial values.
+    recorder = _ParamRecorder(seeded, names)
+    try:
+        recorder(**dict(prepared.static), **prepared.dynamic)
+    except _AllParamsSeen:
+        pass
+    concrete = recorder.seen
     out = []
     for name in names:
         site = concrete[name]
