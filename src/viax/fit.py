@@ -678,12 +678,7 @@ def _fit_dadvi(
             fast_compile=fast_compile,
         )
 
-    rewhiten = (
-        algo.dense
-        and target.dim > _NEWTON_MAX_DIM
-        and isinstance(family, MeanField)
-        and max_steps > 2 * _REWHITEN_STEPS
-    )
+    rewhiten = algo.dense and isinstance(family, MeanField) and max_steps > 2 * _REWHITEN_STEPS
     output = run_for(state, _REWHITEN_STEPS if rewhiten else max_steps)
     if rewhiten and not output.converged:
         # A hierarchical model's MAP is a poor place to whiten q at: the curvature of
@@ -800,7 +795,7 @@ def _find_map(algo, data, init_position) -> tuple:
     )
 
 
-_REWHITEN_STEPS = 50  # DADVI steps of a large hierarchical model before q's re-whitening
+_REWHITEN_STEPS = 50  # DADVI steps of a mean-field q before it is re-whitened at its mean
 _WHITENED_ROUNDS = 5
 _DIAGONAL_ROUND_STEPS = 200  # dense Hessians of the large-D MAP search, the final one included
 _WHITENED_TOL = 1e-4  # max |gradient| in whitened units (posterior sds) of each round

@@ -328,8 +328,10 @@ def build_setup(
         ok = finite & positive_definite & (decrement <= MAP_DECREMENT_OK)
         laplace = finite & (decrement <= dim)
         if sd is not None:
-            laplace = finite & jnp.all(jnp.isfinite(sd))
-            scale = sd
+            # q's sds, except any that collapsed (a first phase from a poor start can
+            # drive a log-scale to −∞): those restart from the Laplace scale.
+            laplace = finite
+            scale = jnp.where(jnp.isfinite(sd) & (sd > 1e-8 * scale), sd, scale)
         map_position = center
         center = jnp.where(laplace, center, init_position)
         if tril is not None:

@@ -106,6 +106,7 @@ _DADVI_STEPS = 400  # its L-BFGS steps at most
 # centre to a few hundredths of an sd, and the stochastic phase corrects the rest (at
 # 1e-3 the flights set-up took 977 steps of 16 draws × 65,536 rows, 12 minutes).
 _DADVI_TOL = 0.02
+_DADVI_DENSE_TOL = 2e-3  # the same resumed in dense-whitened coordinates (cheap there)
 _DRIFT_TOL = 0.05  # the stopping rule's negligible drift, posterior scales (tol / 2)
 _HIERARCHICAL_HALVINGS = 2  # step-size halvings of a fit whitened at DADVI
 _HIERARCHICAL_STEPS = 40_000  # its default step budget (20,000 otherwise)
@@ -587,8 +588,12 @@ def _dadvi_whitening(bm, batch, factor, start, num_draws, info) -> tuple[Whiteni
             "preconditioner": "diagonal curvature at the MAP search's point (DADVI failed)",
         }
     center, scale = x[:dim], np.minimum(np.exp(x[dim:]), _MAX_SCALE)
-    center_j = jnp.asarray(center)
     where = "" if steps < _DADVI_STEPS else f" (not converged in {steps} steps)"
+    if dim > _MAX_DENSE_DIM:
+        dense = _dense_dadvi(bm, batch, factor, center, scale, draws_j, info)
+        if dense is not None:
+            return dense
+    center_j = jnp.asarray(center)
     # Dense on every coordinate of a small model, else on those of the smaller sites,
     # smallest first while the block stays within _MAX_DENSE_DIM: the intercept and the
     # effects of a factor with few groups lie on a ridge (a + σ z_j: only their sum is
@@ -637,6 +642,103 @@ def _dadvi_whitening(bm, batch, factor, start, num_draws, info) -> tuple[Whiteni
             f"mean-field DADVI on the subsample ({num_draws} fixed draws{where}){note}"
         ),
     }
+
+
+def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info):
+    """``(Whitening, info)`` whitened by the dense Hessian at the subsample DADVI fit's
+    means, or None where :func:`viax.infer.chunked.dense_curvature_plan` refuses its
+    memory or time (the Hessian then reads a random part of the subsample's rows if
+    all would not fit, the rows' sum scaled to N).
+
+    A model with thousands of groups (flights: 4,000 planes nested in 16 carriers) has
+    ridges no diagonal or small dense block undoes: the intercept against every
+    effect, a carrier's effect against its planes', each scale against its effects.
+    With H at q's means (the effects' curvature scales with their group scale squared,
+    so it is taken at q, not at a MAP), the DADVI fit is resumed in coordinates
+    m = c + S F w (:func:`viax.infer.dadvi.host_whitening`) to a tighter tolerance,
+    as the full-batch path does, and the stochastic phase is whitened by the symmetric
+    H^(−1/2) on every coordinate (q's sds as the scales)."""
+    from viax.infer.chunked import dense_curvature_plan, hvp_group
+    from viax.infer.dadvi import host_whitening
+
+    dim = bm.global_dim
+    row_keys = set(bm.row_names) | {ROWS}
+    plan, reason, rows = dense_curvature_plan(
+        dim, {k: v for k, v in batch.items() if k in row_keys}
+    )
+    if not plan:
+        return None
+    num = batch[ROWS].shape[0]
+    part, part_factor = batch, factor
+    if rows is not None and rows < num:  # the subsample's rows are in random order
+        part = {k: (v[:rows] if k in row_keys else v) for k, v in batch.items()}
+        part_factor = factor * (num / rows)
+    group = hvp_group(None, {k: v for k, v in part.items() if k in row_keys}, dim)
+    hess = np.asarray(_dense_hessian_fn(bm, group)(jnp.asarray(center), part_factor, part))
+    hess = 0.5 * (hess + hess.T)
+    if not np.all(np.isfinite(hess)):
+        return None
+    unit, factor_w, kind = host_whitening(hess)
+    factor_w = np.eye(dim) if factor_w is None else factor_w
+    dadvi_fn = _dadvi_fn(bm)
+    x0 = np.concatenate([center, np.log(scale)])
+
+    def to_x(w):
+        return x0 + np.concatenate([unit * (factor_w @ w[:dim]), w[dim:]])
+
+    def whitened(w):
+        value, grad = dadvi_fn(jnp.asarray(to_x(w)), factor, batch, draws_j)
+        grad = np.asarray(grad)
+        return value, np.concatenate([factor_w.T @ (unit * grad[:dim]), grad[dim:]])
+
+    w, value, _, steps = minimize_on_host(
+        whitened, np.zeros(2 * dim), _DADVI_STEPS, _DADVI_DENSE_TOL
+    )
+    x = to_x(w)
+    if not (np.isfinite(value) and np.all(np.isfinite(x))):
+        return None
+    center, scale = x[:dim], np.minimum(np.exp(x[dim:]), _MAX_SCALE)
+    # |H|^(-1/2), symmetric (see _whitening), eigenvalues floored as in
+    # viax.infer.dadvi.laplace_factor: at q's means a non-centred model's H can be
+    # indefinite along a scale and its effects (a saddle of the joint density).
+    eigval, eigvec = np.linalg.eigh(hess)
+    if not np.all(np.isfinite(eigvec)):
+        return None
+    eigval = np.abs(eigval)
+    eigval = np.maximum(eigval, 1e-13 * max(float(eigval.max(initial=0.0)), 1e-300))
+    tril = (eigvec * eigval**-0.5) @ eigvec.T
+    where = "" if steps < _DADVI_STEPS else f", not converged in {steps} steps"
+    return Whitening(jnp.asarray(center), jnp.asarray(tril), jnp.asarray(scale)), {
+        **info,
+        "dadvi_dense_steps": int(steps),
+        "curvature_reason": reason,
+        "preconditioner": (
+            f"mean-field DADVI on the subsample ({info['dadvi_draws']} fixed draws, resumed "
+            f"whitened by the dense Hessian at its means{where}), dense H^(-1/2) on every "
+            "coordinate"
+        ),
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_hessian_fn(bm: BatchedModel, group: int):
+    """Compiled dense Hessian (D_g, D_g) of ``−(G(u) + factor · Σ_B ℓ_i(u))`` at
+    ``(u, factor, batch)``: forward-over-reverse columns, ``group`` at a time."""
+
+    def negative(u, factor, batch):
+        global_sum, local_sum = bm.log_joint_parts(u, {}, batch)
+        return -(global_sum + factor * local_sum)
+
+    def hessian(u, factor, batch):
+        grad = jax.grad(lambda x: negative(x, factor, batch))
+
+        def column(v):
+            return jax.jvp(grad, (u,), (v,))[1]
+
+        basis = jnp.eye(bm.global_dim, dtype=u.dtype)
+        return jax.lax.map(column, basis, batch_size=group)
+
+    return jit_once(hessian)
 
 
 @functools.lru_cache(maxsize=64)
