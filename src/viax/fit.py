@@ -678,7 +678,12 @@ def _fit_dadvi(
             fast_compile=fast_compile,
         )
 
-    rewhiten = algo.dense and isinstance(family, MeanField) and max_steps > 2 * _REWHITEN_STEPS
+    rewhiten = (
+        algo.dense
+        and isinstance(family, MeanField)
+        and target.dim >= _REWHITEN_MIN_DIM
+        and max_steps > 2 * _REWHITEN_STEPS
+    )
     output = run_for(state, _REWHITEN_STEPS if rewhiten else max_steps)
     if rewhiten and not output.converged:
         # A hierarchical model's MAP is a poor place to whiten q at: the curvature of
@@ -796,6 +801,9 @@ def _find_map(algo, data, init_position) -> tuple:
 
 
 _REWHITEN_STEPS = 50  # DADVI steps of a mean-field q before it is re-whitened at its mean
+# Below this many latents a fit's extra steps cost less than re-whitening's second
+# compiled set-up (the speed benchmark's eight schools and logistic regression).
+_REWHITEN_MIN_DIM = 100
 _WHITENED_ROUNDS = 5
 _DIAGONAL_ROUND_STEPS = 200  # dense Hessians of the large-D MAP search, the final one included
 _WHITENED_TOL = 1e-4  # max |gradient| in whitened units (posterior sds) of each round

@@ -110,15 +110,20 @@ def test_host_whitening_turns_the_hessian_into_identity():
 @pytest.mark.filterwarnings("ignore:viax.fit. PSIS k-hat")
 def test_whitened_map_search_equals_newton_path(monkeypatch):
     """The large-D route (dense Hessian, whitened L-BFGS rounds for the MAP, the means
-    whitened by the Laplace factor) on a model small enough for the Newton route: the
-    same MAP and the same DADVI optimum."""
+    whitened by the Laplace factor, q re-whitened at its mean) on a model small enough
+    for the Newton route: the same MAP and the same DADVI optimum."""
     data = _data()
     newton = viax.fit(nested, data, num_draws=32, seed=0, progress=False)
     assert newton.info["curvature"] == "dense Hessian" and newton.converged
-    monkeypatch.setattr(sys.modules["viax.fit"], "_NEWTON_MAX_DIM", 4)
+    fit_module = sys.modules["viax.fit"]
+    monkeypatch.setattr(fit_module, "_NEWTON_MAX_DIM", 4)
+    # and q re-whitened at its mean after 5 DADVI steps (as above 100 latents after 50)
+    monkeypatch.setattr(fit_module, "_REWHITEN_MIN_DIM", 1)
+    monkeypatch.setattr(fit_module, "_REWHITEN_STEPS", 5)
     rounds = viax.fit(nested, data, num_draws=32, seed=0, progress=False)
     assert rounds.converged and rounds.info["map_ok"], rounds.info
     assert rounds.info["map_newton_steps"] >= 2  # Hessians of the whitened rounds
+    assert rounds.info["rewhitened_after"] == 5
     assert rounds.info["curvature_reason"].startswith("dense Hessian: 19 x 19")
     sd = np.asarray(newton.family.stddev(newton.params))
     mean = np.asarray(newton.family.mean(newton.params))
