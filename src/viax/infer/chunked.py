@@ -158,9 +158,7 @@ _EIGH_SECONDS_PER_CUBE = 4.5e-10
 _MIN_CURVATURE_ROWS = 16384
 
 
-def dense_curvature_plan(
-    dim: int, data: Mapping[str, Any] | None
-) -> tuple[bool, str, int | None]:
+def dense_curvature_plan(dim: int, data: Mapping[str, Any] | None) -> tuple[bool, str, int | None]:
     """``(dense, reason, rows)``: whether the set-up forms the dense D × D Hessian of the
     log density (memory and time budget) or its exact diagonal plus a dense block of the
     small sites, a sentence saying why (``info["curvature_reason"]``), and the rows the
@@ -185,28 +183,40 @@ def dense_curvature_plan(
     memory = _DENSE_COPIES * 8.0 * float(dim) ** 2
     available = _available_memory()
     if memory > DENSE_CURVATURE_MEMORY * available:
-        return False, (
-            f"Hessian diagonal: {dim} x {dim} dense curvature ({memory / 1e9:.3g} GB in "
-            f"{_DENSE_COPIES} copies) over {DENSE_CURVATURE_MEMORY:.0%} of the "
-            f"{available / 1e9:.3g} GB available"
-        ), None
+        return (
+            False,
+            (
+                f"Hessian diagonal: {dim} x {dim} dense curvature ({memory / 1e9:.3g} GB in "
+                f"{_DENSE_COPIES} copies) over {DENSE_CURVATURE_MEMORY:.0%} of the "
+                f"{available / 1e9:.3g} GB available"
+            ),
+            None,
+        )
     rows = num_rows
     if seconds(num_rows) > DENSE_CURVATURE_SECONDS:
         spare = DENSE_CURVATURE_SECONDS - seconds(0)
         rows = int(max(0.0, spare) / (per_number * (width + _ROW_OVERHEAD)))
     least = min(num_rows, _MIN_CURVATURE_ROWS)
     if rows < least or seconds(rows) > DENSE_CURVATURE_SECONDS:
-        return False, (
-            f"Hessian diagonal: the dense curvature would take about {seconds(least):.3g} s "
-            f"({_DENSE_HESSIANS} x {dim} Hessian-vector products over {least} rows), over "
-            f"its {DENSE_CURVATURE_SECONDS:.3g} s budget"
-        ), None
+        return (
+            False,
+            (
+                f"Hessian diagonal: the dense curvature would take about {seconds(least):.3g} s "
+                f"({_DENSE_HESSIANS} x {dim} Hessian-vector products over {least} rows), over "
+                f"its {DENSE_CURVATURE_SECONDS:.3g} s budget"
+            ),
+            None,
+        )
     sample = "" if rows >= num_rows else f" from about {rows} of the {num_rows} rows"
-    return True, (
-        f"dense Hessian{sample}: {dim} x {dim} ({memory / 1e9:.3g} GB in {_DENSE_COPIES} "
-        f"copies), about {seconds(rows):.3g} s within the {DENSE_CURVATURE_SECONDS:.3g} s "
-        "budget"
-    ), (None if rows >= num_rows else rows)
+    return (
+        True,
+        (
+            f"dense Hessian{sample}: {dim} x {dim} ({memory / 1e9:.3g} GB in {_DENSE_COPIES} "
+            f"copies), about {seconds(rows):.3g} s within the {DENSE_CURVATURE_SECONDS:.3g} s "
+            "budget"
+        ),
+        (None if rows >= num_rows else rows),
+    )
 
 
 def hvp_group(target, data: Mapping[str, Any], dim: int) -> int:
