@@ -408,7 +408,11 @@ class _AmortizedQ:
         return loc, log_diag, strict
 
     def draw(self, phi, eps, batch):
-        loc, log_diag, strict = self._gaussian(phi, batch)
+        return self._draw_from(self._gaussian(phi, batch), phi, eps)
+
+    def _draw_from(self, gaussian, phi, eps):
+        """z from the encoder's output ``gaussian`` = (loc, log diag L, strict L) and ε."""
+        loc, log_diag, strict = gaussian
         local = loc + jnp.exp(log_diag) * eps["local"]
         if strict is not None:
             local = local + jnp.einsum("bij,kbj->kbi", strict, eps["local"])
@@ -456,12 +460,15 @@ class _AmortizedQ:
         where L is tiny) is divided by the scale: the deterministic full-batch objective
         was driven to a spurious +1e24 through that cancellation (full-rank encoder)."""
         _, log_diag, _ = self._gaussian(phi, batch)
-        rows = (
+        return self._log_q_total(phi, self._rows_at_noise(log_diag, eps), z, row_scale)
+
+    def _rows_at_noise(self, log_diag, eps):
+        """Per-row local log q at z = m + L ε: −|ε|²/2 − Σ log diag L − k/2 log 2π."""
+        return (
             -0.5 * jnp.sum(eps["local"] ** 2, axis=-1)
             - jnp.sum(log_diag, axis=-1)
             - 0.5 * self.local_dim * _LOG_2PI
         )
-        return self._log_q_total(phi, rows, z, row_scale)
 
     def draw_and_log_q(self, phi, eps, batch, row_scale):
         """``(draw(phi, eps, batch), log_q_at_noise(...))`` from one pass of the encoder.
@@ -472,20 +479,9 @@ class _AmortizedQ:
         is the same number as from z (the residual (z − m)/s is ε up to rounding), and
         its reparameterised gradient is the same: the terms through z and through m, s
         cancel exactly, leaving −∇ Σ log diag L."""
-        loc, log_diag, strict = self._gaussian(phi, batch)
-        local = loc + jnp.exp(log_diag) * eps["local"]
-        if strict is not None:
-            local = local + jnp.einsum("bij,kbj->kbi", strict, eps["local"])
-        z = {"local": local}
-        if self.global_family is not None:
-            z["global"] = jax.vmap(lambda e: self.global_family.transform(phi["global"], e))(
-                eps["global"]
-            )
-        rows = (
-            -0.5 * jnp.sum(eps["local"] ** 2, axis=-1)
-            - jnp.sum(log_diag, axis=-1)
-            - 0.5 * self.local_dim * _LOG_2PI
-        )
+        gaussian = self._gaussian(phi, batch)
+        z = self._draw_from(gaussian, phi, eps)
+        rows = self._rows_at_noise(gaussian[1], eps)
         return z, self._log_q_total(phi, rows, z, row_scale)
 
     def values(self, z_one):
