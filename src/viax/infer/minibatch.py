@@ -402,13 +402,23 @@ def build_minibatch(
 
 
 # -- set-up: whitening and anchor ---------------------------------------------------------
+def _first_epoch(source, batch_size, seed, pc, remainder="drop") -> Iterator:
+    """This process's share (``pc`` = (index, count)) of the batches of epoch 0."""
+    return source.batches(
+        batch_size,
+        seed=seed,
+        epoch=0,
+        process_index=pc[0],
+        process_count=pc[1],
+        remainder=remainder,
+    )
+
+
 def _rows_of(source, batch_size, count, seed, pc) -> dict:
     """Up to ``count`` rows (whole batches of epoch 0) of this process, concatenated."""
     out: list[dict] = []
     got = 0
-    for batch in source.batches(
-        batch_size, seed=seed, epoch=0, process_index=pc[0], process_count=pc[1]
-    ):
+    for batch in _first_epoch(source, batch_size, seed, pc):
         out.append(batch)
         got += batch[ROWS].shape[0] * pc[1]  # rows of the global batches
         if got >= count:
@@ -852,14 +862,7 @@ def _full_pass(fn, source, batch_size, seed, pc, put, constants, init):
     few cores XLA's all-reduce waited past its 40 s limit for a starved device thread
     and aborted the process (measured: 4 host devices, 2 busy cores, 10^6 rows)."""
     total = previous = init
-    for batch in source.batches(
-        batch_size,
-        seed=seed,
-        epoch=0,
-        process_index=pc[0],
-        process_count=pc[1],
-        remainder="pad",
-    ):
+    for batch in _first_epoch(source, batch_size, seed, pc, remainder="pad"):
         value = fn({**constants, **put(batch)})
         total = jax.tree_util.tree_map(lambda a, b: a + b, total, value)
         jax.block_until_ready(previous)
@@ -1590,17 +1593,6 @@ class _Evaluator:
         rng = np.random.default_rng(np.random.SeedSequence([int(data_seed), _SALT_EVALUATION]))
         return total, np.sort(rng.choice(total, _EVAL_BATCHES, replace=False))
 
-    def _batches(self):
-        _, _, _, _, source, batch_size, data_seed, pc, _, _ = self.args
-        return source.batches(
-            batch_size,
-            seed=data_seed,
-            epoch=0,
-            process_index=pc[0],
-            process_count=pc[1],
-            remainder="pad",
-        )
-
     def _one_pass(self, num_samples: int, seed: int) -> np.ndarray:
         plan = self._sampled_batches()
         if plan is not None:
@@ -1630,17 +1622,7 @@ class _Evaluator:
         bm, _, _, _, source, batch_size, data_seed, pc, put_batch, constants = self.args
         if self.first_batch is None:
             self.first_batch = put_batch(
-                next(
-                    iter(
-                        source.batches(
-                            batch_size,
-                            seed=data_seed,
-                            epoch=0,
-                            process_index=pc[0],
-                            process_count=pc[1],
-                        )
-                    )
-                )
+                next(iter(_first_epoch(source, batch_size, data_seed, pc)))
             )
         return global_terms(z, {**constants, **self.first_batch})
 
@@ -1679,7 +1661,8 @@ class _Evaluator:
         sums = self._anchor_sums
         value, grad = (jnp.asarray(0.0), jnp.zeros_like(mu)) if sums is None else sums
         remainders, previous = [], None
-        for k, batch in enumerate(self._batches()):
+        padded = _first_epoch(source, batch_size, data_seed, pc, remainder="pad")
+        for k, batch in enumerate(padded):
             if sums is not None and k not in wanted:
                 continue  # A and G known: only the sampled batches are needed
             batch = {**constants, **put_batch(batch)}
