@@ -733,20 +733,16 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info):
 @functools.lru_cache(maxsize=64)
 def _dense_hessian_fn(bm: BatchedModel, group: int):
     """Compiled dense Hessian (D_g, D_g) of ``−(G(u) + factor · Σ_B ℓ_i(u))`` at
-    ``(u, factor, batch)``: forward-over-reverse columns, ``group`` at a time."""
-
-    def negative(u, factor, batch):
-        global_sum, local_sum = bm.log_joint_parts(u, {}, batch)
-        return -(global_sum + factor * local_sum)
+    ``(u, factor, batch)``: :func:`_hessian_rows` columns, ``group`` at a time."""
+    negative = _negative_log_joint(bm)
 
     def hessian(u, factor, batch):
-        grad = jax.grad(lambda x: negative(x, factor, batch))
-
-        def column(v):
-            return jax.jvp(grad, (u,), (v,))[1]
-
         basis = jnp.eye(bm.global_dim, dtype=u.dtype)
-        return jax.lax.map(column, basis, batch_size=group)
+        return jax.lax.map(
+            lambda v: _hessian_rows(negative, u, factor, batch, v[None])[0],
+            basis,
+            batch_size=group,
+        )
 
     return jit_once(hessian)
 
@@ -800,11 +796,7 @@ def _map_fns(bm: BatchedModel, block: int = 32):
     """Compiled ``value_and_grad``, dense Hessian and a diagonal curvature of
     ``−(G(u) + factor · Σ_B ℓ_i(u))`` at ``(u, factor, batch)``."""
     dim = bm.global_dim
-
-    def negative(u, factor, batch):
-        global_sum, local_sum = bm.log_joint_parts(u, {}, batch)
-        return -(global_sum + factor * local_sum)
-
+    negative = _negative_log_joint(bm)
     row_keys = set(bm.row_names) | {ROWS}
 
     def diagonal(u, factor, batch):
@@ -841,16 +833,30 @@ def _map_fns(bm: BatchedModel, block: int = 32):
         fisher = jnp.sum(jax.lax.map(chunk_sum, per_row), axis=0) * (rows / used)
         return prior + factor * fisher
 
-    def hessian_rows(u, factor, batch, basis):
-        grad = jax.grad(negative)
-        return jax.vmap(lambda v: jax.jvp(lambda x: grad(x, factor, batch), (u,), (v,))[1])(basis)
-
     return (
         jit_once(jax.value_and_grad(negative)),
         jit_once(jax.hessian(negative)),
         jit_once(diagonal),
-        jit_once(hessian_rows),
+        jit_once(functools.partial(_hessian_rows, negative)),
     )
+
+
+def _negative_log_joint(bm: BatchedModel) -> Callable:
+    """``(u, factor, batch) -> −(G(u) + factor · Σ_B ℓ_i(u))``: the global terms and the
+    batch's rows scaled by ``factor`` (N/B)."""
+
+    def negative(u, factor, batch):
+        global_sum, local_sum = bm.log_joint_parts(u, {}, batch)
+        return -(global_sum + factor * local_sum)
+
+    return negative
+
+
+def _hessian_rows(negative, u, factor, batch, basis) -> jax.Array:
+    """``H v`` (K, D) for the K directions of ``basis`` (K, D), H the Hessian of
+    ``negative`` at u: forward-over-reverse."""
+    grad = jax.grad(negative)
+    return jax.vmap(lambda v: jax.jvp(lambda x: grad(x, factor, batch), (u,), (v,))[1])(basis)
 
 
 def _full_pass(fn, source, batch_size, seed, pc, put, constants, init):
