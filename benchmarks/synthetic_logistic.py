@@ -255,9 +255,12 @@ def _table(payload: dict) -> list[str]:
     lines = [
         f"# Synthetic logistic regression, {rows:,} rows × 20 raw-scale predictors",
         "",
-        f"`{payload['command']}` ({payload['date']}; each method in a fresh process; the "
-        "machine (2 cores) was shared with other jobs, so times are inflated and only "
-        "ratios within this run mean much).  Error against the full-data Laplace answer; "
+        f"`{payload['command']}` ({payload['date']}; each method in a fresh process; "
+        f"Parquet pages compressed with {payload.get('compression', 'zstd')}; 2 cores, "
+        "1-minute load average at the start and the end: "
+        f"{', '.join(f'{x:.1f}' for x in payload.get('load', []))}; under load times are "
+        "inflated and only ratios within a run mean much).  "
+        "Error against the full-data Laplace answer; "
         "batch 4096 for viax, 1000 for NumPyro.  Rows/s: the minibatch steps' rate (the "
         "first chunk's compile included) and, in brackets, without that compile; "
         "rows/CPU-s: the steps' rows over the process's CPU seconds (all threads) in the "
@@ -340,9 +343,10 @@ def main():
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     parser.add_argument("--one", choices=METHODS)
     parser.add_argument("--path", default=None)
+    parser.add_argument("--compression", default="snappy", help=synth.COMPRESSION_HELP)
     parser.add_argument("--process", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    path = args.path or str(synth.ensure(args.rows, raw_scales=True))
+    path = args.path or str(synth.ensure(args.rows, raw_scales=True, compression=args.compression))
     if args.one:
         process = None
         if args.process:
@@ -354,6 +358,7 @@ def main():
         METHODS if args.rows <= 2_000_000 else ("viax-parquet", "viax-memory")
     )
     reference = laplace(path)
+    load = [os.getloadavg()[0]]
     results = {}
     for kind in methods:
         r = _launch(kind, path)
@@ -372,6 +377,8 @@ def main():
         "date": today(),
         "machine": machine(),
         "rows": args.rows,
+        "compression": synth.read_truth(path).get("compression", "zstd"),
+        "load": [*load, os.getloadavg()[0]],
         "batch_size": BATCH,
         "reference": {k: v.tolist() for k, v in reference.items()},
         "results": results,
