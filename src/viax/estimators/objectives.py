@@ -116,6 +116,8 @@ def objective_value_and_grad(
     phi: Any,
     row_scale=1.0,
     draw_and_log_q_fn: Callable[[Any], tuple[Any, jax.Array]] | None = None,
+    draw_with_aux_fn: Callable[[Any], tuple[Any, Any]] | None = None,
+    log_q_at_fn: Callable[[Any, Any, Any], jax.Array] | None = None,
 ):
     """The objective's estimate and the gradient of its *negative* (a loss) in (θ, φ).
 
@@ -128,17 +130,36 @@ def objective_value_and_grad(
             cheaper (one pass of an encoder instead of two); used where q's parameters
             are differentiated in log q (not for ``stick_the_landing`` nor DReG, whose
             log q holds them fixed).
+        draw_with_aux_fn, log_q_at_fn: optional pair for the estimators that hold q's
+            parameters fixed in log q (DReG, ``stick_the_landing``): ``phi -> (z, aux)``
+            with ``aux`` what log q needs (an encoder's output for the rows), and
+            ``(aux, phi, z) -> (K, R)`` log q_φ(z) from it, equal to
+            ``log_q_fn(phi, z)``.  The draw's own pass of an encoder then serves log q;
+            without them log q runs the encoder forward a second time.
 
     Returns:
         ``(value, (grad_theta, grad_phi))``.
     """
+    if draw_with_aux_fn is None or log_q_at_fn is None:
+
+        def draw_with_aux_fn(phi):
+            return draw_fn(phi), None
+
+        def log_q_at_fn(aux, phi, z):
+            del aux
+            return log_q_fn(phi, z)
+
     if isinstance(objective, IWAE) and objective.gradient == "dreg":
-        return _dreg(objective, log_p_fn, draw_fn, log_q_fn, theta, phi, row_scale)
+        return _dreg(objective, log_p_fn, draw_with_aux_fn, log_q_at_fn, theta, phi, row_scale)
 
     def loss(theta, phi):
         if draw_and_log_q_fn is not None and not objective.stop_q:
             z, log_q = draw_and_log_q_fn(phi)
             return -objective.value(log_p_fn(theta, z) - log_q, row_scale)
+        if objective.stop_q:  # log q at z with q's parameters (and their output) fixed
+            z, aux = draw_with_aux_fn(phi)
+            frozen = jax.lax.stop_gradient((aux, phi))
+            return -objective.value(log_p_fn(theta, z) - log_q_at_fn(*frozen, z), row_scale)
         z = draw_fn(phi)
         q_params = jax.lax.stop_gradient(phi) if objective.stop_q else phi
         log_weights = log_p_fn(theta, z) - log_q_fn(q_params, z)
@@ -148,12 +169,12 @@ def objective_value_and_grad(
     return -value, grads
 
 
-def _dreg(objective, log_p_fn, draw_fn, log_q_fn, theta, phi, row_scale):
-    z, draw_vjp = jax.vjp(draw_fn, phi)
-    frozen = jax.lax.stop_gradient(phi)
+def _dreg(objective, log_p_fn, draw_with_aux_fn, log_q_at_fn, theta, phi, row_scale):
+    z, draw_vjp, aux = jax.vjp(draw_with_aux_fn, phi, has_aux=True)
+    frozen = jax.lax.stop_gradient((aux, phi))
 
     def log_weights_fn(theta, z):
-        return log_p_fn(theta, z) - log_q_fn(frozen, z)
+        return log_p_fn(theta, z) - log_q_at_fn(*frozen, z)
 
     log_weights, weights_vjp = jax.vjp(log_weights_fn, theta, z)
     normalised = jax.lax.stop_gradient(jax.nn.softmax(log_weights, axis=0))  # (K, R)

@@ -424,7 +424,19 @@ class _AmortizedQ:
         return z
 
     def log_q(self, phi, z, batch, row_scale):
-        loc, log_diag, strict = self._gaussian(phi, batch)
+        return self.log_q_from(self._gaussian(phi, batch), phi, z, row_scale)
+
+    def draw_with_gaussian(self, phi, eps, batch):
+        """``(draw(phi, eps, batch), the encoder's output)``: the output is what
+        :meth:`log_q_from` needs, so an estimator that holds q's parameters fixed in
+        log q (DReG, sticking the landing) runs the encoder once per step."""
+        gaussian = self._gaussian(phi, batch)
+        return self._draw_from(gaussian, phi, eps), gaussian
+
+    def log_q_from(self, gaussian, phi, z, row_scale):
+        """log q(z) from the encoder's output ``gaussian`` = (loc, log diag L, strict L)
+        for the batch's rows (and φ for the global family)."""
+        loc, log_diag, strict = gaussian
         resid = z["local"] - loc
         if strict is None:
             r = resid * jnp.exp(-log_diag)
@@ -928,11 +940,17 @@ def _minibatch(
         def log_q_fn(phi, z):
             return q.log_q(phi, z, batch, row_scale)
 
-        draw_and_log_q_fn = None
+        draw_and_log_q_fn = draw_with_aux_fn = log_q_at_fn = None
         if isinstance(q, _AmortizedQ):
 
             def draw_and_log_q_fn(phi):
                 return q.draw_and_log_q(phi, eps, batch, row_scale)
+
+            def draw_with_aux_fn(phi):
+                return q.draw_with_gaussian(phi, eps, batch)
+
+            def log_q_at_fn(gaussian, phi, z):
+                return q.log_q_from(gaussian, phi, z, row_scale)
 
         inner_scale = row_scale if q.rows_mode else 1.0
         value, (g_theta, g_phi) = objective_value_and_grad(
@@ -944,6 +962,8 @@ def _minibatch(
             state.params["q"],
             inner_scale,
             draw_and_log_q_fn=draw_and_log_q_fn,
+            draw_with_aux_fn=draw_with_aux_fn,
+            log_q_at_fn=log_q_at_fn,
         )
         grads = {"theta": g_theta, "q": g_phi}
         norm = optax.tree.norm(grads)  # no concatenation of every gradient per step
