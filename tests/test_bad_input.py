@@ -248,26 +248,26 @@ ROWS = [
     ),
     (
         "fit",
-        "numpyro.param on a streamed source",
-        lambda f: viax.fit(param_model, _rows_source(f), progress=False),
+        "numpyro.param on an iterable source of unknown length",
+        lambda f: viax.fit(param_model, viax.data.as_source([{"y": Y}]), progress=False),
         ModelError,
-        "numpyro.param site(s) tau: parameters θ are learned",
+        "does not know its number of rows N",
     ),
     (
         "fit",
-        "an encoder on a streamed source",
+        "EarlyStopping on a streamed source",
         lambda f: viax.fit(
-            normal_model, _rows_source(f), encoder=viax.MLPEncoder(), batch_size=2, progress=False
+            param_model, _rows_source(f), stop_rule=viax.EarlyStopping(), progress=False
         ),
         ValueError,
-        "encoder: learning (viax.infer.learn) reads data held in memory",
+        "stop_rule=EarlyStopping(...) holds out rows of data in memory",
     ),
     (
         "fit",
-        "a checkpoint while learning",
-        _fit(param_model, {"y": Y}, batch_size=2, checkpoint_path="run.npz"),
+        "a checkpoint while learning full batch",
+        _fit(param_model, {"y": Y}, checkpoint_path="run.npz"),
         ValueError,
-        "checkpoint_path/resume: learning",
+        "checkpoint_path/resume: full-batch learning",
     ),
     ("fit", "a nested dict", _fit(normal_model, {"y": {"a": 1.0}}), ModelError, "nested"),
     # viax.cavi / svi / naive

@@ -183,8 +183,9 @@ def fit(
             which and why, as does the progress bar.  See docs/guide/scale.md.
         devices, checkpoint_path, resume: minibatch path: the devices of its "data"
             mesh (default all), an atomic checkpoint file, and resuming from it.
-            Minibatch learning takes ``devices`` too (local devices: None, a count or a
-            list; docs/guide/learning.md).
+            Minibatch learning takes them too: from a :mod:`viax.data` source (or with
+            ``checkpoint_path``) over every process's devices, else local devices (None,
+            a count or a list; docs/guide/learning.md).
 
     Returns:
         A :class:`~viax.result.Result`.
@@ -210,7 +211,16 @@ def fit(
         _refuse_subsampling(model, data, "method='bbvi' evaluates every row each step")
     elif path == "full-batch":
         _refuse_subsampling(model, data, "path='full-batch' evaluates every row each step")
-    if method == "advi" and encoder is None and objective is None and not early_stopping:
+    # A streamed source whose model has numpyro.param sites learns θ (viax.infer.learn).
+    streamed = data is not None and not isinstance(data, Mapping)
+    learns_stream = streamed and method == "advi" and _source_has_params(model, data)
+    if (
+        method == "advi"
+        and encoder is None
+        and objective is None
+        and not early_stopping
+        and not learns_stream
+    ):
         from viax.infer.minibatch import fit_minibatch, minibatch_route
 
         reason = minibatch_route(model, data, batch_size, num_epochs, path)
@@ -282,21 +292,19 @@ def fit(
         eta = _check_positive_float("eta", eta)
     seed = _check_positive_int("seed", seed, minimum=0)
 
-    streamed = data is not None and not isinstance(data, Mapping)
-    given = ", ".join(k for k in ("encoder", "objective", "stop_rule") if learning[k] is not None)
-    if streamed and given:
-        raise ValueError(
-            f"{given}: learning (viax.infer.learn) reads data held in memory, a dict of arrays "
-            "(batch_size= minibatches them); a viax.data source streams batches to fit a fixed "
-            "model"
-        )
-    if (checkpoint_path is not None or resume) and _learns(model, data, learning):
-        raise ValueError(
-            "checkpoint_path/resume: learning θ or an encoder (viax.infer.learn) does not "
-            "write checkpoints; they serve the minibatch path of a fixed model"
-        )
-    target, arrays, init_position = build_target(model, data, seed=seed)
-    if target.param_sites or any(v is not None for v in learning.values()):
+    full_batch = batch_size is None and num_epochs is None
+    full_batch = full_batch and not isinstance(optimizer, optax.GradientTransformation)
+    if (checkpoint_path is not None or resume) and not streamed and full_batch:
+        if _learns(model, data, learning):  # refused before the target compiles anything
+            raise ValueError(
+                "checkpoint_path/resume: full-batch learning (L-BFGS on fixed draws) writes "
+                "no checkpoints; pass batch_size=... to learn by minibatches, which does"
+            )
+    # A source (learning, as routed above) is read in batches: no full-data target here.
+    target, arrays, init_position = None, None, None
+    if not streamed:
+        target, arrays, init_position = build_target(model, data, seed=seed)
+    if streamed or target.param_sites or any(v is not None for v in learning.values()):
         from viax.infer.learn import fit_learn
 
         if optimizer == "stan":
@@ -317,6 +325,8 @@ def fit(
             seed=seed,
             progress=progress,
             devices=devices,
+            checkpoint_path=checkpoint_path,
+            resume=resume,
         )
         return _checked(result)
     if target.discrete_sites:
@@ -437,6 +447,27 @@ def _more_log_weights(draw_log_weights, seed, log_weights, khat, info, batches: 
 # Beyond this, a mean or sd of q in the unconstrained space has run off (float64 ends at
 # 1.8e308; no posterior of real data sits at 1e100).
 _RUNAWAY = 1e100
+
+
+def _source_has_params(model, data) -> bool:
+    """Whether a :mod:`viax.data` source's model has ``numpyro.param`` sites, from an
+    abstract trace on its first batch (nothing compiled)."""
+    if not callable(model) or isinstance(model, Model):
+        return False
+    from viax import data as vdata
+    from viax.infer.minibatch import _abstract_model_trace
+
+    source = vdata.as_source(data)
+    size = min(source.num_rows or 2, 2)
+    batches = source.batches(size, seed=0, epoch=0)
+    batch = next(iter(batches), None)
+    if hasattr(batches, "close"):
+        batches.close()  # a Parquet stream's readers
+    if batch is None:
+        return False
+    rows = {k: v for k, v in batch.items() if not k.startswith("_")}
+    trace = _abstract_model_trace(model, {**dict(source.static), **rows})
+    return trace is not None and any(site["type"] == "param" for site in trace.values())
 
 
 def _learns(model, data, learning: dict) -> bool:

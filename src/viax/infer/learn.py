@@ -42,6 +42,7 @@ global latents couple the rows.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import numbers
@@ -655,9 +656,11 @@ def _row_log_weights(q, theta, phi, batch, fixed, num_samples, seed) -> np.ndarr
     return out
 
 
-def _final_elbo(q, theta, phi, batch, fixed, seed):
+def _final_elbo(q, theta, phi, batch, fixed, seed, total_rows=None):
     """The training ELBO Σ_n L_n ± se, from S draws on m of the N rows (all rows when
-    N ≤ _FINAL_ROWS, else a simple random sample of them, seeded).
+    N ≤ _FINAL_ROWS, else a simple random sample of them, seeded).  ``total_rows``: the
+    data have that many rows, of which ``batch`` holds a simple random sample (a
+    source's rows in memory), so N = total_rows and the m rows are drawn from it.
 
     With per-row estimates L̂_r (the mean of S log weights) on a sample of m rows,
     the total is N · mean_r L̂_r, and its variance has the row-sampling part
@@ -665,11 +668,12 @@ def _final_elbo(q, theta, phi, batch, fixed, seed):
     Carlo part (N/m)² Σ_r Var_k(lw_r) / S.  For m = N the first part vanishes.
     Bounded cost: a 50,000-row VAE spent minutes on an all-rows final ELBO."""
     keys = q.structure.batch_keys
-    num_rows = q.structure.num_rows
-    num_checked = int(min(num_rows, _FINAL_ROWS))
+    held = q.structure.num_rows  # rows in ``batch``
+    num_rows = max(held, total_rows or 0)
+    num_checked = int(min(held, _FINAL_ROWS))
     num_final = int(min(1000, max(16, _FINAL_BUDGET // num_checked)))
-    if num_checked < num_rows:
-        rows = np.sort(np.random.default_rng(seed).choice(num_rows, num_checked, replace=False))
+    if num_checked < held:
+        rows = np.sort(np.random.default_rng(seed).choice(held, num_checked, replace=False))
         batch = {k: np.asarray(batch[k])[rows] for k in keys}
     weights = _row_log_weights(q, theta, phi, batch, fixed, num_final, seed + 1)
     per_row = weights.mean(axis=0)
@@ -877,11 +881,15 @@ def _minibatch(
     validate=None,
     stop_rule=None,
     mesh=None,
+    stream=None,
 ):
     """``validate(params) -> (R,)`` held-out per-row objective, watched by ``stop_rule``
     (an :class:`EarlyStopping`) after each chunk.  ``mesh``: a "data" mesh
     (:func:`viax.data.data_mesh`) whose devices share each batch's rows; the data and
-    the state are replicated on it."""
+    the state are replicated on it.  ``stream``: a :class:`_StreamLoop` (a
+    :mod:`viax.data` source): its prefetched batches feed the step, which then gathers
+    nothing, ``arrays`` holds only the static data, and it runs the host loop
+    (checkpoints, resume)."""
     structure = q.structure
     num_rows = structure.num_rows
     if batch_size > num_rows:
@@ -895,18 +903,21 @@ def _minibatch(
         rows_sharding = vdata.batch_sharding(mesh)
         state_sharding = vdata.replicated(mesh)
 
-    def step(state: LearnState, rng_key, data):
+    def step(state: LearnState, rng_key, data, batch=None):
         # threefry.split: jax.random.split's keys, unrolled (no per-step loop kernels).
         key_perm, key_eps = threefry.split(rng_key)
-        position = jnp.mod(state.guard.step, steps_per_epoch)
-        perm = jax.lax.cond(
-            position == 0,
-            lambda _: jax.random.permutation(key_perm, num_rows),
-            lambda _: state.perm,
-            None,
-        )
-        index = jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
-        batch = {k: (v[index] if k in keys else v) for k, v in data.items()}
+        if batch is None:  # in memory: gather this step's rows of this epoch's order
+            position = jnp.mod(state.guard.step, steps_per_epoch)
+            perm = jax.lax.cond(
+                position == 0,
+                lambda _: jax.random.permutation(key_perm, num_rows),
+                lambda _: state.perm,
+                None,
+            )
+            index = jax.lax.dynamic_slice(perm, (position * batch_size,), (batch_size,))
+            batch = {k: (v[index] if k in keys else v) for k, v in data.items()}
+        else:  # a source's batch (its order is the source's)
+            perm, batch = state.perm, {**data, **batch}
         if rows_sharding is not None:
             # Each device evaluates its B/P rows; the replicated θ, φ make XLA all-reduce
             # the gradient's row sums.
@@ -997,7 +1008,7 @@ def _minibatch(
     state = LearnState(
         params0,
         optimizer.init(params0),
-        jnp.arange(num_rows),
+        jnp.arange(num_rows) if stream is None else jnp.zeros(0, jnp.int32),
         params0,
         jnp.asarray(0.0, jnp.float64),
         guard_init(1),
@@ -1005,7 +1016,7 @@ def _minibatch(
     if mesh is not None:
         state = vdata.put(state, state_sharding)
         arrays = vdata.put(arrays, state_sharding)
-    values: list[np.ndarray] = []
+    values: list[np.ndarray] = [] if stream is None else stream.saved_trace()
 
     history: list[dict] = []  # one entry per validation check
     best: dict = {}
@@ -1056,7 +1067,7 @@ def _minibatch(
         most = max(1, min(num_epochs // 2 or 1, 250 // steps_per_epoch))
         chunk = max(e for e in range(1, most + 1) if num_epochs % e == 0) * steps_per_epoch
     average_start = int(round(total * (1.0 - average_fraction))) if average_fraction else total
-    output = run(
+    output = (run if stream is None else stream.run)(
         step,
         state,
         arrays,
@@ -1187,6 +1198,216 @@ def _check_int(name, value, minimum=1):
     return int(value)
 
 
+# -- learning from a viax.data source: the host loop, checkpoints ----------------------------
+
+_SAMPLE_ROWS = 65_536  # a source's rows held in memory (trace, encoder inputs, final estimates)
+_CHECKPOINT_FORMAT = "viax-learn-1"
+_STEP_KEY = "__viax_step_key__"  # the run's key among the step's data
+
+
+def _source_sample(source, batch_size: int, seed: int) -> dict:
+    """Rows of ``source`` held in memory, the same in every process: all N rows when
+    N ≤ _SAMPLE_ROWS (one padded pass, the padding dropped), else the first batches of
+    epoch 0 up to _SAMPLE_ROWS rows (a simple random sample for a shuffled source).
+    They give the model's trace (sites, initial θ), the encoder's input centring and
+    scale, and the rows of the final estimates."""
+    from viax.infer.minibatch import _first_epoch
+
+    whole = source.num_rows <= _SAMPLE_ROWS
+    parts, got = [], 0
+    remainder = "pad" if whole else "drop"
+    for batch in _first_epoch(source, batch_size, seed, (0, 1), remainder=remainder):
+        keep = batch.get(vdata.MASK)
+        part = {k: v for k, v in batch.items() if k not in (vdata.ROWS, vdata.MASK)}
+        if keep is not None:
+            part = {k: np.asarray(v)[keep] for k, v in part.items()}
+        parts.append(part)
+        got += len(next(iter(part.values())))
+        if not whole and got >= _SAMPLE_ROWS:
+            break
+    if not parts:
+        raise ValueError(f"the data source gave no batch of {batch_size} rows")
+    return {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+def _learning_source(data, minibatch, checkpoint_path, resume, stop_rule):
+    """The :mod:`viax.data` source to learn from, or None for arrays in memory (gathered
+    on the devices by the step).  A source, or checkpoints (in-memory arrays are then
+    read as ``viax.data.as_source(data)``), take the source's host loop."""
+    streamed = data is not None and not isinstance(data, Mapping)
+    checkpoints = checkpoint_path is not None or (resume is not None and resume is not False)
+    if not streamed and not checkpoints:
+        return None
+    if not streamed and not minibatch:
+        raise ValueError(
+            "checkpoint_path/resume: full-batch learning (L-BFGS on fixed draws) writes no "
+            "checkpoints; pass batch_size=... to learn by minibatches, which does"
+        )
+    if stop_rule is not None:
+        raise ValueError(
+            "stop_rule=EarlyStopping(...) holds out rows of data in memory; it does not "
+            "run on a viax.data source or with checkpoint_path=: keep held-out rows apart "
+            "yourself, train for num_epochs, and compare result.log_evidence(data=held_out)"
+        )
+    source = vdata.as_source(data)
+    if source.num_rows is None:
+        raise ModelError(
+            "the data source does not know its number of rows N (the likelihood's N/B "
+            "scaling needs it): pass viax.data.as_source(..., num_rows=N)"
+        )
+    return source
+
+
+def _host(x) -> np.ndarray:
+    """A (replicated) array as NumPy, also when it spans several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
+def _save_checkpoint(path, state: LearnState, trace: list, fingerprint: dict) -> None:
+    """The whole learning state (θ, φ, optimiser moments, averages, guard: its step
+    fixes the data position and the draws) and the objective trace, in one atomic
+    pickle-free ``.npz`` (process 0 writes; every process holds the same state)."""
+    from pathlib import Path
+
+    from viax.conjugate.checkpoint import write_npz_atomic
+
+    leaves = [_host(leaf) for leaf in jax.tree_util.tree_leaves(state)]
+    if jax.process_index() != 0:
+        return
+    arrays = {
+        "format": np.asarray(_CHECKPOINT_FORMAT),
+        "step": np.asarray(int(_host(state.guard.step))),
+        "elbo_trace": np.concatenate(trace) if trace else np.zeros(0),
+    }
+    arrays.update({f"fingerprint/{k}": np.asarray(v) for k, v in fingerprint.items()})
+    arrays.update({f"state/{i}": leaf for i, leaf in enumerate(leaves)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_npz_atomic(path, arrays)
+
+
+def _load_checkpoint(path, fingerprint: dict) -> dict:
+    """The arrays of a learning checkpoint; a file of another kind, or of a run with
+    other data rows, batch size or seed, is refused naming what differs."""
+    from viax.conjugate.checkpoint import CheckpointError, read_npz_checkpoint
+
+    def read(p, f):
+        if "format" not in f.files or str(f["format"]) != _CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {p}: not a viax learning checkpoint")
+        return {key: np.asarray(f[key]) for key in f.files}
+
+    saved = read_npz_checkpoint(path, read)
+    for name, value in fingerprint.items():
+        was = saved.get(f"fingerprint/{name}")
+        if was is None or was.item() != value:
+            raise ValueError(
+                f"checkpoint {path} was written by a run with {name}="
+                f"{None if was is None else was.item()!r}, this run has {name}={value!r}"
+            )
+    return saved
+
+
+class _StreamLoop:
+    """The host loop of minibatch learning on a :mod:`viax.data` source, shared in shape
+    with :func:`viax.infer.minibatch.fit_minibatch`: the batches of epoch e in the order
+    of (seed, e) (``source.batches``; this process's share of each), stacked K at a time
+    and placed on the "data" mesh by a prefetch thread while the previous chunk runs;
+    step t draws from ``fold_in(key, t)``; a checkpoint at most every
+    ``checkpoint_every`` seconds (at a chunk's end) and at the end.  Resumed, the run
+    continues from the saved step with the batches and draws the uninterrupted run
+    would have used, so it ends with its numbers."""
+
+    def __init__(self, source, batch_size, seed, mesh, checkpoint_path, every, resume):
+        from viax.infer import checkpoint as ckpt
+
+        self.source, self.batch_size, self.seed, self.mesh = source, batch_size, seed, mesh
+        self.path, self.every = checkpoint_path, every
+        self.fingerprint = {"num_rows": int(source.num_rows), "batch_size": batch_size}
+        self.fingerprint["seed"] = seed
+        resume_from = ckpt.resume_path(resume, checkpoint_path)
+        self.saved = None
+        if resume_from is not None:
+            import os
+
+            if os.path.exists(resume_from):  # as fit_minibatch: no file yet, a fresh start
+                self.saved = _load_checkpoint(resume_from, self.fingerprint)
+        self.wait_fraction = 0.0
+        self.resumed_at = int(self.saved["step"]) if self.saved is not None else 0
+
+    def saved_trace(self) -> list:
+        return [self.saved["elbo_trace"]] if self.saved is not None else []
+
+    def run(self, step, state, data, key, num_steps, chunk, *, check_fn, **kwargs) -> Any:
+        from viax.infer import checkpoint as ckpt
+        from viax.infer.minibatch import _epochs
+
+        done = self.resumed_at
+        if self.saved is not None:
+            state = vdata.put(ckpt.restore_state(state, self.saved), vdata.replicated(self.mesh))
+        # The batched chunk donates the state: no two leaves may share a buffer (the
+        # average starts as the very arrays of the parameters).
+        state = jax.tree_util.tree_map(jnp.copy, state)
+        trace = self.saved_trace()
+        per_epoch = self.source.num_rows // self.batch_size
+
+        def keyed(state, rng_key, data, batch):
+            # Step t's draws from fold_in(key, t), not from the chunk's place in this
+            # call's run: a resumed run draws what the uninterrupted one drew.  The key
+            # is an input, not a constant: one program serves every seed.
+            del rng_key
+            data = dict(data)
+            base = data.pop(_STEP_KEY)
+            return step(state, jax.random.fold_in(base, state.guard.step), data, batch)
+
+        data = {**data, _STEP_KEY: vdata.put(key, vdata.replicated(self.mesh))}
+
+        pc = vdata.process_share()
+        stream = _epochs(
+            self.source, self.batch_size, self.seed, done, num_steps - done, per_epoch, pc
+        )
+        chunks = vdata.prefetch(
+            ({k: v for k, v in b.items() if k != vdata.ROWS} for b in stream),
+            size=2,
+            sharding=vdata.batch_sharding(self.mesh, stacked=True),
+            stack=chunk,
+        )
+        last_save = [time.perf_counter()]
+
+        def check(state, chunk_info, steps_done):
+            trace.append(np.asarray(chunk_info.objective))
+            outcome = check_fn(state, chunk_info, steps_done)
+            if self.path is not None and time.perf_counter() - last_save[0] >= self.every:
+                _save_checkpoint(self.path, state, trace, self.fingerprint)
+                last_save[0] = time.perf_counter()
+            return outcome
+
+        try:
+            output = run(
+                keyed,
+                state,
+                data,
+                key,
+                num_steps - done,
+                chunk,
+                check_fn=check,
+                batches=chunks,
+                **kwargs,
+            )
+        finally:
+            self.wait_fraction = float(chunks.wait_fraction)
+            chunks.close()
+            try:
+                stream.close()  # frees the epoch's readers now
+            except ValueError:  # still running in a prefetch thread that did not stop
+                pass
+        if self.path is not None:
+            _save_checkpoint(self.path, output.state, trace, self.fingerprint)
+        whole = np.concatenate(trace) if trace else np.zeros(0)
+        return output._replace(trace=whole, num_steps=done + output.num_steps)
+
+
 def _learn_devices(devices) -> list:
     """The devices of the "data" mesh: ``None`` every local device, an integer the
     first that many, or a sequence of devices."""
@@ -1226,6 +1447,10 @@ def fit_learn(
     transform_batch: Callable | None = None,
     stop_rule: EarlyStopping | None = None,
     devices=None,
+    checkpoint_path=None,
+    checkpoint_every: float = 60.0,
+    resume=False,
+    evaluate: bool = True,
 ) -> Result:
     """Learn θ (the model's ``numpyro.param`` sites) jointly with q; see the module
     docstring.  Called by :func:`viax.fit` when the model has params, or an ``encoder``,
@@ -1253,6 +1478,23 @@ def fit_learn(
     ``batch_size`` must be a multiple of their number (the default batch size is rounded
     down to one).  The full-batch path runs on one device.  ``info["devices"]`` says how
     many ran.
+
+    ``data`` may be a :mod:`viax.data` source (a Parquet file, memmaps, an iterable of
+    dict batches that knows N): minibatch learning then reads it through
+    :class:`_StreamLoop` (the batches of epoch e in the source's order for (seed, e),
+    prefetched to the "data" mesh over every device of every process after
+    ``jax.distributed.initialize()``; ``devices`` as :func:`viax.data.data_mesh`).  Up
+    to ``_SAMPLE_ROWS`` rows are held in memory for the model's trace, the encoder's
+    input scale and the final estimates (``info["rows_in_memory"]``).
+
+    ``checkpoint_path``, ``checkpoint_every``, ``resume`` (minibatch): an atomic,
+    pickle-free ``.npz`` of θ, φ, the optimiser state, the average and the step (which
+    fixes the data position and the draws), written at most every ``checkpoint_every``
+    seconds and at the end; ``resume=True`` continues from it with the numbers of the
+    uninterrupted run.  In-memory arrays are then read as ``viax.data.as_source(data)``.
+
+    ``evaluate=False``: no final pass over rows; ``elbo`` is the mean of the last
+    quarter of the training objective and ``khat`` NaN.
     """
     start = time.perf_counter()
     if stop_rule is not None and not isinstance(stop_rule, EarlyStopping):
@@ -1277,19 +1519,36 @@ def fit_learn(
             f"optimizer must be an optax GradientTransformation here, got {optimizer!r}"
         )
     minibatch = batch_size is not None or num_epochs is not None or optimizer is not None
-    mesh_devices = _learn_devices(devices)
-    num_devices = len(mesh_devices) if minibatch else 1
-    if not minibatch and devices is not None and len(mesh_devices) > 1:
-        raise ValueError(
-            f"devices= lists {len(mesh_devices)} devices, but full-batch learning runs on "
-            "one: the devices share minibatches (pass batch_size=...)"
-        )
+    source = _learning_source(data, minibatch, checkpoint_path, resume, stop_rule)
+    if source is not None:
+        # Streamed (or checkpointed): the source's host loop, over every device of every
+        # process (viax.data.data_mesh validates devices=).
+        minibatch = True
+        mesh = vdata.data_mesh(devices)
+        num_devices = int(mesh.devices.size)
+    else:
+        mesh_devices = _learn_devices(devices)
+        num_devices = len(mesh_devices) if minibatch else 1
+        if not minibatch and devices is not None and len(mesh_devices) > 1:
+            raise ValueError(
+                f"devices= lists {len(mesh_devices)} devices, but full-batch learning runs "
+                "on one: the devices share minibatches (pass batch_size=...)"
+            )
+        mesh = vdata.data_mesh(mesh_devices) if minibatch else None
     if batch_size is not None and batch_size % num_devices:
         raise ValueError(
             f"batch_size {batch_size} must be a multiple of the number of devices "
             f"({num_devices}) so that every device gets the same rows; pass devices= to use "
             "fewer"
         )
+    if source is not None:
+        if batch_size is None:  # min(100, N), rounded down to a multiple of the devices
+            batch_size = max(min(100, source.num_rows) // num_devices * num_devices, num_devices)
+        if batch_size > source.num_rows:
+            raise ValueError(
+                f"batch_size {batch_size} exceeds the {source.num_rows} rows of the data"
+            )
+        data = {**dict(source.static), **_source_sample(source, batch_size, seed)}
     if transform_batch is None:
         target, arrays, init_position = build_target(model, data, seed=seed)
     else:
@@ -1299,6 +1558,12 @@ def fit_learn(
     need_plate = encoder is not None or minibatch
     why = "encoder=" if encoder is not None else "minibatch training"
     structure = _structure(target, arrays, need_plate, why)
+    if source is not None:
+        # The rows in memory are a sample of R of the N rows (all of them when N is
+        # small); only the source's row columns are rows.
+        columns = {k for k in source.columns if not k.startswith("_")}
+        keys = tuple(k for k in structure.batch_keys if k in columns)
+        structure = structure._replace(batch_keys=keys)
     if encoder is not None and not structure.local:
         raise ModelError(
             f"encoder= given, but plate {structure.plate!r} holds no latent sites to amortize"
@@ -1348,10 +1613,20 @@ def fit_learn(
                     f"{structure.num_rows} rows cannot be shared by {num_devices} devices; "
                     "pass devices= to use fewer"
                 )
+        stream = None
+        train_q, train_arrays = q, arrays
+        if source is not None:
+            stream = _StreamLoop(
+                source, batch_size, seed, mesh, checkpoint_path, checkpoint_every, resume
+            )
+            # Trained over all N rows (the N/B scaling, epochs of ⌊N/B⌋ batches); the
+            # step reads the static data and the source's batches.
+            train_q = dataclasses.replace(q, structure=structure._replace(num_rows=source.num_rows))
+            train_arrays = {k: v for k, v in arrays.items() if k not in structure.batch_keys}
         params, output, info = _minibatch(
-            q,
+            train_q,
             target,
-            arrays,
+            train_arrays,
             objective,
             params0,
             key_run,
@@ -1364,10 +1639,19 @@ def fit_learn(
             transform_batch,
             _validation_fn(q, target, held_out, stop_rule, objective, transform_batch, seed),
             stop_rule,
-            vdata.data_mesh(mesh_devices),
+            mesh,
+            stream,
         )
         # Back to the host: the final estimates run on the default device, uncommitted.
-        params = jax.tree_util.tree_map(np.asarray, params)
+        params = jax.tree_util.tree_map(_host, params)
+        if stream is not None:
+            info.update(
+                source_rows=source.num_rows,
+                rows_in_memory=structure.num_rows,
+                processes=jax.process_count(),
+                wait_fraction=stream.wait_fraction,
+                resumed_at_step=stream.resumed_at,
+            )
     else:
         params, output, info = _full_batch(
             q, target, arrays, objective, params0, key_run, num_draws, num_steps or 2000, progress
@@ -1390,6 +1674,31 @@ def fit_learn(
         "info": info,
         "model_params": model_params,
     }
+    total_rows = source.num_rows if source is not None else structure.num_rows
+    partial = total_rows > structure.num_rows  # a source larger than the rows in memory
+    if not evaluate or (partial and not q.rows_mode):
+        # No final pass: the log weights of a q that couples the rows (global latents)
+        # need every row, which a large source does not hold in memory.
+        tail = output.trace[-max(1, output.trace.size // 4) :]
+        elbo, elbo_se = mean_and_se(tail) if tail.size > 1 else (float("nan"),) * 2
+        info["evaluation"] = (
+            "none (evaluate=False)"
+            if not evaluate
+            else f"none: the rows are coupled by global latents and only {structure.num_rows} "
+            f"of the source's {total_rows} rows are held in memory"
+        ) + "; elbo: the mean of the last quarter of the training objective"
+        return Result(
+            method="learn",
+            algorithm="optax" if minibatch else "lbfgs",
+            family=q.family if isinstance(q, _FamilyQ) else "amortized",
+            params=params["q"],
+            elbo=float(elbo),
+            elbo_se=float(elbo_se),
+            target=None,
+            data={},
+            khat=float("nan"),
+            **common,
+        )
     if isinstance(q, _FamilyQ):
         data_theta = {**arrays, PARAMS_KEY: theta}
         _, log_weights = log_weights_fn(target, q.family, 1000)(params["q"], key_final, data_theta)
@@ -1413,10 +1722,14 @@ def fit_learn(
         # (one fixed draw).
         rows = {k: arrays[k] for k in structure.batch_keys}
         arrays = {**arrays, **transform_batch(jax.random.PRNGKey(seed + 3), rows)}
-    return _amortized_result(q, target, arrays, theta, params["q"], seed, minibatch, common)
+    return _amortized_result(
+        q, target, arrays, theta, params["q"], seed, minibatch, common, total_rows
+    )
 
 
-def _amortized_result(q, target, arrays, theta, phi, seed, minibatch, common) -> Result:
+def _amortized_result(
+    q, target, arrays, theta, phi, seed, minibatch, common, total_rows=None
+) -> Result:
     keys = q.structure.batch_keys
     fixed = {k: v for k, v in arrays.items() if k not in keys}
     batch = {k: arrays[k] for k in keys}
@@ -1438,7 +1751,9 @@ def _amortized_result(q, target, arrays, theta, phi, seed, minibatch, common) ->
         return {k: np.asarray(v) for k, v in draws.items()}
 
     if q.rows_mode:
-        elbo, elbo_se, num_final, num_checked = _final_elbo(q, theta, phi, batch, fixed, seed)
+        elbo, elbo_se, num_final, num_checked = _final_elbo(
+            q, theta, phi, batch, fixed, seed, total_rows
+        )
         info["final_elbo_rows"] = num_checked
         rows = np.arange(min(num_rows, _KHAT_ROWS))
         check = _row_log_weights(
