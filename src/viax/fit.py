@@ -451,21 +451,19 @@ _RUNAWAY = 1e100
 
 def _source_has_params(model, data) -> bool:
     """Whether a :mod:`viax.data` source's model has ``numpyro.param`` sites, from an
-    abstract trace on its first batch (nothing compiled)."""
+    abstract trace on two rows of the source's column shapes (nothing read or
+    compiled)."""
     if not callable(model) or isinstance(model, Model):
         return False
     from viax import data as vdata
     from viax.infer.minibatch import _abstract_model_trace
 
     source = vdata.as_source(data)
-    size = min(source.num_rows or 2, 2)
-    batches = source.batches(size, seed=0, epoch=0)
-    batch = next(iter(batches), None)
-    if hasattr(batches, "close"):
-        batches.close()  # a Parquet stream's readers
-    if batch is None:
-        return False
-    rows = {k: v for k, v in batch.items() if not k.startswith("_")}
+    rows = {
+        name: np.zeros((2, *shape), dtype)
+        for name, (shape, dtype) in source.columns.items()
+        if not name.startswith("_")
+    }
     trace = _abstract_model_trace(model, {**dict(source.static), **rows})
     return trace is not None and any(site["type"] == "param" for site in trace.values())
 
