@@ -264,6 +264,19 @@ ROWS = [
     ),
     (
         "fit",
+        "EarlyStopping with a checkpoint",
+        _fit(
+            param_model,
+            {"y": Y},
+            batch_size=2,
+            stop_rule=viax.EarlyStopping(),
+            checkpoint_path="run.npz",
+        ),
+        ValueError,
+        "keeps its best parameters in memory, not in checkpoints",
+    ),
+    (
+        "fit",
         "a checkpoint while learning full batch",
         _fit(param_model, {"y": Y}, checkpoint_path="run.npz"),
         ValueError,

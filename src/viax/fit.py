@@ -292,6 +292,10 @@ def fit(
         eta = _check_positive_float("eta", eta)
     seed = _check_positive_int("seed", seed, minimum=0)
 
+    if early_stopping and (checkpoint_path is not None or resume):
+        from viax.infer.learn import EARLY_STOPPING_CHECKPOINTS
+
+        raise ValueError(EARLY_STOPPING_CHECKPOINTS)  # before the target compiles anything
     full_batch = batch_size is None and num_epochs is None
     full_batch = full_batch and not isinstance(optimizer, optax.GradientTransformation)
     if (checkpoint_path is not None or resume) and not streamed and full_batch:

@@ -48,7 +48,7 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import jax
@@ -105,6 +105,11 @@ class EarlyStopping:
     not converged.  Needs rows that are independent given θ (an encoder, no global
     latents).
 
+    ``validation_data``: held-out rows of your own instead (``{name: array}`` with the
+    training data's per-row arrays, e.g. MNIST's validation split); no training rows are
+    then held out, the first ``max_rows`` of them are evaluated, and the rule also
+    watches learning from a :mod:`viax.data` source.
+
     Example:
         >>> rule = EarlyStopping(validation_fraction=0.1, patience=5)
     """
@@ -114,8 +119,14 @@ class EarlyStopping:
     threshold: float = 2.0
     num_samples: int = 8
     max_rows: int = 1000
+    validation_data: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
+        if self.validation_data is not None and not isinstance(self.validation_data, Mapping):
+            raise TypeError(
+                "validation_data must be a mapping of arrays (the held-out rows), got "
+                f"{type(self.validation_data).__name__}"
+            )
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
                 f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}"
@@ -1168,6 +1179,31 @@ def _split_rows(arrays, structure: _Structure, rule: EarlyStopping, seed):
     return train, held_out, structure._replace(num_rows=int(kept.size)), held
 
 
+def _given_rows(rule: EarlyStopping, arrays, structure: _Structure) -> dict:
+    """The user's held-out rows (``rule.validation_data``, the first ``rule.max_rows``)
+    with the training data's other arrays, checked against the training rows."""
+    keys = structure.batch_keys
+    given = dict(rule.validation_data)
+    missing = [k for k in keys if k not in given]
+    if missing:
+        raise ModelError(f"EarlyStopping validation_data lacks {', '.join(missing)}")
+    rows = {k: np.asarray(given[k], dtype=np.asarray(arrays[k]).dtype) for k in keys}
+    bad = [k for k in keys if rows[k].shape[1:] != np.shape(arrays[k])[1:]]
+    if bad:
+        shapes = ", ".join(
+            f"{k} {rows[k].shape[1:]} (training {np.shape(arrays[k])[1:]})" for k in bad
+        )
+        raise ModelError(f"EarlyStopping validation_data rows have other shapes: {shapes}")
+    counts = {rows[k].shape[0] for k in keys}
+    if len(counts) != 1 or 0 in counts:
+        raise ModelError(
+            f"EarlyStopping validation_data: {', '.join(keys)} must have the same number of "
+            "rows, at least one"
+        )
+    rows = {k: v[: rule.max_rows] for k, v in rows.items()}
+    return {**{k: v for k, v in arrays.items() if k not in keys}, **rows}
+
+
 def _validation_fn(q, target, held_out, rule, objective, transform_batch, seed):
     """``params -> (R,)`` the objective per held-out row, on fixed base draws (the same
     draws, and one fixed transform of the rows, at every check)."""
@@ -1181,6 +1217,7 @@ def _validation_fn(q, target, held_out, rule, objective, transform_batch, seed):
     num = objective.num_samples if isinstance(objective, IWAE) else rule.num_samples
 
     def validate(params):
+        params = jax.tree_util.tree_map(_host, params)  # replicated over processes too
         theta = _constrain_theta(target, params["theta"])
         weights = _row_log_weights(q, theta, params["q"], held_out, fixed, num, seed + 11)
         if isinstance(objective, IWAE):
@@ -1201,19 +1238,31 @@ def _check_int(name, value, minimum=1):
 # -- learning from a viax.data source: the host loop, checkpoints ----------------------------
 
 _SAMPLE_ROWS = 65_536  # a source's rows held in memory (trace, encoder inputs, final estimates)
+_SAMPLE_BYTES = 2**27  # ... and at most 128 MiB of them
 _CHECKPOINT_FORMAT = "viax-learn-1"
 _STEP_KEY = "__viax_step_key__"  # the run's key among the step's data
+EARLY_STOPPING_CHECKPOINTS = (
+    "stop_rule=EarlyStopping(...) keeps its best parameters in memory, not in "
+    "checkpoints: drop checkpoint_path/resume, or train for num_epochs and compare "
+    "result.log_evidence(data=held_out) between checkpoints"
+)
 
 
 def _source_sample(source, batch_size: int, seed: int) -> dict:
     """Rows of ``source`` held in memory, the same in every process: all N rows when
-    N ≤ _SAMPLE_ROWS (one padded pass, the padding dropped), else the first batches of
-    epoch 0 up to _SAMPLE_ROWS rows (a simple random sample for a shuffled source).
-    They give the model's trace (sites, initial θ), the encoder's input centring and
-    scale, and the rows of the final estimates."""
+    they are at most _SAMPLE_ROWS and _SAMPLE_BYTES (one padded pass, the padding
+    dropped), else the first batches of epoch 0 up to that many rows (a simple random
+    sample for a shuffled source).  They give the model's trace (sites, initial θ), the
+    encoder's input centring and scale, and the rows of the final estimates."""
     from viax.infer.minibatch import _first_epoch
 
-    whole = source.num_rows <= _SAMPLE_ROWS
+    row_bytes = sum(
+        int(np.prod(shape, dtype=int)) * np.dtype(dtype).itemsize
+        for name, (shape, dtype) in source.columns.items()
+        if not name.startswith("_")
+    )
+    cap = max(batch_size, min(_SAMPLE_ROWS, _SAMPLE_BYTES // max(row_bytes, 1)))
+    whole = source.num_rows <= cap
     parts, got = [], 0
     remainder = "pad" if whole else "drop"
     for batch in _first_epoch(source, batch_size, seed, (0, 1), remainder=remainder):
@@ -1223,7 +1272,7 @@ def _source_sample(source, batch_size: int, seed: int) -> dict:
             part = {k: np.asarray(v)[keep] for k, v in part.items()}
         parts.append(part)
         got += len(next(iter(part.values())))
-        if not whole and got >= _SAMPLE_ROWS:
+        if not whole and got >= cap:
             break
     if not parts:
         raise ValueError(f"the data source gave no batch of {batch_size} rows")
@@ -1243,11 +1292,13 @@ def _learning_source(data, minibatch, checkpoint_path, resume, stop_rule):
             "checkpoint_path/resume: full-batch learning (L-BFGS on fixed draws) writes no "
             "checkpoints; pass batch_size=... to learn by minibatches, which does"
         )
-    if stop_rule is not None:
+    if stop_rule is not None and checkpoints:
+        raise ValueError(EARLY_STOPPING_CHECKPOINTS)
+    if stop_rule is not None and getattr(stop_rule, "validation_data", None) is None:
         raise ValueError(
-            "stop_rule=EarlyStopping(...) holds out rows of data in memory; it does not "
-            "run on a viax.data source or with checkpoint_path=: keep held-out rows apart "
-            "yourself, train for num_epochs, and compare result.log_evidence(data=held_out)"
+            "stop_rule=EarlyStopping(...) holds out rows of data in memory, and a viax.data "
+            "source is streamed: pass held-out rows of your own, "
+            "EarlyStopping(validation_data={name: array, ...})"
         )
     source = vdata.as_source(data)
     if source.num_rows is None:
@@ -1344,6 +1395,12 @@ class _StreamLoop:
         from viax.infer.minibatch import _epochs
 
         done = self.resumed_at
+        if done > num_steps:
+            raise ValueError(
+                f"the checkpoint is at step {done}, past this run's {num_steps} steps "
+                f"({num_steps // (self.source.num_rows // self.batch_size)} epochs): pass "
+                "num_epochs (or num_steps) at least as large as the checkpointed run's"
+            )
         if self.saved is not None:
             state = vdata.put(ckpt.restore_state(state, self.saved), vdata.replicated(self.mesh))
         # The batched chunk donates the state: no two leaves may share a buffer (the
@@ -1574,14 +1631,17 @@ def fit_learn(
             f"{structure.plate!r} need per-row variational parameters for minibatch "
             "training; pass encoder=viax.MLPEncoder(...) to amortize them"
         )
-    held_out = None
+    held_out = held_rows = None
     if stop_rule is not None:
         if not minibatch or encoder is None:
             raise ModelError(
                 "stop_rule=EarlyStopping(...) watches minibatch training with an encoder "
                 "(batch_size=..., encoder=...); the full-batch path stops by its own test"
             )
-        arrays, held_out, structure, held_rows = _split_rows(arrays, structure, stop_rule, seed)
+        if stop_rule.validation_data is not None:
+            held_out, held_rows = _given_rows(stop_rule, arrays, structure), None
+        else:
+            arrays, held_out, structure, held_rows = _split_rows(arrays, structure, stop_rule, seed)
     dtype = _compute_dtype(arrays, structure.batch_keys) if minibatch else jnp.float64
     if encoder is None:
         dtype = jnp.float64
@@ -1658,7 +1718,7 @@ def fit_learn(
         )
     info["objective"] = objective
     info["devices"] = num_devices
-    if held_out is not None:
+    if held_rows is not None:
         info["held_out_rows"] = held_rows  # indices into the data's rows, not trained on
     info["setup_time"] = setup_time
     info["seconds_per_step"] = output.seconds_per_step
