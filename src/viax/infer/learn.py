@@ -1239,6 +1239,7 @@ def _check_int(name, value, minimum=1):
 
 _SAMPLE_ROWS = 65_536  # a source's rows held in memory (trace, encoder inputs, final estimates)
 _SAMPLE_BYTES = 2**27  # ... and at most 128 MiB of them
+_CHUNK_BYTES = 2**25  # a source's rows per stacked chunk (the prefetch holds three)
 _CHECKPOINT_FORMAT = "viax-learn-1"
 _STEP_KEY = "__viax_step_key__"  # the run's key among the step's data
 EARLY_STOPPING_CHECKPOINTS = (
@@ -1256,12 +1257,7 @@ def _source_sample(source, batch_size: int, seed: int) -> dict:
     encoder's input centring and scale, and the rows of the final estimates."""
     from viax.infer.minibatch import _first_epoch
 
-    row_bytes = sum(
-        int(np.prod(shape, dtype=int)) * np.dtype(dtype).itemsize
-        for name, (shape, dtype) in source.columns.items()
-        if not name.startswith("_")
-    )
-    cap = max(batch_size, min(_SAMPLE_ROWS, _SAMPLE_BYTES // max(row_bytes, 1)))
+    cap = max(batch_size, min(_SAMPLE_ROWS, _SAMPLE_BYTES // _row_bytes(source)))
     whole = source.num_rows <= cap
     parts, got = [], 0
     remainder = "pad" if whole else "drop"
@@ -1307,6 +1303,27 @@ def _learning_source(data, minibatch, checkpoint_path, resume, stop_rule):
             "scaling needs it): pass viax.data.as_source(..., num_rows=N)"
         )
     return source
+
+
+def _row_bytes(source) -> int:
+    """Bytes of one row of the source's columns (at least 1)."""
+    total = sum(
+        int(np.prod(shape, dtype=int)) * np.dtype(dtype).itemsize
+        for name, (shape, dtype) in source.columns.items()
+        if not name.startswith("_")
+    )
+    return max(int(total), 1)
+
+
+def _steps_per_read(chunk: int, batch_size: int, row_bytes: int) -> int:
+    """K, the batches stacked per compiled scan on a source: the checking chunk when its
+    rows fit _CHUNK_BYTES, else the largest divisor of it within the budget (down to
+    half the budget), else the budget (the last piece of a check is then shorter)."""
+    most = max(1, _CHUNK_BYTES // (batch_size * row_bytes))
+    if chunk <= most:
+        return chunk
+    divisors = [d for d in range(max(1, most // 2), most + 1) if chunk % d == 0]
+    return max(divisors) if divisors else most
 
 
 def _host(x) -> np.ndarray:
@@ -1364,11 +1381,12 @@ class _StreamLoop:
     """The host loop of minibatch learning on a :mod:`viax.data` source, shared in shape
     with :func:`viax.infer.minibatch.fit_minibatch`: the batches of epoch e in the order
     of (seed, e) (``source.batches``; this process's share of each), stacked K at a time
-    and placed on the "data" mesh by a prefetch thread while the previous chunk runs;
-    step t draws from ``fold_in(key, t)``; a checkpoint at most every
-    ``checkpoint_every`` seconds (at a chunk's end) and at the end.  Resumed, the run
-    continues from the saved step with the batches and draws the uninterrupted run
-    would have used, so it ends with its numbers."""
+    and placed on the "data" mesh by a prefetch thread while the previous chunk runs
+    (K from a memory budget, :func:`_steps_per_read`; the caller's checks still come
+    after its own chunks of whole epochs); step t draws from ``fold_in(key, t)``; a
+    checkpoint at most every ``checkpoint_every`` seconds (at the end of a scan) and at
+    the end.  Resumed, the run continues from the saved step with the batches and draws
+    the uninterrupted run would have used, so it ends with its numbers."""
 
     def __init__(self, source, batch_size, seed, mesh, checkpoint_path, every, resume):
         from viax.infer import checkpoint as ckpt
@@ -1424,17 +1442,29 @@ class _StreamLoop:
         stream = _epochs(
             self.source, self.batch_size, self.seed, done, num_steps - done, per_epoch, pc
         )
+        # Stacking the caller's whole chunk (an epoch of MNIST: 157 MB; all of a run given
+        # by num_steps) would hold it three times over on the devices.
+        per_read = _steps_per_read(chunk, self.batch_size, _row_bytes(self.source))
         chunks = vdata.prefetch(
             ({k: v for k, v in b.items() if k != vdata.ROWS} for b in stream),
             size=2,
             sharding=vdata.batch_sharding(self.mesh, stacked=True),
-            stack=chunk,
+            stack=per_read,
         )
         last_save = [time.perf_counter()]
+        pending: list = []  # the scans' infos since the caller's last check
 
         def check(state, chunk_info, steps_done):
             trace.append(np.asarray(chunk_info.objective))
-            outcome = check_fn(state, chunk_info, steps_done)
+            pending.append(jax.tree_util.tree_map(np.asarray, chunk_info))
+            outcome = None
+            if (
+                sum(p.objective.shape[0] for p in pending) >= chunk
+                or done + steps_done >= num_steps
+            ):
+                merged = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *pending)
+                pending.clear()
+                outcome = check_fn(state, merged, steps_done)
             if self.path is not None and time.perf_counter() - last_save[0] >= self.every:
                 _save_checkpoint(self.path, state, trace, self.fingerprint)
                 last_save[0] = time.perf_counter()
@@ -1447,7 +1477,7 @@ class _StreamLoop:
                 data,
                 key,
                 num_steps - done,
-                chunk,
+                per_read,
                 check_fn=check,
                 batches=chunks,
                 **kwargs,
