@@ -24,11 +24,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 from _common import command_line, machine, peak_rss_mb, today, write_json
 from flights import GLOBALS, _summary, load_arrays, make_model
 
 
-def run(num_draws: int | None, num_steps: int | None, family: str) -> dict:
+def run(num_draws: int | None, num_steps: int | None, family: str, seed: int = 0) -> dict:
     import viax
 
     start = time.perf_counter()
@@ -41,7 +42,7 @@ def run(num_draws: int | None, num_steps: int | None, family: str) -> dict:
         num_draws=num_draws,
         num_steps=num_steps,
         path="full-batch",
-        seed=0,
+        seed=seed,
         progress=False,
     )
     wall = time.perf_counter() - start
@@ -55,7 +56,13 @@ def run(num_draws: int | None, num_steps: int | None, family: str) -> dict:
         "path_reason": info.get("path_reason"),
         "elbo": result.elbo,
         "khat": result.khat,
+        "seed": seed,
         "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
+        # q's own means and sds (the summary's 4,000 draws add 1.6% sd noise to them)
+        "q": {
+            "mean": np.asarray(result.family.mean(result.params)).tolist(),
+            "sd": np.asarray(result.family.stddev(result.params)).tolist(),
+        },
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -129,6 +136,8 @@ def main():
     parser.add_argument("--num-draws", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--family", default="meanfield")
+    parser.add_argument("--seed", type=int, default=0, help="the fixed draws' seed")
+    parser.add_argument("--name", default=None, help="results file name (no .json)")
     parser.add_argument("--synthetic", type=int, default=None, help="rows of the synthetic data")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -136,9 +145,9 @@ def main():
         print(json.dumps(run_synthetic(args.synthetic, args.num_draws, args.family)))
         return
     if args.child:
-        print(json.dumps(run(args.num_draws, args.steps, args.family)))
+        print(json.dumps(run(args.num_draws, args.steps, args.family, args.seed)))
         return
-    argv = [sys.executable, __file__, "--child", "--family", args.family]
+    argv = [sys.executable, __file__, "--child", "--family", args.family, "--seed", str(args.seed)]
     if args.synthetic:
         argv += ["--synthetic", str(args.synthetic)]
     if args.num_draws:
@@ -160,6 +169,7 @@ def main():
         "result": result,
     }
     name = f"full_batch_synthetic_{args.synthetic}" if args.synthetic else "flights_full_batch"
+    name = args.name or name
     write_json(f"{name}.json", payload)
 
 

@@ -18,7 +18,13 @@ from jax.flatten_util import ravel_pytree
 from viax.diagnostics import KHAT_USABLE, psis
 from viax.families.gaussian import FAMILIES, Family, FullRank, MeanField, make_family
 from viax.infer import advi, dadvi
-from viax.infer.chunked import dense_curvature_plan, full_batch_estimate, plan_chunks
+from viax.infer.chunked import (
+    dense_curvature_plan,
+    dense_memory_fits,
+    full_batch_estimate,
+    hessian_structure,
+    plan_chunks,
+)
 from viax.infer.driver import DivergenceError, abstract, chunk_fn, precompile, run
 from viax.infer.optimize import minimize_on_host, newton_on_host
 from viax.infer.stopping import (
@@ -602,17 +608,35 @@ def _fit_dadvi(
     # Dense D x D curvature where its memory and Hessian passes fit a budget (the ridges
     # of hierarchical models need it), else the diagonal + a dense block of small sites.
     dense, curvature_reason, curvature_rows = dense_curvature_plan(target.dim, data)
+    arrays = data
     chunked, chunks_reason = plan_chunks(target, data, num_draws, init_position)
     if chunked is not None:
         target, data = chunked, chunked.blocked(data)
     # A long run over many rows is worth XLA's optimiser; a short one is not.
     fast_compile = chunked is None or chunked.num_rows * num_draws < 2**24
+    structure = None
+    if target.dim > dadvi.DENSE_HESSIAN_MAX_DIM and dense_memory_fits(target.dim):
+        # A large hierarchical model's Hessian is an arrowhead (each row touches one
+        # plane: the plane effects' block is diagonal), so the exact dense Hessian costs
+        # K + 1 products over every row, not D over a sample of rows: a row-sampled
+        # Hessian misses the planes whose rows it skips (flights: MAP not found).
+        structure, why = _curvature_structure(target, data, init_position)
+        if structure is not None:
+            fits, reason, rows = dense_curvature_plan(target.dim, arrays, structure.products)
+            if fits and rows is None:
+                dense, curvature_rows, curvature_reason = True, None, f"{why}; {reason}"
+            else:
+                structure, why = None, f"{why}, not used: {reason}"
+        if structure is None:
+            curvature_reason += f" ({why})"
     stride = 1
     if dense and curvature_rows is not None and chunked is not None:
         stride = chunked.curvature_stride(curvature_rows)
     elif dense and curvature_rows is not None:  # rows evaluated whole: read them all
         curvature_reason += " (reads every row: the data are evaluated whole)"
-    algo = dadvi.build_dadvi(target, family, dense=dense, curvature_stride=stride)
+    algo = dadvi.build_dadvi(
+        target, family, dense=dense, curvature_stride=stride, curvature_structure=structure
+    )
     draws = dadvi.base_draws(rng_key, num_draws, family.noise_dim)
     # A cold fit is mostly compilation: while this thread finds the MAP and compiles
     # and runs the rest of the setup (Laplace), the L-BFGS chunk and the finalisation
@@ -647,6 +671,11 @@ def _fit_dadvi(
         "curvature": (
             "dense Hessian"
             + (f" (rows of every {stride}th block of {chunked.num_blocks})" if stride > 1 else "")
+            + (
+                f" (exact: {len(structure.columns)} columns + diagonal)"
+                if structure is not None
+                else ""
+            )
             if not isinstance(hess, tuple)
             else f"Hessian diagonal + dense block of {algo.curvature_block.size} coordinates"
         ),
@@ -718,13 +747,17 @@ def _fit_dadvi(
         and max_steps > 2 * _REWHITEN_STEPS
     )
     output = run_for(state, _REWHITEN_STEPS if rewhiten else max_steps)
-    if rewhiten and not output.converged:
+    rewhitenings: list[int] = []
+    while rewhiten and not output.converged and output.num_steps < max_steps:
         # A hierarchical model's MAP is a poor place to whiten q at: the curvature of
         # the effects scales with their group scale squared, which q puts elsewhere
         # (measured on 30,000 flights rows: 1,000 L-BFGS steps whitened at the MAP did
-        # not converge).  Whiten again at q's mean, by the dense Hessian there, with
-        # q's sds as the scales, and go on from the same q.
+        # not converge; the non-centred MAP of the first 100,000 flights rows puts
+        # σ_tail at 9.2, where q puts it near 0.15).  Whiten again at q's mean, by the dense Hessian
+        # there, with q's sds as the scales, and go on from the same q; again every
+        # _REWHITEN_EVERY steps while q still moves (each costs one Hessian).
         first = output
+        rewhitenings.append(first.num_steps)
         params = setup.preconditioner.push(family, output.state.optimizer.position)
         mean = np.asarray(family.mean(params), dtype=np.float64)
         sd = jax.numpy.asarray(family.stddev(params))
@@ -733,14 +766,21 @@ def _fit_dadvi(
         steps = np.int32(map_steps)
         setup, state = algo.setup(mean, value, grad, hess, steps, init_position, data, draws, sd)
         inputs = (data, setup)
-        output = run_for(state, max_steps - first.num_steps)
+        budget = max_steps - first.num_steps
+        if len(rewhitenings) < _REWHITEN_TIMES:
+            budget = min(budget, _REWHITEN_EVERY)
+        output = run_for(state, budget)
         output = output._replace(
             trace=np.concatenate([first.trace, output.trace]),
             num_steps=first.num_steps + output.num_steps,
             wall_time=first.wall_time + output.wall_time,
             compile_time=first.compile_time + output.compile_time,
         )
-        info["rewhitened_after"] = first.num_steps
+        if len(rewhitenings) >= _REWHITEN_TIMES:
+            break
+    if rewhitenings:
+        info["rewhitened_after"] = rewhitenings[0]
+        info["rewhitenings"] = rewhitenings
     params_w = output.state.optimizer.position
     params, terms = algo.finalize(params_w, inputs, rng_key)
     info["elbo_terms"] = np.asarray(terms)
@@ -749,6 +789,14 @@ def _fit_dadvi(
     info["init_position"] = init_position
     info["max_steps"] = max_steps
     return params, output, "dadvi", info
+
+
+def _curvature_structure(target, data, init_position):
+    """:func:`viax.infer.chunked.hessian_structure` of −log p̃ over ``data`` (whole or
+    blocked, as ``target`` reads them): ``(structure or None, reason)``."""
+    return hessian_structure(
+        lambda u, d: -target.log_density(u, d), data, np.asarray(init_position), target.sites
+    )
 
 
 def _find_map(algo, data, init_position) -> tuple:
@@ -834,10 +882,14 @@ def _find_map(algo, data, init_position) -> tuple:
 
 
 _REWHITEN_STEPS = 50  # DADVI steps of a mean-field q before it is re-whitened at its mean
+_REWHITEN_EVERY = 200  # and again after this many more while it has not converged,
+_REWHITEN_TIMES = 4  # at most this many times in all
 # Below this many latents a fit's extra steps cost less than re-whitening's second
 # compiled set-up (the speed benchmark's eight schools and logistic regression).
 _REWHITEN_MIN_DIM = 100
-_WHITENED_ROUNDS = 5
+# Rounds of the large-D MAP search (each one Hessian): the 100,000 first flights rows
+# took 4 diagonal rounds to leave the saddle of the non-centred start, then 1 whitened.
+_WHITENED_ROUNDS = 10
 _DIAGONAL_ROUND_STEPS = 200  # dense Hessians of the large-D MAP search, the final one included
 _WHITENED_TOL = 1e-4  # max |gradient| in whitened units (posterior sds) of each round
 

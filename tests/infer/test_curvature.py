@@ -120,14 +120,44 @@ def test_whitened_map_search_equals_newton_path(monkeypatch):
     # and q re-whitened at its mean after 5 DADVI steps (as above 100 latents after 50)
     monkeypatch.setattr(fit_module, "_REWHITEN_MIN_DIM", 1)
     monkeypatch.setattr(fit_module, "_REWHITEN_STEPS", 5)
+    # and its Hessians from the arrowhead structure (7 columns + z_t's diagonal), as
+    # above 500 latents
+    monkeypatch.setattr(dadvi, "DENSE_HESSIAN_MAX_DIM", 10)
     rounds = viax.fit(nested, data, num_draws=32, seed=0, progress=False)
     assert rounds.converged and rounds.info["map_ok"], rounds.info
     assert rounds.info["map_newton_steps"] >= 2  # Hessians of the whitened rounds
     assert rounds.info["rewhitened_after"] == 5
-    assert rounds.info["curvature_reason"].startswith("dense Hessian: 19 x 19")
+    reason = rounds.info["curvature_reason"]
+    assert reason.startswith("exact Hessian from 7 columns and the diagonal of 1"), reason
+    assert "dense Hessian: 19 x 19" in reason
     sd = np.asarray(newton.family.stddev(newton.params))
     mean = np.asarray(newton.family.mean(newton.params))
     # The same fixed-draw optimum, L-BFGS stopped at gradient 1e-7 through another
     # preconditioner: agreement to ~1e-6 sd.
     assert np.max(np.abs(rounds.family.mean(rounds.params) - mean) / sd) < 1e-4
     np.testing.assert_allclose(rounds.family.stddev(rounds.params), sd, rtol=1e-4)
+
+
+def test_structured_hessian_is_exact_and_coupling_is_refused():
+    """The arrowhead structure (z_t's block diagonal: each row touches one plane) gives
+    jax.hessian from 7 columns + 1 indicator product; taking z_c diagonal too (coupled
+    to z_t through the rows of each plane) fails the check and is refused."""
+    data = _data()
+    target, arrays, init = build_target(nested, data)
+
+    def negative(u, d):
+        return -target.log_density(u, d)
+
+    structure, why = chunked.hessian_structure(negative, arrays, np.asarray(init), target.sites)
+    assert structure is not None and structure.products == 8, why
+    assert structure.diagonal_sites == ((7, PLANES),) and "z_t (12)" in why
+    u = jnp.asarray(np.random.default_rng(2).normal(size=target.dim) * 0.3)
+    exact = jax.jit(jax.hessian(lambda v: negative(v, arrays)))(u)
+    algo = dadvi.build_dadvi(
+        target, MeanField(target.dim), dense=True, curvature_structure=structure
+    )
+    np.testing.assert_allclose(algo.hessian(u, arrays), exact, rtol=1e-12, atol=1e-12)
+    coupled, why = chunked.hessian_structure(
+        negative, arrays, np.asarray(init), target.sites, max_columns=4
+    )
+    assert coupled is None and why.startswith("no structure: the sites (z_t (12), z_c (3))"), why

@@ -36,7 +36,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +53,13 @@ __all__ = [
     "DENSE_CURVATURE_MEMORY",
     "DENSE_CURVATURE_SECONDS",
     "dense_curvature_plan",
+    "dense_memory_fits",
     "full_batch_estimate",
     "hvp_group",
+    "HessianStructure",
     "hessian_diagonal",
+    "hessian_structure",
+    "structured_hessian",
     "log_density_many",
     "plan_chunks",
     "row_layout",
@@ -158,7 +162,9 @@ _EIGH_SECONDS_PER_CUBE = 4.5e-10
 _MIN_CURVATURE_ROWS = 16384
 
 
-def dense_curvature_plan(dim: int, data: Mapping[str, Any] | None) -> tuple[bool, str, int | None]:
+def dense_curvature_plan(
+    dim: int, data: Mapping[str, Any] | None, products: int | None = None
+) -> tuple[bool, str, int | None]:
     """``(dense, reason, rows)``: whether the set-up forms the dense D × D Hessian of the
     log density (memory and time budget) or its exact diagonal plus a dense block of the
     small sites, a sentence saying why (``info["curvature_reason"]``), and the rows the
@@ -171,10 +177,12 @@ def dense_curvature_plan(dim: int, data: Mapping[str, Any] | None) -> tuple[bool
     is chosen by that memory and time, not by D alone.  Where the passes over every
     row would not fit the time, the Hessian reads every k-th block of rows, at least
     :data:`_MIN_CURVATURE_ROWS` (it only preconditions: the optimum does not depend on
-    it, the number of steps does)."""
+    it, the number of steps does).  ``products``: Hessian-vector products per Hessian
+    (default D; fewer for a :class:`HessianStructure`)."""
     arrays = {k: v for k, v in (data or {}).items() if np.ndim(v) > 0}
     num_rows, _, width = row_layout(arrays)
-    per_number = _DENSE_HESSIANS * dim * _HVP_PASSES * _SECONDS_PER_NUMBER
+    products = dim if products is None else products
+    per_number = _DENSE_HESSIANS * products * _HVP_PASSES * _SECONDS_PER_NUMBER
 
     def seconds(rows):  # the Hessians' passes over ``rows`` rows, and one eigh
         numbers = max(rows * (width + _ROW_OVERHEAD), dim)
@@ -202,8 +210,8 @@ def dense_curvature_plan(dim: int, data: Mapping[str, Any] | None) -> tuple[bool
             False,
             (
                 f"Hessian diagonal: the dense curvature would take about {seconds(least):.3g} s "
-                f"({_DENSE_HESSIANS} x {dim} Hessian-vector products over {least} rows), over "
-                f"its {DENSE_CURVATURE_SECONDS:.3g} s budget"
+                f"({_DENSE_HESSIANS} x {products} Hessian-vector products over {least} rows), "
+                f"over its {DENSE_CURVATURE_SECONDS:.3g} s budget"
             ),
             None,
         )
@@ -217,6 +225,13 @@ def dense_curvature_plan(dim: int, data: Mapping[str, Any] | None) -> tuple[bool
         ),
         (None if rows >= num_rows else rows),
     )
+
+
+def dense_memory_fits(dim: int) -> bool:
+    """Whether :data:`_DENSE_COPIES` D × D float64 matrices fit in
+    :data:`DENSE_CURVATURE_MEMORY` of the available memory (the first test of
+    :func:`dense_curvature_plan`)."""
+    return _DENSE_COPIES * 8.0 * float(dim) ** 2 <= DENSE_CURVATURE_MEMORY * _available_memory()
 
 
 def hvp_group(target, data: Mapping[str, Any], dim: int) -> int:
@@ -490,3 +505,119 @@ def hessian_diagonal(
 
     per_coordinate = jax.lax.map(one_block, padded).reshape(-1)[: coords.size]
     return diag.at[coords].set(jnp.where(coupled[coords], per_coordinate, diag[coords]))
+
+
+# The structured Hessian forms at most this many columns (Hessian-vector products by
+# unit vectors); everything else must be the diagonal of sites no term couples.
+_STRUCTURE_MAX_COLUMNS = 1024
+_STRUCTURE_RTOL = 1e-7  # the check's tolerance, relative to the largest product entry
+
+
+class HessianStructure(NamedTuple):
+    """Where the Hessian H of −log p̃ is known to vanish: every entry between two
+    coordinates of ``diagonal_sites`` (``(start, size)`` each) is zero except the
+    diagonal, so H is fixed by its ``columns`` (flat indices, the rest) and that
+    diagonal.  A hierarchical model's effects of one grouping (each row touches one
+    group; iid prior) are such a site: its Hessian is an arrowhead, a dense head of the
+    globals and the small groupings, a diagonal tail of the large one."""
+
+    columns: tuple[int, ...]  # K flat indices (a tuple: the structure keys compiled code)
+    diagonal_sites: tuple[tuple[int, int], ...]
+
+    @property
+    def products(self) -> int:
+        """Hessian-vector products per Hessian: one per column, one per diagonal site."""
+        return len(self.columns) + len(self.diagonal_sites)
+
+    def probes(self, dim: int, dtype) -> np.ndarray:
+        """(products, D): the unit vectors of the columns, then each site's indicator."""
+        count = len(self.columns)
+        basis = np.zeros((self.products, dim), dtype)
+        basis[np.arange(count), np.asarray(self.columns, dtype=int)] = 1.0
+        for k, (start, size) in enumerate(self.diagonal_sites):
+            basis[count + k, start : start + size] = 1.0
+        return basis
+
+
+def structured_hessian(products: jax.Array, structure: HessianStructure, dim: int) -> jax.Array:
+    """The dense (D, D) Hessian from the ``products`` H p of ``structure.probes``
+    (traceable): H[K, :] = H[:, K]ᵀ = the columns' products, and for j in a diagonal
+    site s, H_jj = (H 1_s)_j (no other coordinate of s is coupled to j).  Exact, from
+    K + (number of diagonal sites) passes over the rows instead of D (:func:`hessian_structure`
+    checks the structure first)."""
+    count = len(structure.columns)
+    hess = jnp.zeros((dim, dim), products.dtype)
+    for k, (start, size) in enumerate(structure.diagonal_sites):
+        index = jnp.arange(start, start + size)
+        hess = hess.at[index, index].set(products[count + k, start : start + size])
+    if count:
+        columns = jnp.asarray(structure.columns)
+        hess = hess.at[columns, :].set(products[:count])
+        hess = hess.at[:, columns].set(products[:count].T)
+    return hess
+
+
+def hessian_structure(
+    negative_fn: Callable[[jax.Array, Any], jax.Array],
+    data: Any,
+    position: np.ndarray,
+    sites: tuple,
+    max_columns: int = _STRUCTURE_MAX_COLUMNS,
+    seed: int = 0,
+) -> tuple[HessianStructure | None, str]:
+    """``(structure or None, reason)``: the largest site taken as diagonal, and the
+    next largest (each of more than one coordinate) until at most ``max_columns``
+    coordinates are left for columns, then checked at a random point near
+    ``position`` (one batch of products): for a random direction r supported on the
+    diagonal sites, (H r)_j must equal (H 1_s)_j r_j for every j of every such site s,
+    to :data:`_STRUCTURE_RTOL` of the largest entry.  Any coupling inside a site or
+    between two of them breaks that equality (with probability one for a generic point
+    and r), so a structure that passes gives the exact Hessian
+    (:func:`structured_hessian`).
+
+    ``negative_fn(u, data)``: −log p̃; ``sites``: the target's sites (name, start, size)."""
+    dim = int(np.size(position))
+    order = sorted((s for s in sites if s.size > 1), key=lambda s: -s.size)
+    chosen, covered, names = [], 0, []
+    for site in order:
+        if chosen and dim - covered <= max_columns:
+            break
+        chosen.append((site.start, site.size))
+        names.append(f"{site.name} ({site.size})")
+        covered += site.size
+    if not chosen or dim - covered > max_columns:
+        return None, (
+            f"no structure: more than {max_columns} coordinates outside the sites that could "
+            "be diagonal"
+        )
+    in_diagonal = np.zeros(dim, bool)
+    for start, size in chosen:
+        in_diagonal[start : start + size] = True
+    columns = tuple(int(i) for i in np.flatnonzero(~in_diagonal))
+    structure = HessianStructure(columns, tuple(chosen))
+    rng = np.random.default_rng(seed)
+    point = np.asarray(position, np.float64) + 0.1 * rng.standard_normal(dim)
+    direction = np.where(in_diagonal, rng.standard_normal(dim), 0.0)
+    indicators = structure.probes(dim, np.float64)[len(columns) :]
+    probes = jnp.asarray(np.vstack([direction, indicators]))
+
+    @jax.jit
+    def products_at(u, probes, data):
+        grad_fn = jax.grad(lambda v: negative_fn(v, data))
+        return jax.vmap(lambda p: jax.jvp(grad_fn, (u,), (p,))[1])(probes)
+
+    out = np.asarray(products_at(jnp.asarray(point), probes, data))
+    diag = np.sum(out[1:] * indicators, axis=0)
+    expected = diag * direction
+    got = np.where(in_diagonal, out[0], 0.0)
+    scale = max(float(np.max(np.abs(got))), float(np.max(np.abs(expected))), 1e-300)
+    error = float(np.max(np.abs(got - expected))) / scale
+    names = ", ".join(names)
+    if not (np.isfinite(error) and error <= _STRUCTURE_RTOL):
+        return None, (
+            f"no structure: the sites ({names}) are coupled (check error {error:.2g} relative)"
+        )
+    return structure, (
+        f"exact Hessian from {len(columns)} columns and the diagonal of "
+        f"{len(chosen)} uncoupled site(s) ({names}; checked to {error:.1g} relative)"
+    )

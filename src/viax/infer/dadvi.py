@@ -56,7 +56,13 @@ import scipy.linalg
 
 from viax.estimators.reparam import elbo_from_noise
 from viax.families.gaussian import Family, FullRank
-from viax.infer.chunked import hessian_diagonal, hvp_group, log_density_many
+from viax.infer.chunked import (
+    HessianStructure,
+    hessian_diagonal,
+    hvp_group,
+    log_density_many,
+    structured_hessian,
+)
 from viax.infer.driver import Guard, guard_init, jit_once
 from viax.infer.optimize import LBFGSState, lbfgs
 from viax.model import Target
@@ -225,7 +231,11 @@ def curvature_block(target) -> np.ndarray:
 
 
 def build_setup(
-    target: Target, family: Family, dense: bool | None = None, curvature_stride: int = 1
+    target: Target,
+    family: Family,
+    dense: bool | None = None,
+    curvature_stride: int = 1,
+    curvature_structure: HessianStructure | None = None,
 ):
     """``(map_objective, hessian, prepare)``: the negative log density and its gradient
     ``(u, data) -> (value, grad)`` for the MAP search (run on the host by
@@ -250,7 +260,11 @@ def build_setup(
     at a time, and whitens the means of every family by its factor; from every
     ``curvature_stride``-th block of rows of a :class:`~viax.infer.chunked.ChunkedTarget`
     (:meth:`~viax.infer.chunked.ChunkedTarget.log_density`'s estimate; the fit's budget
-    picks the stride) when that is over 1."""
+    picks the stride) when that is over 1.  With a ``curvature_structure``
+    (:func:`~viax.infer.chunked.hessian_structure`, checked by the fit) the same exact
+    dense Hessian comes from its K columns and the diagonal of its uncoupled sites,
+    K + (sites) products over every row instead of D
+    (:func:`~viax.infer.chunked.structured_hessian`)."""
     if dense is None:
         dense = target.dim <= DENSE_HESSIAN_MAX_DIM
 
@@ -288,7 +302,11 @@ def build_setup(
                 return diag, jnp.zeros((0, 0), position.dtype)
             hess = columns(jnp.eye(dim, dtype=position.dtype)[block])[:, block]
             return diag, 0.5 * (hess + hess.T)
-        hess = columns(jnp.eye(dim, dtype=position.dtype))
+        if curvature_structure is not None:
+            probes = jnp.asarray(curvature_structure.probes(dim, position.dtype))
+            hess = structured_hessian(columns(probes), curvature_structure, dim)
+        else:
+            hess = columns(jnp.eye(dim, dtype=position.dtype))
         return 0.5 * (hess + hess.T)
 
     def prepare(center, value, grad, hess, map_steps, init_position, draws, sd=None) -> Setup:
@@ -422,11 +440,13 @@ def build_dadvi(
     num_final_draws: int = 1000,
     dense: bool | None = None,
     curvature_stride: int = 1,
+    curvature_structure: HessianStructure | None = None,
 ) -> DADVI:
     """L-BFGS on the fixed-draw ELBO; ``inputs = (data, setup)`` is an argument of the
     compiled step, so nothing data-dependent is baked into the code.  ``dense``: the
     set-up's curvature (:func:`build_setup`; default D ≤ :data:`DENSE_HESSIAN_MAX_DIM`),
-    read from every ``curvature_stride``-th block of rows."""
+    read from every ``curvature_stride``-th block of rows, or formed from a checked
+    ``curvature_structure``."""
     if dense is None:
         dense = target.dim <= DENSE_HESSIAN_MAX_DIM
 
@@ -439,7 +459,9 @@ def build_dadvi(
     # over many directions; 2 m D flops a step, nothing beside the rows' cost.
     memory = _LBFGS_MEMORY if target.dim <= DENSE_HESSIAN_MAX_DIM else _LBFGS_MEMORY_LARGE
     lbfgs_init, lbfgs_step = lbfgs(loss_fn, memory_size=memory)
-    map_objective, hessian, prepare = build_setup(target, family, dense, curvature_stride)
+    map_objective, hessian, prepare = build_setup(
+        target, family, dense, curvature_stride, curvature_structure
+    )
 
     def setup(center, value, grad, hess, map_steps, init_position, data, draws, sd=None):
         # Preconditioner from the MAP in one compiled program; the L-BFGS state is fresh
