@@ -264,6 +264,20 @@ ROWS = [
     ),
     (
         "fit",
+        "learning full batch, and batch_size",
+        _fit(param_model, {"y": Y}, batch_size=2, path="full-batch"),
+        ValueError,
+        "path='full-batch' learns by L-BFGS on the whole data",
+    ),
+    (
+        "fit",
+        "learning full batch from a source",
+        lambda f: viax.fit(param_model, _rows_source(f), path="full-batch", progress=False),
+        ValueError,
+        "path='full-batch' needs the data in memory",
+    ),
+    (
+        "fit",
         "EarlyStopping with a checkpoint",
         _fit(
             param_model,

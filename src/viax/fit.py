@@ -302,8 +302,20 @@ def fit(
         from viax.infer.learn import EARLY_STOPPING_CHECKPOINTS
 
         raise ValueError(EARLY_STOPPING_CHECKPOINTS)  # before the target compiles anything
-    full_batch = batch_size is None and num_epochs is None
-    full_batch = full_batch and not isinstance(optimizer, optax.GradientTransformation)
+    from viax.infer.minibatch import PATHS, minibatch_route
+
+    if streamed:
+        minibatch_route(model, data, batch_size, num_epochs, path)  # refuses "full-batch"
+    elif path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; use one of {', '.join(PATHS)}")
+    asks_minibatch = batch_size is not None or num_epochs is not None
+    asks_minibatch = asks_minibatch or isinstance(optimizer, optax.GradientTransformation)
+    if path == "full-batch" and asks_minibatch and _learns(model, data, learning):
+        raise ValueError(
+            "path='full-batch' learns by L-BFGS on the whole data, but batch_size, "
+            "num_epochs or an optax optimizer ask for minibatches: drop one"
+        )
+    full_batch = not asks_minibatch and path != "minibatch"
     if (checkpoint_path is not None or resume) and not streamed and full_batch:
         if _learns(model, data, learning):  # refused before the target compiles anything
             raise ValueError(
@@ -337,6 +349,7 @@ def fit(
             devices=devices,
             checkpoint_path=checkpoint_path,
             resume=resume,
+            path=path,
         )
         return _checked(result)
     if target.discrete_sites:

@@ -1538,6 +1538,7 @@ def fit_learn(
     checkpoint_every: float = 60.0,
     resume=False,
     evaluate: bool = True,
+    path: str = "auto",
 ) -> Result:
     """Learn θ (the model's ``numpyro.param`` sites) jointly with q; see the module
     docstring.  Called by :func:`viax.fit` when the model has params, or an ``encoder``,
@@ -1581,7 +1582,8 @@ def fit_learn(
     uninterrupted run.  In-memory arrays are then read as ``viax.data.as_source(data)``.
 
     ``evaluate=False``: no final pass over rows; ``elbo`` is the mean of the last
-    quarter of the training objective and ``khat`` NaN.
+    quarter of the training objective and ``khat`` NaN.  ``path="minibatch"`` asks for
+    minibatches without ``batch_size`` (default min(100, N)).
     """
     start = time.perf_counter()
     if stop_rule is not None and not isinstance(stop_rule, EarlyStopping):
@@ -1606,6 +1608,7 @@ def fit_learn(
             f"optimizer must be an optax GradientTransformation here, got {optimizer!r}"
         )
     minibatch = batch_size is not None or num_epochs is not None or optimizer is not None
+    minibatch = minibatch or path == "minibatch"  # viax.fit's path= (checked there)
     source = _learning_source(data, minibatch, checkpoint_path, resume, stop_rule)
     if source is not None:
         # Streamed (or checkpointed): the source's host loop, over every device of every
@@ -1752,6 +1755,8 @@ def fit_learn(
         info["held_out_rows"] = held_rows  # indices into the data's rows, not trained on
     info["setup_time"] = setup_time
     info["seconds_per_step"] = output.seconds_per_step
+    if source is not None and output.seconds_per_step > 0:
+        info["rows_per_second"] = batch_size / output.seconds_per_step  # steady, all processes
     theta = _constrain_theta(target, params["theta"])
     model_params = jax.tree_util.tree_map(np.asarray, theta)
     common = {
