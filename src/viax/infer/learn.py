@@ -1495,26 +1495,6 @@ class _StreamLoop:
         return output._replace(trace=whole, num_steps=done + output.num_steps)
 
 
-def _learn_devices(devices) -> list:
-    """The devices of the "data" mesh: ``None`` every local device, an integer the
-    first that many, or a sequence of devices."""
-    available = jax.local_devices()
-    if devices is None:
-        return list(available)
-    if isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
-        if not 1 <= devices <= len(available):
-            raise ValueError(
-                f"devices={devices}: this process has {len(available)} local device(s)"
-            )
-        return list(available[: int(devices)])
-    if isinstance(devices, bool | str) or not hasattr(devices, "__iter__"):
-        raise TypeError(f"devices must be None, an integer or a list of devices, got {devices!r}")
-    chosen = list(devices)
-    if not chosen or not all(isinstance(d, jax.Device) for d in chosen):
-        raise TypeError(f"devices must be a non-empty list of jax devices, got {devices!r}")
-    return chosen
-
-
 def fit_learn(
     model,
     data: Mapping[str, Any] | None = None,
@@ -1562,7 +1542,8 @@ def fit_learn(
     it the run is a fixed budget of ``num_epochs`` and never reported as converged.
 
     ``devices`` (minibatch): the devices whose "data" mesh shares each batch's rows:
-    ``None`` every local device, an integer the first that many, or a list of devices;
+    ``None`` every device (of every process, after ``jax.distributed.initialize()``),
+    an integer the first that many of a single process, or a list of devices;
     ``batch_size`` must be a multiple of their number (the default batch size is rounded
     down to one).  The full-batch path runs on one device.  ``info["devices"]`` says how
     many ran.
@@ -1610,21 +1591,17 @@ def fit_learn(
     minibatch = batch_size is not None or num_epochs is not None or optimizer is not None
     minibatch = minibatch or path == "minibatch"  # viax.fit's path= (checked there)
     source = _learning_source(data, minibatch, checkpoint_path, resume, stop_rule)
-    if source is not None:
-        # Streamed (or checkpointed): the source's host loop, over every device of every
-        # process (viax.data.data_mesh validates devices=).
-        minibatch = True
-        mesh = vdata.data_mesh(devices)
-        num_devices = int(mesh.devices.size)
-    else:
-        mesh_devices = _learn_devices(devices)
-        num_devices = len(mesh_devices) if minibatch else 1
-        if not minibatch and devices is not None and len(mesh_devices) > 1:
-            raise ValueError(
-                f"devices= lists {len(mesh_devices)} devices, but full-batch learning runs "
-                "on one: the devices share minibatches (pass batch_size=...)"
-            )
-        mesh = vdata.data_mesh(mesh_devices) if minibatch else None
+    minibatch = minibatch or source is not None  # a source is read in batches
+    # The "data" mesh over every device of every process (viax.data.data_mesh validates
+    # devices=): minibatches from a source or from arrays in memory (every process
+    # holding them all) are shared by all of them.
+    mesh = vdata.data_mesh(devices)
+    num_devices = int(mesh.devices.size) if minibatch else 1
+    if not minibatch and devices is not None and mesh.devices.size > 1:
+        raise ValueError(
+            f"devices= lists {mesh.devices.size} devices, but full-batch learning runs "
+            "on one: the devices share minibatches (pass batch_size=...)"
+        )
     if batch_size is not None and batch_size % num_devices:
         raise ValueError(
             f"batch_size {batch_size} must be a multiple of the number of devices "
@@ -1741,7 +1718,6 @@ def fit_learn(
             info.update(
                 source_rows=source.num_rows,
                 rows_in_memory=structure.num_rows,
-                processes=jax.process_count(),
                 wait_fraction=stream.wait_fraction,
                 resumed_at_step=stream.resumed_at,
             )
@@ -1751,6 +1727,7 @@ def fit_learn(
         )
     info["objective"] = objective
     info["devices"] = num_devices
+    info["processes"] = jax.process_count() if minibatch else 1
     if held_rows is not None:
         info["held_out_rows"] = held_rows  # indices into the data's rows, not trained on
     info["setup_time"] = setup_time
