@@ -189,9 +189,8 @@ def fit(
             which and why, as does the progress bar.  See docs/guide/scale.md.
         devices, checkpoint_path, resume: minibatch path: the devices of its "data"
             mesh (default all), an atomic checkpoint file, and resuming from it.
-            Minibatch learning takes them too: from a :mod:`viax.data` source (or with
-            ``checkpoint_path``) over every process's devices, else local devices (None,
-            a count or a list; docs/guide/learning.md).
+            Minibatch learning takes them too (every device of every process by
+            default, a count in a single process, or a list; docs/guide/learning.md).
 
     Returns:
         A :class:`~viax.result.Result`.
