@@ -295,6 +295,11 @@ def run_curve(args, x_train, x_test, x_test_all=None):
     return name, points, rows_nll, final, result
 
 
+def _epochs_text(epochs) -> str:
+    """A number of epochs, ∞ where the curve never gets there (nan: a percentile of ∞s)."""
+    return f"{epochs:,.0f}" if np.isfinite(epochs) else "∞"
+
+
 def render(payload) -> str:
     lines = [
         "# MNIST VAE: held-out NLL against epochs, and epochs to Burda et al.'s anchors\n",
@@ -331,7 +336,7 @@ def render(payload) -> str:
             )
         )
         final = section.get("final")
-        if final:
+        if final and "k" in final:
             lines.append(
                 f"\nAt the last point, k={final['k']} on the same rows: "
                 f"{final['test_nll']:.2f} ± {final['test_nll_se']:.2f} (k={a['k']}'s bias: "
@@ -361,7 +366,7 @@ def render(payload) -> str:
                 f"{fit['c_boot_90'][0]:.2f}–{fit['c_boot_90'][1]:.2f}), a = {fit['a']:.2f}, "
                 f"b = {fit['b']:.3f}, rms residual {fit['rms_residual']:.2f} nats. Epochs to "
                 f"{fit['goal']:.2f}: {reached}; bootstrap 90% interval "
-                f"{lo:,.0f}–{hi if np.isfinite(hi) else float('inf'):,.0f} "
+                f"{_epochs_text(lo)}–{_epochs_text(hi)} "
                 f"(reached in {100 * fit['fraction_boot_reached']:.0f}% of "
                 f"{fit['num_boot']} resamples)."
             )
@@ -373,8 +378,7 @@ def render(payload) -> str:
                     "point, and the offset of all test rows where measured): "
                     f"c = {fit['c'] + fit['shift']:.2f}, "
                     + (f"{shifted:,.0f} epochs" if np.isfinite(shifted) else "not reached")
-                    + f" (bootstrap 90% {lo:,.0f}–"
-                    + (f"{hi:,.0f})." if np.isfinite(hi) else "∞).")
+                    + f" (bootstrap 90% {_epochs_text(lo)}–{_epochs_text(hi)})."
                 )
             lines.append("\n")
             rows = sensitivity(section["points"], fit["anchor"], fit.get("shift", 0.0))
