@@ -245,6 +245,14 @@ def main():
         help="recompute the agreement of the stored results (e.g. once the full-batch "
         "reference exists) and rewrite flights.json/md, keeping their command and date",
     )
+    parser.add_argument(
+        "--stored",
+        action="append",
+        default=[],
+        metavar="KIND=FILE",
+        help="take KIND's result from benchmarks/results/FILE (a --one run's record, "
+        "with its own command and date) instead of running it",
+    )
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.steps)))
@@ -255,7 +263,16 @@ def main():
         finish(results, stored["command"], stored["date"], stored["machine"])
         return
     results = {}
+    for item in args.stored:
+        kind, name = item.split("=", 1)
+        stored = json.loads((RESULTS_DIR / name).read_text())
+        results[kind] = {
+            **stored["result"],
+            "stored": f"{name}: {stored['command']}, {stored['date']}",
+        }
     for kind in args.methods.split(","):
+        if kind in results:
+            continue
         steps = args.steps
         if kind == "numpyro" and "steps" in results.get("viax-memory", {}):
             steps = results["viax-memory"]["steps"]  # the same number of rows seen
@@ -334,6 +351,10 @@ def write_markdown(payload: dict) -> None:
             f"{e.get('median_mean_diff_sd', nan):.2f} / {e.get('max_mean_diff_sd', nan):.2f} | "
             f"{off} | {agree.get('agrees', '')} | {r.get('converged', '')} |"
         )
+    for kind, r in payload["results"].items():
+        if "stored" in r:
+            lines.append(f"\n{kind}: stored result, {r['stored']}.")
+    lines.extend(payload.get("notes", []))
     (RESULTS_DIR / "flights.md").write_text("\n".join(lines) + "\n")
 
 
