@@ -122,6 +122,20 @@ def param_model(y):
     numpyro.sample("y", dist.Normal(mu, tau), obs=y)
 
 
+# Staged on the device at import: putting Y there lowers a copy the first time (JAX's
+# stage primitive), which is not the model compiling.
+Y_STAGED = jax.numpy.asarray(Y)
+
+
+def _param_init_model(init):
+    def model(y):
+        tau = numpyro.param("tau", init, constraint=constraints.positive)
+        mu = numpyro.sample("mu", dist.Normal(0.0, 10.0))
+        numpyro.sample("y", dist.Normal(mu, tau), obs=y)
+
+    return model
+
+
 def _rows_source(folder):
     return viax.data.parquet(folder / "rows.parquet", columns={"y": "y"})
 
@@ -295,6 +309,20 @@ ROWS = [
         _fit(param_model, {"y": Y}, checkpoint_path="run.npz"),
         ValueError,
         "checkpoint_path/resume: full-batch learning",
+    ),
+    (
+        "fit",
+        "numpyro.param with an integer initial value",
+        _fit(_param_init_model(3), {"y": Y_STAGED}),
+        ModelError,
+        "param site 'tau' has an initial value of dtype int",
+    ),
+    (
+        "fit",
+        "numpyro.param with a NaN initial value",
+        _fit(_param_init_model(float("nan")), {"y": Y_STAGED}),
+        ModelError,
+        "param site 'tau': its initial value is not finite",
     ),
     ("fit", "a nested dict", _fit(normal_model, {"y": {"a": 1.0}}), ModelError, "nested"),
     # viax.cavi / svi / naive

@@ -403,7 +403,9 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
         seeded = handlers.substitute(
             handlers.seed(model_fn, jax.random.PRNGKey(0)), substitute_fn=init_to_uniform(radius=2)
         )
-        tracer = handlers.trace(seeded)
+        # Param sites' initial values are checked as they appear: a NaN scale would
+        # otherwise fail later inside the distribution, without the param's name.
+        tracer = handlers.trace(_ParamChecker(seeded))
         captured["returned"] = tracer(**static, **dynamic)
         trace = captured["trace"] = tracer.trace
         return {
@@ -464,6 +466,55 @@ def _trace(model_fn, prepared: PreparedData, seed: int) -> Target:
     )
 
 
+def check_param_value(name: str, value, constraint) -> None:
+    """Refuse (ModelError) a ``numpyro.param`` initial value that viax cannot learn from:
+    integer or boolean leaves (θ is learned as real numbers), leaves that are not finite,
+    or a value outside the site's constraint (its unconstrained value would be NaN).
+    Traced leaves (an initial value computed from the data under tracing) are skipped
+    here and checked once concrete."""
+    leaves = jax.tree_util.tree_leaves(value)
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer) or not (
+            hasattr(leaf, "dtype") or isinstance(leaf, int | float | bool)
+        ):
+            continue
+        array = np.asarray(leaf)
+        if array.dtype.kind in "biu":
+            raise ModelError(
+                f"param site {name!r} has an initial value of dtype {array.dtype}; viax learns "
+                "params as real numbers: give a float initial value (e.g. 3.0), or pass a "
+                "fixed integer as data"
+            )
+        if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+            raise ModelError(
+                f"param site {name!r}: its initial value is not finite "
+                f"({np.count_nonzero(~np.isfinite(array))} of {array.size} entries NaN or inf)"
+            )
+    if len(leaves) == 1 and not isinstance(leaves[0], jax.core.Tracer):
+        array = np.asarray(leaves[0])
+        if array.dtype.kind == "f" and constraint is not constraints.real:
+            try:
+                # Evaluated now, also while the model is being traced (jnp would stage it).
+                with jax.ensure_compile_time_eval():
+                    inside = bool(np.all(np.asarray(constraint(jnp.asarray(array)))))
+            except Exception:  # noqa: BLE001  a constraint that cannot check this shape
+                inside = True
+            if not inside:
+                raise ModelError(
+                    f"param site {name!r}: its initial value is outside its constraint "
+                    f"{constraint} (value {array if array.size <= 6 else array.shape})"
+                )
+
+
+class _ParamChecker(numpyro.primitives.Messenger):
+    """Checks each param site's initial value (:func:`check_param_value`) in the trace."""
+
+    def postprocess_message(self, msg):
+        if msg["type"] == "param":
+            constraint = msg["kwargs"].get("constraint", constraints.real)
+            check_param_value(msg["name"], msg["value"], constraint)
+
+
 class _AllParamsSeen(Exception):
     """Raised by :class:`_ParamRecorder` once it holds every param site it waits for."""
 
@@ -507,6 +558,7 @@ def _param_sites(model_fn, prepared: PreparedData, trace) -> tuple[ParamSite, ..
         site = concrete[name]
         constraint = site["kwargs"].get("constraint", constraints.real)
         _bijection(name, constraint)
+        check_param_value(name, site["value"], constraint)
         value = jax.tree_util.tree_map(jnp.asarray, site["value"])
         out.append(ParamSite(name, constraint, value))
     return tuple(out)

@@ -47,6 +47,7 @@ import functools
 import math
 import numbers
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -57,6 +58,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
+from numpyro.distributions.distribution import MaskedDistribution
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.initialization import init_to_uniform
 from numpyro.infer.util import _unconstrain_reparam
@@ -190,6 +192,7 @@ def _trace_sites(target: Target, arrays) -> dict:
                 tuple((f.name, f.dim, f.size) for f in site.get("cond_indep_stack", ())),
                 tuple(jnp.shape(site["value"])) if site["type"] == "sample" else (),
                 site["type"] == "sample" and site["fn"].support.is_discrete,
+                site["type"] == "sample" and _partly_masked(site["fn"]),
             )
             for name, site in trace.items()
         }
@@ -199,8 +202,27 @@ def _trace_sites(target: Target, arrays) -> dict:
     return captured["sites"]
 
 
+def _partly_masked(fn) -> bool:
+    """A distribution wrapped by ``handlers.mask`` / ``obs_mask=`` whose mask is not
+    known to be all True (a data-dependent mask is traced here)."""
+    if not isinstance(fn, MaskedDistribution):
+        return False
+    mask = fn._mask
+    return isinstance(mask, jax.core.Tracer) or not bool(np.all(np.asarray(mask)))
+
+
 def _structure(target: Target, arrays, need_plate: bool, why: str) -> _Structure:
     sites = _trace_sites(target, arrays)
+    masked = [s.name for s in target.sites if sites[s.name][5]]
+    if masked:
+        # The masked-out entries of a latent have no density at all (log p = 0 there):
+        # q's sd on them grows without bound and θ follows (obs_mask= on a learned
+        # noise scale ran off to 2.7e5 with "q ran off to infinity").
+        raise ModelError(
+            f"latent site(s) {', '.join(masked)} are masked (handlers.mask or obs_mask=): "
+            "their masked-out entries have no density, so the bound has no maximum there; "
+            "viax cannot learn θ with them (drop the missing rows, or mask only observed sites)"
+        )
     mutable = [n for n, s in sites.items() if s[0] == "mutable"]
     if mutable:
         raise ModelError(
@@ -253,6 +275,94 @@ def _structure(target: Target, arrays, need_plate: bool, why: str) -> _Structure
             f"(size {num_rows}); the plate's size must come from the data"
         )
     return _Structure(plate, num_rows, tuple(local), tuple(global_names), batch_keys, outside)
+
+
+def _params_not_in_density(target: Target, arrays, position) -> tuple[str, ...]:
+    """The param sites that the log joint does not depend on at all: their gradient is
+    identically zero, so they would keep their initial values.  Read from the jaxpr of
+    log p_θ(x, z) as a function of θ (traced, nothing compiles): a forward pass over its
+    equations marks what depends on each θ leaf; an equation with inner programs (a jit,
+    a scan, a cond) counts as depending on all its inputs, so this errs on "used"."""
+    if not target.param_sites:
+        return ()
+    theta = {site.name: site.init_value for site in target.param_sites}
+    leaves, treedef = jax.tree_util.tree_flatten(theta)
+    is_array = [isinstance(leaf, jax.Array | np.ndarray | float) for leaf in leaves]
+    owners = []  # the site of each leaf, in flattening order (sorted site names)
+    for name in sorted(theta):
+        owners += [name] * len(jax.tree_util.tree_leaves(theta[name]))
+
+    def log_joint(array_leaves):
+        it = iter(array_leaves)
+        full = [next(it) if a else leaf for a, leaf in zip(is_array, leaves, strict=True)]
+        data = {**arrays, PARAMS_KEY: jax.tree_util.tree_unflatten(treedef, full)}
+        return target.log_density(position, data)
+
+    pairs = zip(leaves, is_array, strict=True)
+    arrays_in = [jnp.asarray(leaf, dtype=float) for leaf, a in pairs if a]
+    jaxpr = jax.make_jaxpr(log_joint)(arrays_in).jaxpr
+    depends = {var: {i} for i, var in enumerate(jaxpr.invars)}
+    for eqn in jaxpr.eqns:
+        inputs = set().union(*(depends.get(v, set()) for v in eqn.invars if _is_var(v)))
+        for var in eqn.outvars:
+            depends[var] = inputs
+    used = set().union(*(depends.get(v, set()) for v in jaxpr.outvars if _is_var(v)))
+    leaf_owner = [o for o, a in zip(owners, is_array, strict=True) if a]
+    used_sites = {leaf_owner[i] for i in used}
+    return tuple(n for n in sorted(theta) if n in leaf_owner and n not in used_sites)
+
+
+def _is_var(atom) -> bool:
+    return not hasattr(atom, "val")  # a Literal carries its value; a Var does not
+
+
+def _refuse_per_row_params(target: Target, arrays, structure: _Structure) -> None:
+    """Minibatch training runs the model on batches of B of the N rows with one θ: a param
+    site whose shape follows the number of rows (one value per row) cannot be learned
+    that way.  Found by tracing the model on half the rows and comparing shapes."""
+    if not target.param_sites or structure.num_rows < 2:
+        return
+    half = structure.num_rows // 2
+    batch = {k: (v[:half] if k in structure.batch_keys else v) for k, v in arrays.items()}
+    try:
+        on_batch = _param_shapes(target, batch)
+    except Exception as err:  # the user's model fails on a batch of rows: say so
+        raise ModelError(
+            f"minibatch training runs the model on batches of rows of plate "
+            f"{structure.plate!r}, but it fails on {half} of its {structure.num_rows} rows: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    on_all = _param_shapes(target, arrays)
+    per_row = [n for n in on_all if on_batch.get(n) != on_all[n]]
+    if per_row:
+        raise ModelError(
+            f"param site(s) {', '.join(per_row)} change shape with the number of rows of "
+            f"plate {structure.plate!r} (one value per row); minibatch training learns one θ "
+            "shared by every batch: make them latents in the plate (with encoder=) or learn "
+            "on the full batch"
+        )
+
+
+def _param_shapes(target: Target, arrays) -> dict:
+    """Param site -> the shapes of its value's leaves, abstractly."""
+    static = dict(target.static_data)
+    captured = {}
+
+    def discover(dynamic):
+        seeded = handlers.substitute(
+            handlers.seed(target.model_fn, jax.random.PRNGKey(0)),
+            substitute_fn=init_to_uniform(radius=2),
+        )
+        trace = handlers.trace(seeded).get_trace(**static, **dynamic)
+        captured["shapes"] = {
+            name: tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(site["value"]))
+            for name, site in trace.items()
+            if site["type"] == "param"
+        }
+        return 0.0
+
+    jax.eval_shape(discover, arrays)
+    return captured["shapes"]
 
 
 def _log_p_parts(target: Target, plate, values, theta, batch):
@@ -786,7 +896,9 @@ def _full_batch(q, target, arrays, objective, params0, key, num_draws, max_steps
         else:
             log_q = q.log_q(params["q"], z, data, 1.0)
         lw = q.log_p(theta, z, data, 1.0) - log_q
-        if per_group > 1:  # IWAE over groups of K fixed draws
+        # IWAE over groups of K fixed draws, K = 1 included: IWAE.value over all M draws
+        # at once would be L_M, not L_1 = the ELBO (IWAE(num_samples=1) ran q off).
+        if isinstance(objective, IWAE):
             lw = lw.reshape(-1, per_group, lw.shape[-1])
             return jnp.mean(jax.vmap(lambda g: objective.value(g))(lw))
         return objective.value(lw)
@@ -1634,6 +1746,21 @@ def fit_learn(
     if encoder is not None and not structure.local:
         raise ModelError(
             f"encoder= given, but plate {structure.plate!r} holds no latent sites to amortize"
+            + (
+                f" (latent(s) {', '.join(structure.global_names)} lie outside it: global)"
+                if structure.global_names
+                else ""
+            )
+        )
+    if minibatch:
+        _refuse_per_row_params(target, arrays, structure)
+    unused = _params_not_in_density(target, arrays, init_position)
+    if unused:
+        warnings.warn(
+            f"param site(s) {', '.join(unused)} do not enter the log density (their gradient "
+            "is identically zero): they keep their initial values",
+            UserWarning,
+            stacklevel=3,
         )
     if minibatch and encoder is None and structure.local:
         raise ModelError(
@@ -1726,6 +1853,7 @@ def fit_learn(
             q, target, arrays, objective, params0, key_run, num_draws, num_steps or 2000, progress
         )
     info["objective"] = objective
+    info["params_not_in_density"] = unused  # warned above: they kept their initial values
     info["devices"] = num_devices
     info["processes"] = jax.process_count() if minibatch else 1
     if held_rows is not None:
