@@ -341,6 +341,46 @@ def poisson_glmm(num_draws=None):
     )
 
 
+def bernoulli_glmm():
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    groups, per = 10, 8
+    g = np.repeat(np.arange(groups), per)
+    logits = 0.3 + RNG.normal(0, 1.2, groups)[g]
+    y = (RNG.uniform(size=groups * per) < special.expit(logits)).astype(float)
+
+    def model(g, y, J):
+        b0 = numpyro.param("b0", 0.0)
+        tau = numpyro.param("tau", 1.0, constraint=constraints.positive)
+        with numpyro.plate("groups", J):
+            u = numpyro.sample("u", dist.Normal(0, tau))
+        with numpyro.plate("N", y.shape[0]):
+            numpyro.sample("y", dist.Bernoulli(logits=b0 + u[g]), obs=y)
+
+    # NumPyro's SVI, same model and mean-field Gaussian q, run long: 30,000 Adam steps of
+    # 16 draws on a cosine schedule; θ is the mean of the last 10% of the iterates.
+    steps = 30_000
+    svi = SVI(
+        model,
+        AutoNormal(model),
+        optax.adam(optax.cosine_decay_schedule(1e-2, steps)),
+        Trace_ELBO(num_particles=16),
+    )
+    state = svi.init(jax.random.PRNGKey(0), g=g, y=y, J=groups)
+
+    def body(state, _):
+        state, _ = svi.update(state, g=g, y=y, J=groups)
+        p = svi.get_params(state)
+        return state, jnp.stack([p["b0"], p["tau"]])
+
+    _, path = jax.lax.scan(body, state, None, length=steps)
+    reference = np.asarray(path[-steps // 10 :]).mean(0)
+    r = viax.fit(model, {"g": g, "y": y, "J": groups}, num_draws=512, **QUIET)
+    what = "b0, τ against NumPyro SVI (AutoNormal, 30,000 steps); viax 512 fixed draws"
+    return r, what, reference, [r.model_params["b0"], r.model_params["tau"]], None
+
+
 def hierarchical(objective, minibatch):
     y = RNG.normal(0, 1.7, 40) + RNG.normal(size=40)
 
@@ -395,6 +435,7 @@ RIGHT = {
     "mixture, learned weights and means": mixture,
     "Poisson GLMM": poisson_glmm,
     "Poisson GLMM, 512 draws": lambda: poisson_glmm(512),
+    "Bernoulli GLMM": bernoulli_glmm,
     "hierarchical, full batch": lambda: hierarchical(viax.ELBO(), False),
     "hierarchical, full batch, IWAE(1)": lambda: hierarchical(viax.IWAE(num_samples=1), False),
     "hierarchical, minibatch ELBO(4)": lambda: hierarchical(viax.ELBO(num_samples=4), True),
@@ -463,6 +504,7 @@ OTHER = {
     "NaN initial value": (_simple(jnp.nan), {}),
     "inf in an initial vector": (_simple(jnp.array([1.0, jnp.inf]), constraints.real_vector), {}),
     "initial value outside positive": (_simple(-1.0), {}),
+    "unit_interval init 0 (on the boundary)": (_simple(0.0, constraints.unit_interval), {}),
     "simplex init not summing to 1": (_simple(jnp.array([0.5, 0.6]), constraints.simplex), {}),
     "positive_integer constraint": (_simple(2.0, constraints.positive_integer), {}),
     "param the density ignores": (_simple(1.0, unused=True), {}),

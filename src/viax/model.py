@@ -504,6 +504,20 @@ def check_param_value(name: str, value, constraint) -> None:
                     f"param site {name!r}: its initial value is outside its constraint "
                     f"{constraint} (value {array if array.size <= 6 else array.shape})"
                 )
+            try:
+                with jax.ensure_compile_time_eval():
+                    unconstrained = np.asarray(biject_to(constraint).inv(jnp.asarray(array)))
+            except Exception:  # noqa: BLE001  no bijection: _bijection names the site
+                unconstrained = np.zeros(1)
+            if not np.all(np.isfinite(unconstrained)):
+                # On the boundary (0 for unit_interval, a zero weight of a simplex): θ is
+                # optimised unconstrained, where that point is at infinity, so the
+                # gradient vanishes and θ stays there.
+                raise ModelError(
+                    f"param site {name!r}: its initial value lies on the boundary of its "
+                    f"constraint {constraint} (value {array if array.size <= 6 else array.shape})"
+                    ", at infinity for the unconstrained θ that viax optimises: start inside"
+                )
 
 
 class _ParamChecker(numpyro.primitives.Messenger):

@@ -84,6 +84,7 @@ REFUSED = [
     ("NaN init", _with_param(jnp.nan), {}, "param site 's': its initial value is not finite"),
     ("inf in init", _with_param(jnp.array([1.0, jnp.inf]), constraints.real_vector), {}, "1 of 2"),
     ("outside positive", _with_param(-1.0), {}, "param site 's': its initial value is outside"),
+    ("on the boundary", _with_param(0.0, constraints.unit_interval), {}, "lies on the boundary"),
     ("not a simplex", _with_param(jnp.array([0.5, 0.6]), constraints.simplex), {}, "Simplex"),
     ("integer constraint", _with_param(2.0, constraints.positive_integer), {}, "site 's'"),
     ("per-row param, minibatch", _per_row_param, {"batch_size": 5}, "param site(s) b change shape"),
