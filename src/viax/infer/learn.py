@@ -323,7 +323,11 @@ def _refuse_per_row_params(target: Target, arrays, structure: _Structure) -> Non
     if not target.param_sites or structure.num_rows < 2:
         return
     half = structure.num_rows // 2
-    batch = {k: (v[:half] if k in structure.batch_keys else v) for k, v in arrays.items()}
+    # Shapes only (jax.eval_shape): slicing 50,000 MNIST rows eagerly cost 0.4 s.
+    batch = {
+        k: jax.ShapeDtypeStruct((half, *v.shape[1:]), v.dtype) if k in structure.batch_keys else v
+        for k, v in arrays.items()
+    }
     try:
         on_batch = _param_shapes(target, batch)
     except Exception as err:  # the user's model fails on a batch of rows: say so
