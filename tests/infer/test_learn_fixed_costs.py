@@ -1,0 +1,63 @@
+"""The fixed costs of a minibatch learning fit: the initial point checked on a sample of
+the rows, and the final estimates' one program (rows filled with copies of fewer rows)."""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.distributions import constraints
+
+import viax
+from viax.infer import learn
+
+
+def _exponential_rows(y):
+    mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+    rate = numpyro.param("rate", 1.0, constraint=constraints.positive)
+    with numpyro.plate("rows", y.shape[0]):
+        numpyro.sample("y", dist.Exponential(rate + mu**2), obs=y)
+
+
+def test_minibatch_initial_point_checked_on_a_sample_still_names_the_site(monkeypatch):
+    # More rows than the sample: the check reads 4 of the 40 rows, all outside the
+    # likelihood's support, and refuses by name before compiling, as the full check did.
+    monkeypatch.setattr(learn, "_CHECK_ROWS", 4)
+    y = -np.ones(40)
+    with pytest.raises(viax.ModelError, match=r"not finite at the initial point; site\(s\): y"):
+        viax.fit(_exponential_rows, {"y": y}, batch_size=10, num_epochs=1, progress=False)
+
+
+class _RowsQ:
+    """A stand-in q whose log weight for row n and noise ε is 10⁶·x_n − ε²/2: which row a
+    column read is exact, and the draws are N(0, 1)."""
+
+    structure = SimpleNamespace(batch_keys=("x",))
+    input_keys = ("x",)
+
+    def normal_noise(self, key, num_samples, num_rows):
+        return jax.random.normal(key, (num_samples, num_rows))
+
+    def draw(self, phi, eps, batch):
+        return eps
+
+    def log_p(self, theta, z, batch, scale):
+        return 1e6 * batch["x"][None, :] - 0.5 * z**2
+
+    def log_q(self, phi, z, batch, scale):
+        return jnp.zeros_like(z)
+
+
+def test_final_estimates_fill_the_program_with_copies_of_few_rows():
+    x = np.array([0.0, 1.0, 2.0])
+    # 3 rows in a program of 8 columns × 16 draws: 2 copies, 32 draws per row per call.
+    weights = learn._row_log_weights(_RowsQ(), None, None, {"x": x}, {}, 500, 0, (8, 16))
+    assert weights.shape == (500, 3)
+    np.testing.assert_array_equal(np.round(weights / 1e6), np.broadcast_to(x, weights.shape))
+    noise = 1e6 * x - weights  # ε²/2: χ²₁/2, mean 1/2, sd 1/√2
+    assert np.all(np.abs(noise.mean(axis=0) - 0.5) < 4 * np.sqrt(0.5 / 500))
+    # The copies are independent draws, not repeats.
+    assert all(np.unique(noise[:, n]).size == 500 for n in range(3))
