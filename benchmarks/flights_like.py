@@ -96,6 +96,9 @@ def run_case(case: str, family: str = "meanfield", num_draws: int | None = None)
         "map_steps": info["map_steps"],
         "map_hessians": info["map_newton_steps"],
         "map_decrement": info["map_decrement"],
+        "curvature_reason": info["curvature_reason"],
+        "rewhitenings": info.get("rewhitenings"),
+        "num_draws": info["num_draws"],
         "steps": result.num_steps,
         "converged": result.converged,
         "message": result.message,
@@ -145,17 +148,20 @@ def main():
     parser.add_argument("--case", action="append", help="rows,carriers,dests,planes")
     parser.add_argument("--check", default=None, help="a small case: full-rank DADVI vs NUTS")
     parser.add_argument("--family", default="meanfield")
+    parser.add_argument("--num-draws", type=int, default=None, help="DADVI's fixed draws")
+    parser.add_argument("--name", default="flights_like", help="results file name")
     parser.add_argument("--nuts", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         case = (args.case or [args.check])[0]
-        out = run_nuts(case) if args.nuts else run_case(case, args.family)
+        out = run_nuts(case) if args.nuts else run_case(case, args.family, args.num_draws)
         print(json.dumps(out))
         return
     rows = []
     for case in args.case or ([] if args.check else CASES):
-        result = _child(["--case", case, "--family", args.family])
+        draws = ["--num-draws", str(args.num_draws)] if args.num_draws else []
+        result = _child(["--case", case, "--family", args.family, *draws])
         print({k: v for k, v in result.items() if k not in ("mean", "sd")}, flush=True)
         rows.append(result)
     check = None
@@ -180,7 +186,7 @@ def main():
         "cases": [{k: v for k, v in r.items() if k not in ("mean", "sd")} for r in rows],
         "check": check,
     }
-    write_json("flights_like.json", payload)
+    write_json(f"{args.name}.json", payload)
     lines = [
         "# Flights-like hierarchical logistic regressions, full batch",
         "",
@@ -203,7 +209,7 @@ def main():
             f"means within {check['max_mean_error_in_nuts_sd']:.3f} NUTS sd, sds "
             f"{check['sd_ratio_range'][0]:.3f}-{check['sd_ratio_range'][1]:.3f} of NUTS's.",
         ]
-    (RESULTS_DIR / "flights_like.md").write_text("\n".join(lines) + "\n")
+    (RESULTS_DIR / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
