@@ -647,6 +647,30 @@ class _AmortizedQ:
 
         return jax.vmap(one)(z)
 
+    def log_p_folded(self, theta, z, batch):
+        """``log_p`` in rows mode with the S draws folded into the rows: one evaluation
+        of the model on S·B rows (the row arrays repeated S times), (S, B) per-row log
+        densities, the same numbers up to rounding.  vmap over the draws leaves
+        contractions over two batch axes, (S, B), in the gradient (W's gradient in PPCA,
+        "sbd,sbk->dk"), which XLA's CPU backend runs 3–5× slower than the same
+        contraction over one axis of S·B."""
+        local = z["local"]
+        num_draws, num_rows = local.shape[:2]
+        keys = self.structure.batch_keys
+        tiled = {
+            k: (
+                jnp.broadcast_to(v, (num_draws, *jnp.shape(v))).reshape(
+                    num_draws * num_rows, *jnp.shape(v)[1:]
+                )
+                if k in keys
+                else v
+            )
+            for k, v in batch.items()
+        }
+        values = self.values({"local": local.reshape(num_draws * num_rows, -1)})
+        rows, _ = _log_p_parts(self.target, self.structure.plate, values, theta, tiled)
+        return rows.reshape(num_draws, num_rows)
+
 
 def _make_q(target, arrays, structure, encoder, family, rank, dtype=jnp.float64):
     if encoder is None:
@@ -930,7 +954,10 @@ def _full_batch(q, target, arrays, objective, params0, key, num_draws, max_steps
             log_q = q.log_q_at_noise(params["q"], draws, z, data, 1.0)
         else:
             log_q = q.log_q(params["q"], z, data, 1.0)
-        lw = q.log_p(theta, z, data, 1.0) - log_q
+        if isinstance(q, _AmortizedQ) and q.rows_mode:
+            lw = q.log_p_folded(theta, z, data) - log_q
+        else:
+            lw = q.log_p(theta, z, data, 1.0) - log_q
         # IWAE over groups of K fixed draws, K = 1 included: IWAE.value over all M draws
         # at once would be L_M, not L_1 = the ELBO (IWAE(num_samples=1) ran q off).
         if isinstance(objective, IWAE):
