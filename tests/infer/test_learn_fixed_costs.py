@@ -61,3 +61,19 @@ def test_final_estimates_fill_the_program_with_copies_of_few_rows():
     assert np.all(np.abs(noise.mean(axis=0) - 0.5) < 4 * np.sqrt(0.5 / 500))
     # The copies are independent draws, not repeats.
     assert all(np.unique(noise[:, n]).size == 500 for n in range(3))
+
+
+def test_full_batch_folds_draws_into_rows_only_where_the_model_allows():
+    # A plate whose size is an argument does not trace on S·N rows: the objective keeps
+    # one evaluation per draw and the fit is what it was.  Type-II ML of s in
+    # x_n ~ N(z_n, s²), z_n ~ N(0, 1): s² = mean(x²) − 1.
+    def static_rows(x, n):
+        s = numpyro.param("s", 1.0, constraint=constraints.positive)
+        with numpyro.plate("rows", n):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+            numpyro.sample("x", dist.Normal(z, s), obs=x)
+
+    x = np.random.default_rng(0).normal(size=30) * 2.0
+    encoder = viax.MLPEncoder(hidden_sizes=())
+    result = viax.fit(static_rows, {"x": x, "n": 30}, encoder=encoder, progress=False)
+    np.testing.assert_allclose(result.model_params["s"], np.sqrt(np.mean(x**2) - 1.0), rtol=1e-6)

@@ -935,6 +935,31 @@ class _LBFGSStateG(NamedTuple):
     guard: Guard
 
 
+def _folds(q, target, params0, arrays, draws) -> bool:
+    """Whether the full-batch objective may fold the draws into the rows
+    (:meth:`_AmortizedQ.log_p_folded`): rows mode, the model traces on S·N rows (not when
+    a plate's size is an argument), and the folded per-row log densities equal the
+    per-draw ones at the starting point to rounding (not when the model couples its rows
+    inside the plate, a cumulative sum say, which would couple the draws)."""
+    if not (isinstance(q, _AmortizedQ) and q.rows_mode):
+        return False
+
+    def both(params):
+        theta = _constrain_theta(target, params["theta"])
+        z = q.draw(params["q"], draws, arrays)
+        return q.log_p_folded(theta, z, arrays), q.log_p(theta, z, arrays, 1.0)
+
+    try:
+        folded, per_draw = jax.jit(both)(params0)
+    except Exception:  # noqa: BLE001  the model does not trace on S·N rows: per draw
+        return False
+    folded, per_draw = np.asarray(folded), np.asarray(per_draw)
+    scale = 1.0 + np.abs(per_draw)
+    return folded.shape == per_draw.shape and bool(
+        np.all(np.abs(folded - per_draw) <= 1e-9 * scale)
+    )
+
+
 def _full_batch(q, target, arrays, objective, params0, key, num_draws, max_steps, progress):
     per_group = objective.num_samples if isinstance(objective, IWAE) else 1
     if isinstance(q, _AmortizedQ):
@@ -945,6 +970,7 @@ def _full_batch(q, target, arrays, objective, params0, key, num_draws, max_steps
         num_draws = num_draws or int(min(max(64, noise_dim + 2), 512))
         eps = base_draws(key, num_draws * per_group, noise_dim)
         draws = q.split_noise(jnp.asarray(eps), q.structure.num_rows)
+    fold = _folds(q, target, params0, arrays, draws)
 
     def value_fn(params, inputs):
         data, draws = inputs
@@ -954,7 +980,7 @@ def _full_batch(q, target, arrays, objective, params0, key, num_draws, max_steps
             log_q = q.log_q_at_noise(params["q"], draws, z, data, 1.0)
         else:
             log_q = q.log_q(params["q"], z, data, 1.0)
-        if isinstance(q, _AmortizedQ) and q.rows_mode:
+        if fold:
             lw = q.log_p_folded(theta, z, data) - log_q
         else:
             lw = q.log_p(theta, z, data, 1.0) - log_q
