@@ -1381,8 +1381,8 @@ def _check_initial_rows(model, target, arrays, structure, seed, transform_batch)
         sample_target, _, position = build_target(model, {**static, **dynamic}, seed)
         if position is sample_target.init_position:
             return target.init_position
-    except ModelError as error:
-        if str(error).startswith("the log density is not finite"):
+    except Exception as error:  # noqa: BLE001  a model that does not trace on fewer rows
+        if isinstance(error, ModelError) and str(error).startswith("the log density is not"):
             raise
     # u = 0 is not finite on the sample, or the model does not trace on fewer rows: the
     # check (and the search for a finite initial point) on every row.
