@@ -37,7 +37,10 @@ def command_line() -> str:
         script_text = str(script.relative_to(REPO_DIR))
     except ValueError:
         script_text = str(script)
-    return " ".join(["python", shlex.quote(script_text), *map(shlex.quote, sys.argv[1:])])
+    # XLA_FLAGS changes the devices JAX sees (forced host devices), so it is part of the command.
+    flags = os.environ.get("XLA_FLAGS")
+    env = [f"XLA_FLAGS={shlex.quote(flags)}"] if flags else []
+    return " ".join([*env, "python", shlex.quote(script_text), *map(shlex.quote, sys.argv[1:])])
 
 
 def today() -> str:
