@@ -175,9 +175,9 @@ class _Structure(NamedTuple):
     outside: tuple[str, ...]  # sample sites outside the data plate (priors of globals ...)
 
 
-def _trace_sites(target: Target, arrays) -> dict:
-    """Site name -> (type, is_observed, plate frames, value shape, is_discrete),
-    abstractly (nothing runs or compiles)."""
+def _abstract_trace(target: Target, arrays, summarize: Callable[[dict], Any]):
+    """``summarize(trace)`` of the model's trace on ``arrays``, traced abstractly
+    (``jax.eval_shape``: nothing runs or compiles); latents at uniform initial values."""
     static = dict(target.static_data)
     captured = {}
 
@@ -186,8 +186,19 @@ def _trace_sites(target: Target, arrays) -> dict:
             handlers.seed(target.model_fn, jax.random.PRNGKey(0)),
             substitute_fn=init_to_uniform(radius=2),
         )
-        trace = handlers.trace(seeded).get_trace(**static, **dynamic)
-        captured["sites"] = {
+        captured["out"] = summarize(handlers.trace(seeded).get_trace(**static, **dynamic))
+        return 0.0
+
+    jax.eval_shape(discover, arrays)
+    return captured["out"]
+
+
+def _trace_sites(target: Target, arrays) -> dict:
+    """Site name -> (type, is_observed, plate frames, value shape, is_discrete,
+    is_partly_masked), abstractly."""
+
+    def summarize(trace):
+        return {
             name: (
                 site["type"],
                 bool(site.get("is_observed", False)),
@@ -198,10 +209,8 @@ def _trace_sites(target: Target, arrays) -> dict:
             )
             for name, site in trace.items()
         }
-        return 0.0
 
-    jax.eval_shape(discover, arrays)
-    return captured["sites"]
+    return _abstract_trace(target, arrays, summarize)
 
 
 def _partly_masked(fn) -> bool:
@@ -351,24 +360,15 @@ def _refuse_per_row_params(target: Target, arrays, structure: _Structure) -> Non
 
 def _param_shapes(target: Target, arrays) -> dict:
     """Param site -> the shapes of its value's leaves, abstractly."""
-    static = dict(target.static_data)
-    captured = {}
 
-    def discover(dynamic):
-        seeded = handlers.substitute(
-            handlers.seed(target.model_fn, jax.random.PRNGKey(0)),
-            substitute_fn=init_to_uniform(radius=2),
-        )
-        trace = handlers.trace(seeded).get_trace(**static, **dynamic)
-        captured["shapes"] = {
+    def summarize(trace):
+        return {
             name: tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(site["value"]))
             for name, site in trace.items()
             if site["type"] == "param"
         }
-        return 0.0
 
-    jax.eval_shape(discover, arrays)
-    return captured["shapes"]
+    return _abstract_trace(target, arrays, summarize)
 
 
 def _log_p_parts(target: Target, plate, values, theta, batch):
