@@ -4,12 +4,10 @@ transforms, checkpoints (kill -9 and resume), several processes."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -164,7 +162,9 @@ def _lines(proc, count, timeout=180):
     return [np.asarray([float(v) for v in line.split(",")]) for line in out.split()[-count:]]
 
 
-def test_resume_after_kill_and_two_processes_give_the_uninterrupted_numbers(tmp_path):
+def test_resume_after_kill_and_two_processes_give_the_uninterrupted_numbers(
+    tmp_path, kill_at_checkpoint
+):
     """A learning run killed with SIGKILL mid-run and resumed from its last checkpoint
     ends with the numbers of the run never interrupted (θ, φ, Adam's moments, the data
     position and the draws are in the checkpoint or a function of the step); and two
@@ -184,16 +184,7 @@ def test_resume_after_kill_and_two_processes_give_the_uninterrupted_numbers(tmp_
         """,
         cache,
     )
-    deadline, step = time.time() + 120, 0
-    while time.time() < deadline and victim.poll() is None and step < 128:
-        time.sleep(0.05)
-        try:
-            step = int(np.load(path)["step"])
-        except (OSError, ValueError, KeyError, EOFError):
-            continue
-    assert victim.poll() is None, victim.communicate()[1][-3000:]
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.communicate()  # reaps it and closes its pipes
+    step = kill_at_checkpoint(victim, lambda: np.load(path)["step"], 128, timeout=120)
     assert 128 <= step < 640
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -2,7 +2,6 @@
 1 or 4 devices and 1 or 2 processes, and an exact resume after ``kill -9``."""
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -238,7 +237,7 @@ def test_one_and_four_devices_and_two_processes_give_the_same_numbers():
         np.testing.assert_allclose(_output(proc), one, rtol=1e-6)
 
 
-def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
+def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path, kill_at_checkpoint):
     """A run killed with SIGKILL mid-epoch and resumed from its last checkpoint ends
     with the numbers of the run that was never interrupted."""
     path, other = str(tmp_path / "run.npz"), str(tmp_path / "other.npz")
@@ -254,16 +253,7 @@ def test_resume_after_kill_gives_the_uninterrupted_numbers(tmp_path):
         fit(steps=400, checkpoint_path={path!r}, checkpoint_every=0.0)
         """,
     )
-    deadline, step = time.time() + 90, 0
-    while time.time() < deadline and victim.poll() is None and step < 60:
-        time.sleep(0.05)
-        try:
-            step = int(checkpoint.load(path)["step"])
-        except (OSError, ValueError, KeyError, EOFError):
-            continue
-    assert victim.poll() is None, victim.communicate()[1][-3000:]
-    os.kill(victim.pid, signal.SIGKILL)
-    victim.communicate()  # reaps it and closes its pipes
+    step = kill_at_checkpoint(victim, lambda: checkpoint.load(path)["step"], 60, timeout=90)
     assert 60 <= step < 400
     both = _python(
         "",
