@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -166,9 +167,22 @@ def run_viax(kind: str, steps: int | None) -> dict:
     }
 
 
-def run_numpyro(steps: int) -> dict:
+def run_numpyro(steps: int, indices: str = "epoch") -> dict:
+    """NumPyro SVI: AutoNormal, ``plate("N", N, subsample_size=B)``, Adam with a rate
+    decaying exponentially from 1e-2 to 1e-3 over ``steps``.
+
+    ``indices="epoch"`` (default): the batches' rows come from a permutation of the rows
+    per epoch (the last partial batch dropped, as viax's batches are), given to the same
+    plate with ``handlers.substitute``, and each epoch runs as one jitted ``fori_loop``
+    of ``svi.update`` (NumPyro's own minibatch example, examples/vae.py, loops this way).
+    ``indices="plate"``: ``svi.run``, the plate drawing its own rows each step.  On CPU
+    NumPyro draws them with a partial Fisher-Yates shuffle, a ``lax.scan`` of B = 4,096
+    sequential iterations (numpyro/primitives.py ``_subsample_fn``), measured at ~25 ms
+    of the ~27 ms step (benchmarks/flights_numpyro_step.py): 40,000 steps take ~20 min
+    where the same steps with given rows take ~2 min."""
     import jax
     import optax
+    from numpyro import handlers
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.infer.autoguide import AutoNormal
 
@@ -176,106 +190,164 @@ def run_numpyro(steps: int) -> dict:
     start = time.perf_counter()
     data, sizes, _ = load_arrays()
     model = make_model(sizes["C"], sizes["D"], sizes["T"], subsample=BATCH)
-    schedule = optax.exponential_decay(1e-2, steps, 0.1)
+    optimizer = optax.adam(optax.exponential_decay(1e-2, steps, 0.1))
     guide = AutoNormal(model)
-    svi = SVI(model, guide, optax.adam(schedule), Trace_ELBO())
     data = {k: jax.numpy.asarray(v) for k, v in data.items()}
-    result = svi.run(jax.random.PRNGKey(0), steps, **data, progress_bar=False)
+    n = int(data["y"].shape[0])
+    if indices == "plate":
+        svi = SVI(model, guide, optimizer, Trace_ELBO())
+        result = svi.run(jax.random.PRNGKey(0), steps, **data, progress_bar=False)
+        params, losses = result.params, np.asarray(result.losses)[-100:]
+    else:
+
+        def given_model(idx, **kw):
+            with handlers.substitute(data={"N": idx}):  # the plate's rows: this batch's
+                model(**kw)
+
+        def given_guide(idx, **kw):
+            return guide(**kw)
+
+        svi = SVI(given_model, given_guide, optimizer, Trace_ELBO())
+
+        @jax.jit
+        def epoch(state, key, num, data):
+            order = jax.random.permutation(key, n)
+
+            def body(i, carry):
+                idx = jax.lax.dynamic_slice_in_dim(order, i * BATCH, BATCH)
+                state, loss = svi.update(carry[0], idx, **data)
+                return state, carry[1] + loss
+
+            return jax.lax.fori_loop(0, num, body, (state, 0.0))
+
+        key = jax.random.PRNGKey(0)
+        state = svi.init(key, jax.numpy.arange(BATCH), **data)
+        per_epoch, done, losses = n // BATCH, 0, []
+        while done < steps:
+            num = min(per_epoch, steps - done)
+            state, total = epoch(state, jax.random.fold_in(key, len(losses)), num, data)
+            losses.append(float(total) / num)
+            done += num
+        params = svi.get_params(state)
+    # svi.run returns before its loop has run (JAX's asynchronous dispatch): the records
+    # before 2026-12-06 16:15 stopped the clock here without waiting, so their NumPyro
+    # times (16 s for 8,000 steps) were the time to compile and dispatch, not to run.
+    jax.block_until_ready(params)
     wall = time.perf_counter() - start
-    draws = guide.sample_posterior(jax.random.PRNGKey(1), result.params, sample_shape=(4000,))
+    draws = guide.sample_posterior(jax.random.PRNGKey(1), params, sample_shape=(4000,))
     return {
         "wall_seconds": wall,
         "steps": steps,
         "rows_seen": steps * BATCH,
-        "final_loss": float(np.mean(np.asarray(result.losses)[-100:])),
+        "indices": indices,
+        # the mean loss (negative ELBO estimate) over the last epoch (100 steps for "plate")
+        "final_loss": float(np.mean(losses[-1:] if indices != "plate" else losses)),
         "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
     }
 
 
-def one(kind: str, steps: int | None) -> dict:
-    out = run_numpyro(steps) if kind == "numpyro" else run_viax(kind, steps)
+def one(kind: str, steps: int | None, indices: str = "epoch") -> dict:
+    if kind == "numpyro":
+        out = run_numpyro(steps or 40_000, indices)  # viax's default step budget
+    else:
+        out = run_viax(kind, steps)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["load_average"] = os.getloadavg()  # the machine is shared: how much
     return out
 
 
 FULL_BATCH = RESULTS_DIR / "flights_full_batch.json"
 SECOND_FULL_BATCH = RESULTS_DIR / "flights_full_batch_seed1.json"  # other fixed draws
+SITES = (*GLOBALS, "z_carrier", "z_dest", "z_tail")
 
 
-def agreement(reference: dict, other: dict, settled: dict | None = None) -> dict:
-    """Worst and median |Δmean| / sd_ref, the range of sd_other / sd_ref, and the
-    fractions off (a mean more than 0.1 sd_ref away, an sd more than 10% off) over the
-    global latents, and the same over every effect (z).  ``settled`` (name → (means,
-    sds) boolean masks): also the fractions off over the coordinates where the
-    reference is itself precise to that tolerance (:func:`settled_by`)."""
+def averaged_reference(first: dict, second: dict) -> tuple[dict, dict]:
+    """The mean of two full-batch fits that differ only in their fixed draws, and its
+    error.
+
+    With m₀, m₁ and s₀, s₁ the two fits' posterior means and sds of a coordinate, the
+    reference is m = (m₀ + m₁)/2, s = (s₀ + s₁)/2 (128 fixed draws in effect), and its
+    error, in reference sds, is e_m = |m₀ − m₁| / (2s) for the mean and
+    e_s = |s₀ − s₁| / (2s) for the sd: for two independent errors of size σ the average
+    is σ/√2 off and |m₀ − m₁|/2 estimates that (E|m₀ − m₁|/2 = σ/√π).  Returns
+    (reference record with "summary", name → {"mean": e_m, "sd": e_s} arrays)."""
+    summary, error = {}, {}
+    for name in SITES:
+        a, b = first["summary"][name], second["summary"][name]
+        m0, m1 = np.asarray(a["mean"]), np.asarray(b["mean"])
+        s0, s1 = np.asarray(a["sd"]), np.asarray(b["sd"])
+        sd = (s0 + s1) / 2
+        summary[name] = {"mean": ((m0 + m1) / 2).tolist(), "sd": sd.tolist()}
+        error[name] = {"mean": np.abs(m0 - m1) / (2 * sd), "sd": np.abs(s0 - s1) / (2 * sd)}
+    return {"summary": summary}, error
+
+
+def agreement(reference: dict, other: dict, error: dict | None = None) -> dict:
+    """How far ``other``'s means and sds are from the reference's, per coordinate.
+
+    Strict (as the issue asks): a mean is off when |Δmean|/sd_ref > 0.1, an sd when
+    |sd/sd_ref − 1| > 0.1.  Within the reference's error (``error`` from
+    :func:`averaged_reference`): off only beyond 0.1 + e_m, resp. 0.1 + e_s, so a
+    coordinate the reference itself does not pin to 0.1 sd is not counted against a
+    method for the reference's own imprecision.  Reports, over the global latents and
+    over every effect (z): the worst and median |Δmean|/sd_ref and the range of
+    sd/sd_ref; over all coordinates and per site: the fractions off by both rules."""
+
+    def deviations(name):
+        ref, oth = reference["summary"][name], other["summary"][name]
+        sd = np.asarray(ref["sd"])
+        dm = np.abs(np.asarray(oth["mean"]) - np.asarray(ref["mean"])) / sd
+        dev = np.abs(np.asarray(oth["sd"]) / sd - 1)
+        em = error[name]["mean"] if error else np.zeros_like(dm)
+        es = error[name]["sd"] if error else np.zeros_like(dm)
+        return dm, np.asarray(oth["sd"]) / sd, dm > 0.1, dev > 0.1, dm > 0.1 + em, dev > 0.1 + es
+
     rows = {}
     for group, names in (("globals", GLOBALS), ("effects", ("z_carrier", "z_dest", "z_tail"))):
-        dm, ratio = [], []
-        for name in names:
-            ref, oth = reference["summary"][name], other["summary"][name]
-            sd = np.asarray(ref["sd"])
-            dm.append(np.abs(np.asarray(oth["mean"]) - np.asarray(ref["mean"])) / sd)
-            ratio.append(np.asarray(oth["sd"]) / sd)
-        dm, ratio = np.concatenate(dm), np.concatenate(ratio)
+        dm, ratio = (np.concatenate([deviations(n)[i] for n in names]) for i in (0, 1))
         rows[group] = {
             "max_mean_diff_sd": float(dm.max()),
             "median_mean_diff_sd": float(np.median(dm)),
             "sd_ratio_min": float(ratio.min()),
             "sd_ratio_max": float(ratio.max()),
-            "frac_mean_off": float(np.mean(dm > 0.1)),
-            "frac_sd_off": float(np.mean(np.abs(ratio - 1) > 0.1)),
         }
     rows["by_site"] = {}
-    for name in (*GLOBALS, "z_carrier", "z_dest", "z_tail"):
-        ref, oth = reference["summary"][name], other["summary"][name]
-        sd = np.asarray(ref["sd"])
-        dm = np.abs(np.asarray(oth["mean"]) - np.asarray(ref["mean"])) / sd
-        ratio = np.asarray(oth["sd"]) / sd
+    flags = [[], [], [], []]
+    for name in SITES:
+        dm, _, *off = deviations(name)
+        for store, flag in zip(flags, off, strict=True):
+            store.append(flag)
         rows["by_site"][name] = {
             "max_mean_diff_sd": float(dm.max()),
-            "frac_mean_off": float(np.mean(dm > 0.1)),
-            "frac_sd_off": float(np.mean(np.abs(ratio - 1) > 0.1)),
+            "frac_mean_off": float(np.mean(off[0])),
+            "frac_sd_off": float(np.mean(off[1])),
+            "frac_mean_off_within_error": float(np.mean(off[2])),
+            "frac_sd_off_within_error": float(np.mean(off[3])),
         }
-    rows["agrees"] = all(
-        rows[g]["frac_mean_off"] == 0 and rows[g]["frac_sd_off"] == 0
-        for g in ("globals", "effects")
-    )
-    if settled:
-        mean_off, sd_off = [], []
-        for name, (means, sds) in settled.items():
-            ref, oth = reference["summary"][name], other["summary"][name]
-            sd = np.asarray(ref["sd"])
-            dm = np.abs(np.asarray(oth["mean"]) - np.asarray(ref["mean"])) / sd
-            ratio = np.asarray(oth["sd"]) / sd
-            mean_off.append((dm > 0.1)[means])
-            sd_off.append((np.abs(ratio - 1) > 0.1)[sds])
-        mean_off, sd_off = np.concatenate(mean_off), np.concatenate(sd_off)
-        rows["settled"] = {
-            "means": int(mean_off.size),
-            "sds": int(sd_off.size),
-            "frac_mean_off": float(np.mean(mean_off)),
-            "frac_sd_off": float(np.mean(sd_off)),
-        }
+    mean_off, sd_off, mean_off_e, sd_off_e = (np.concatenate(f) for f in flags)
+    rows["all"] = {
+        "coordinates": int(mean_off.size),
+        "frac_mean_off": float(np.mean(mean_off)),
+        "frac_sd_off": float(np.mean(sd_off)),
+        "frac_mean_off_within_error": float(np.mean(mean_off_e)),
+        "frac_sd_off_within_error": float(np.mean(sd_off_e)),
+    }
+    rows["agrees"] = not (mean_off.any() or sd_off.any())
+    rows["agrees_within_error"] = not (mean_off_e.any() or sd_off_e.any())
     return rows
-
-
-def settled_by(reference: dict, second: dict) -> dict:
-    """name → (means, sds): the coordinates where two fits of the reference with
-    different fixed draws agree (means within 0.1 sd, sds within 10%)."""
-    out = {}
-    for name in (*GLOBALS, "z_carrier", "z_dest", "z_tail"):
-        ref, oth = reference["summary"][name], second["summary"][name]
-        sd = np.asarray(ref["sd"])
-        dm = np.abs(np.asarray(oth["mean"]) - np.asarray(ref["mean"])) / sd
-        ratio = np.asarray(oth["sd"]) / sd
-        out[name] = (dm <= 0.1, np.abs(ratio - 1) <= 0.1)
-    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--one", choices=("viax-memory", "viax-parquet", "numpyro"))
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--numpyro-indices",
+        choices=("epoch", "plate"),
+        default="epoch",
+        help="numpyro's batch rows: a permutation per epoch given to the plate (default), "
+        "or drawn by the plate itself each step (svi.run; ~25 ms a step on CPU)",
+    )
     parser.add_argument(
         "--methods",
         default="viax-memory,viax-parquet,numpyro",
@@ -296,9 +368,20 @@ def main():
         "with its own command and date) instead of running it",
     )
     parser.add_argument("--note", action="append", default=[], help="a line for the md")
+    parser.add_argument(
+        "--save",
+        default=None,
+        metavar="NAME",
+        help="with --one: also write the record (command, date, machine, result) to "
+        "benchmarks/results/NAME.json, for --stored",
+    )
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.steps)))
+        out = one(args.one, args.steps, args.numpyro_indices)
+        if args.save:
+            record = {"command": command_line(), "date": today(), "machine": machine()}
+            write_json(f"{args.save}.json", {**record, "result": out})
+        print(json.dumps(out))
         return
     if args.compare_only:
         stored = json.loads((RESULTS_DIR / "flights.json").read_text())
@@ -320,7 +403,8 @@ def main():
         if kind == "numpyro" and "steps" in results.get("viax-memory", {}):
             steps = results["viax-memory"]["steps"]  # the same number of rows seen
         out = subprocess.run(
-            [sys.executable, __file__, "--one", kind] + (["--steps", str(steps)] if steps else []),
+            [sys.executable, __file__, "--one", kind, "--numpyro-indices", args.numpyro_indices]
+            + (["--steps", str(steps)] if steps else []),
             capture_output=True,
             text=True,
             check=False,
@@ -335,36 +419,51 @@ def main():
     finish(results, command_line(), today(), shared, tuple(args.note))
 
 
+REFERENCE_ROWS = ("viax-full-batch seed 0", "viax-full-batch seed 1")
+
+
 def finish(results: dict, command: str, date: str, machine_info: dict, notes: tuple = ()) -> None:
-    """The agreement of every method with the reference; flights.json and .md."""
+    """The agreement of every method with the reference; flights.json and .md.
+
+    The reference is the average of the two stored full-batch fits (seeds 0 and 1 of
+    the fixed draws) with its error per coordinate (:func:`averaged_reference`); with
+    only the first, that fit alone and no error; with neither, NumPyro's fit (a
+    reference only in name)."""
+    for kind in (*REFERENCE_ROWS, "viax-full-batch (reference)", "viax-full-batch-seed1"):
+        results.pop(kind, None)  # stored copies of the reference rows (--compare-only)
+    error = None
     if FULL_BATCH.exists():
         full = json.loads(FULL_BATCH.read_text())
+        fits = {REFERENCE_ROWS[0]: full["result"]}
         ref, ref_name = full["result"], f"viax full-batch ({FULL_BATCH.name}, {full['date']})"
+        if SECOND_FULL_BATCH.exists():
+            second = json.loads(SECOND_FULL_BATCH.read_text())
+            fits[REFERENCE_ROWS[1]] = second["result"]
+            ref, error = averaged_reference(full["result"], second["result"])
+            ref_name = (
+                f"the average of two viax full-batch fits, converged, 64 fixed draws each "
+                f"with seeds 0 and 1 ({FULL_BATCH.name}, {full['date']}; "
+                f"{SECOND_FULL_BATCH.name}, {second['date']})"
+            )
+        for fit in fits.values():
+            fit.setdefault("rows_seen", fit["num_rows"] * fit["steps"])
+        results = {**fits, **results}
     else:
         ref, ref_name = results.get("numpyro", {}), "numpyro (no full-batch reference file)"
-    if SECOND_FULL_BATCH.exists():
-        # The reference's own precision: the same full-batch fit with other fixed draws.
-        second = json.loads(SECOND_FULL_BATCH.read_text())
-        results["viax-full-batch-seed1"] = {
-            "rows_seen": second["result"]["num_rows"] * second["result"]["steps"],
-            **second["result"],
-        }
-    if "summary" in ref and ref is not results.get("numpyro"):
-        ref.setdefault("rows_seen", ref["num_rows"] * ref["steps"])
-        results.pop("viax-full-batch (reference)", None)  # a stored copy (--compare-only)
-        results = {"viax-full-batch (reference)": ref, **results}
-    settled = None
-    if "viax-full-batch-seed1" in results and "summary" in ref:
-        settled = settled_by(ref, results["viax-full-batch-seed1"])
     for kind in results:
         if "summary" in results.get(kind, {}) and "summary" in ref and results[kind] is not ref:
-            results[kind]["agreement"] = agreement(ref, results[kind], settled)
+            results[kind]["agreement"] = agreement(ref, results[kind], error)
     payload = {
         "command": command,
         "date": date,
         "machine": machine_info,
+        "load_average_at_write": os.getloadavg(),
         "batch_size": BATCH,
         "reference": ref_name,
+        "reference_summary": ref.get("summary"),
+        "reference_error": (
+            {n: {k: v.tolist() for k, v in e.items()} for n, e in error.items()} if error else None
+        ),
         "results": results,
         "notes": [f"\n{note}" for note in notes],
     }
@@ -372,69 +471,102 @@ def finish(results: dict, command: str, date: str, machine_info: dict, notes: tu
     write_markdown(payload)
 
 
+def _pct(x: float) -> str:
+    return f"{x:.1%}" if x >= 0.001 or x == 0 else f"{x:.2%}"
+
+
 def write_markdown(payload: dict) -> None:
+    error = payload.get("reference_error")
+    load = payload.get("load_average_at_write")
     lines = [
         "# Flights: hierarchical logistic regression, minibatch VI",
         "",
         f"`{payload['command']}` ({payload['date']}; batch {payload['batch_size']} rows; "
-        "each method in a fresh process; machine shared with other jobs, so seconds are "
-        f"inflated). Reference: {payload.get('reference', 'viax-memory')}. Off: a mean "
-        "more than 0.1 reference sd away, an sd more than 10% off.",
-        "",
-        "| method | wall s | steps | rows/s | peak RSS MB | globals: max |Δmean|/sd | "
-        "sd ratio | effects: median / max |Δmean|/sd | effects off (mean, sd) | agrees "
-        "| off where the reference is settled (mean, sd) | converged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for kind, r in payload["results"].items():
-        if "error" in r:
-            lines.append(f"| {kind} | failed | | | | | | | | | | |")
-            continue
-        agree = r.get("agreement", {})
-        g, e = agree.get("globals", {}), agree.get("effects", {})
-        nan = float("nan")
-        ratio = f"{g['sd_ratio_min']:.2f}-{g['sd_ratio_max']:.2f}" if g else "(reference)"
-        off = f"{e['frac_mean_off']:.1%}, {e['frac_sd_off']:.1%}" if e else ""
-        st = agree.get("settled")
-        settled_cell = (
-            f"{st['frac_mean_off']:.1%} of {st['means']}, {st['frac_sd_off']:.1%} of {st['sds']}"
-            if st
+        "each method in a fresh process). The machine (2 cores) was shared with other "
+        "jobs, so seconds are inflated and vary with the load: the load average is in the "
+        "table where the run recorded it"
+        + (
+            f"; {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} when this table was written"
+            if load
             else ""
         )
-        lines.append(
-            f"| {kind} | {r['wall_seconds']:.1f} | {r['steps']} | "
-            f"{r.get('rows_per_second', r['rows_seen'] / r['wall_seconds']):.3g} | "
-            f"{r['peak_rss_mb']:.0f} | {g.get('max_mean_diff_sd', nan):.2f} | {ratio} | "
-            f"{e.get('median_mean_diff_sd', nan):.2f} / {e.get('max_mean_diff_sd', nan):.2f} | "
-            f"{off} | {agree.get('agrees', '')} | {settled_cell} | {r.get('converged', '')} |"
+        + f". Reference: {payload.get('reference', 'viax-memory')}.",
+        "",
+        "Off, strict (the issue's rule): a mean more than 0.1 reference sd from the "
+        "reference's, an sd more than 10% off. Off beyond the reference's error: a mean "
+        "more than 0.1 + e_m sd away, an sd more than 10% + e_s off, where e_m = "
+        "|m₀ − m₁| / (2 sd) and e_s = |s₀ − s₁| / (2 sd) are the reference's own error per "
+        "coordinate (m, s: the two full-batch fits' means and sds)."
+        if error
+        else "Off: a mean more than 0.1 reference sd away, an sd more than 10% off.",
+        "",
+        "| method | wall s | steps | rows/s | peak RSS MB | load (1 min) | globals: max "
+        "|Δmean|/sd | globals: sd ratio | effects: median / max |Δmean|/sd | off, strict "
+        "(means, sds) | off beyond the reference's error (means, sds) | agrees (strict, "
+        "within error) | converged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    nan = float("nan")
+    for kind, r in payload["results"].items():
+        if "error" in r:
+            lines.append(f"| {kind} | failed | | | | | | | | | | | |")
+            continue
+        agree = r.get("agreement", {})
+        g, e, a = agree.get("globals", {}), agree.get("effects", {}), agree.get("all", {})
+        ratio = f"{g['sd_ratio_min']:.2f}-{g['sd_ratio_max']:.2f}" if g else ""
+        strict = (
+            f"{_pct(a['frac_mean_off'])}, {_pct(a['frac_sd_off'])} of {a['coordinates']}"
+            if a
+            else ""
         )
-    sites = (*GLOBALS, "z_carrier", "z_dest", "z_tail")
+        within = (
+            f"{_pct(a['frac_mean_off_within_error'])}, {_pct(a['frac_sd_off_within_error'])}"
+            if a and error
+            else ""
+        )
+        agrees = f"{agree['agrees']}, {agree['agrees_within_error']}" if "agrees" in agree else ""
+        la = r.get("load_average")
+        rows_s = r.get("rows_per_second") or r["rows_seen"] / r["wall_seconds"]
+        lines.append(
+            f"| {kind} | {r['wall_seconds']:.1f} | {r['steps']} | {rows_s:.3g} | "
+            f"{r['peak_rss_mb']:.0f} | {f'{la[0]:.1f}' if la else ''} | "
+            f"{g.get('max_mean_diff_sd', nan):.2f} | {ratio} | "
+            f"{e.get('median_mean_diff_sd', nan):.2f} / {e.get('max_mean_diff_sd', nan):.2f} | "
+            f"{strict} | {within} | {agrees} | {r.get('converged', '')} |"
+        )
     lines += [
         "",
-        "By site: max |Δmean|/sd (fraction of means > 0.1 sd off; of sds > 10% off).",
+        "By site: max |Δmean|/sd (means off strict / beyond the reference's error; sds off "
+        "strict / beyond the error). First row: the reference's own error, max e_m (max e_s).",
         "",
-        "| method | " + " | ".join(sites) + " |",
-        "|---|" + "---|" * len(sites),
+        "| method | " + " | ".join(SITES) + " |",
+        "|---|" + "---|" * len(SITES),
     ]
+    if error:
+        cells = [f"{max(error[n]['mean']):.2f} ({max(error[n]['sd']):.2f})" for n in SITES]
+        lines.append("| reference error e_m (e_s) | " + " | ".join(cells) + " |")
     for kind, r in payload["results"].items():
         by_site = r.get("agreement", {}).get("by_site")
         if by_site:
             cells = [
-                f"{by_site[n]['max_mean_diff_sd']:.2f} ({by_site[n]['frac_mean_off']:.0%}; "
-                f"{by_site[n]['frac_sd_off']:.0%})"
-                for n in sites
+                f"{s['max_mean_diff_sd']:.2f} ({s['frac_mean_off']:.0%} / "
+                f"{s['frac_mean_off_within_error']:.0%}; {s['frac_sd_off']:.0%} / "
+                f"{s['frac_sd_off_within_error']:.0%})"
+                for s in (by_site[n] for n in SITES)
             ]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     for kind, r in payload["results"].items():
         if "stored" in r:
             lines.append(f"\n{kind}: stored result, {r['stored']}.")
-    if "viax-full-batch-seed1" in payload["results"]:
+    if error:
         lines.append(
-            "\nviax-full-batch-seed1: the reference fit again with other fixed draws "
-            "(flights_full_batch_seed1.json; rows/s there is rows × DADVI steps / wall): "
-            "its row is the reference's own precision. Mean-field DADVI's 64 fixed draws "
-            "move the optimum along the ridge of the intercept and the 16 carrier effects "
-            "and move the globals' sds; the plane and destination effects are pinned."
+            "\nviax-full-batch seed 0 and seed 1: the two converged full-batch fits "
+            "(mean-field DADVI, 64 fixed draws each; rows/s there is rows × DADVI steps / "
+            "wall) whose average is the reference; each is |m₀ − m₁|/2 from it by "
+            "construction, so their rows show the reference's spread, not an agreement. "
+            "The fixed draws move the optimum along the ridge of the intercept and the 16 "
+            "carrier effects (a + σ_carrier·z_carrier) and move the globals' sds; the plane "
+            "and destination effects are pinned."
         )
     lines.extend(payload.get("notes", []))
     (RESULTS_DIR / "flights.md").write_text("\n".join(lines) + "\n")
