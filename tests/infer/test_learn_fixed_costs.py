@@ -12,7 +12,7 @@ import pytest
 from numpyro.distributions import constraints
 
 import viax
-from viax.infer import learn
+from viax.infer import learn, threefry
 
 
 def _exponential_rows(y):
@@ -37,23 +37,23 @@ class _RowsQ:
 
     structure = SimpleNamespace(batch_keys=("x",))
     input_keys = ("x",)
+    local_dim = 1
 
-    def normal_noise(self, key, num_samples, num_rows):
-        return jax.random.normal(key, (num_samples, num_rows))
+    def row_noise(self, key, rows, draws):
+        high = jnp.broadcast_to(rows[None, :], draws.shape)
+        return threefry.normal_at(key, high, draws, jnp.float64)
 
-    def draw(self, phi, eps, batch):
-        return eps
+    def draw_and_log_q(self, phi, eps, batch, scale):
+        return eps, jnp.zeros_like(eps)
 
     def log_p(self, theta, z, batch, scale):
         return 1e6 * batch["x"][None, :] - 0.5 * z**2
 
-    def log_q(self, phi, z, batch, scale):
-        return jnp.zeros_like(z)
-
 
 def test_final_estimates_fill_the_program_with_copies_of_few_rows():
     x = np.array([0.0, 1.0, 2.0])
-    # 3 rows in a program of 8 columns × 16 draws: 2 copies, 32 draws per row per call.
+    # 3 rows in a program of 8 row slots × 16 draws: each slot reads one row's block of
+    # 16 draws, so one call holds several blocks of each row.
     weights = learn._row_log_weights(_RowsQ(), None, None, {"x": x}, {}, 500, 0, (8, 16))
     assert weights.shape == (500, 3)
     np.testing.assert_array_equal(np.round(weights / 1e6), np.broadcast_to(x, weights.shape))

@@ -80,8 +80,8 @@ __all__ = ["EarlyStopping", "RowEvidence", "dynamic_binarization", "fit_learn", 
 _LOG_2PI = math.log(2 * math.pi)
 _LBFGS_CHUNK = 20
 _FAST_STEPS = 500  # L-BFGS steps compiled for compile time before switching
-_MAX_ROW_CHUNK = 128  # rows per evidence program
-_EVIDENCE_BUDGET = 2**15  # draws × rows per evidence chunk: memory O(budget × network width)
+_ROW_STEP = 2**12  # row-draws per step of the per-row log weights' program (see _row_plan)
+_ROW_CALL = 2**15  # row-draws per call of that program
 _KHAT_ROWS = 64  # training rows whose k̂ is checked (1000 draws each)
 _FINAL_BUDGET = 2**15  # draws × rows for the final training ELBO
 _FINAL_CALL = 2**12  # row-draws per call of the final estimates' one program
@@ -288,14 +288,23 @@ def _structure(target: Target, arrays, need_plate: bool, why: str) -> _Structure
     return _Structure(plate, num_rows, tuple(local), tuple(global_names), batch_keys, outside)
 
 
-def _params_not_in_density(target: Target, arrays, position) -> tuple[str, ...]:
-    """The param sites that the log joint does not depend on at all: their gradient is
-    identically zero, so they would keep their initial values.  Read from the jaxpr of
-    log p_θ(x, z) as a function of θ (traced, nothing compiles): a forward pass over its
-    equations marks what depends on each θ leaf; an equation with inner programs (a jit,
-    a scan, a cond) counts as depending on all its inputs, so this errs on "used"."""
+def _params_not_in_density(target: Target, arrays, position) -> tuple[tuple[str, ...], ...]:
+    """(unused, no_gradient): the param sites that the log joint does not depend on at
+    all, and those it depends on only through operations with a zero derivative
+    (``lax.stop_gradient``, round/floor/ceil/sign, comparisons and integer casts).  Both
+    get a gradient that is identically zero, so they would keep their initial values.
+
+    Read from the jaxpr of log p_θ(x, z) as a function of θ (traced, nothing compiles): a
+    forward pass over its equations marks what depends on each θ leaf, and what depends
+    on it differentiably (a value of an integer or boolean type carries no derivative;
+    nested ``jit`` programs are followed).  A structural rule, not a numerical one: a
+    gradient that is zero at the initial point only (θ at an optimum, a ReLU in its flat
+    part) is never flagged, and a zero gradient at a random perturbation would still not
+    prove "identically".  Other equations with inner programs (scan, cond, custom
+    derivatives) count as depending differentiably on all their inputs, so both lists
+    err on "used"."""
     if not target.param_sites:
-        return ()
+        return (), ()
     theta = {site.name: site.init_value for site in target.param_sites}
     leaves, treedef = jax.tree_util.tree_flatten(theta)
     is_array = [isinstance(leaf, jax.Array | np.ndarray | float) for leaf in leaves]
@@ -312,15 +321,46 @@ def _params_not_in_density(target: Target, arrays, position) -> tuple[str, ...]:
     pairs = zip(leaves, is_array, strict=True)
     arrays_in = [jnp.asarray(leaf, dtype=float) for leaf, a in pairs if a]
     jaxpr = jax.make_jaxpr(log_joint)(arrays_in).jaxpr
-    depends = {var: {i} for i, var in enumerate(jaxpr.invars)}
-    for eqn in jaxpr.eqns:
-        inputs = set().union(*(depends.get(v, set()) for v in eqn.invars if _is_var(v)))
-        for var in eqn.outvars:
-            depends[var] = inputs
-    used = set().union(*(depends.get(v, set()) for v in jaxpr.outvars if _is_var(v)))
+    start = [({i}, {i}) for i in range(len(jaxpr.invars))]
+    (used, differentiable), *_ = _dependencies(jaxpr, start)
     leaf_owner = [o for o, a in zip(owners, is_array, strict=True) if a]
     used_sites = {leaf_owner[i] for i in used}
-    return tuple(n for n in sorted(theta) if n in leaf_owner and n not in used_sites)
+    gradient_sites = {leaf_owner[i] for i in differentiable}
+    sites = [n for n in sorted(theta) if n in leaf_owner]
+    return (
+        tuple(n for n in sites if n not in used_sites),
+        tuple(n for n in sites if n in used_sites and n not in gradient_sites),
+    )
+
+
+# Primitives whose derivative is zero wherever it exists: their outputs carry no gradient.
+_ZERO_DERIVATIVE = frozenset({"stop_gradient", "round", "floor", "ceil", "sign"})
+
+
+def _dependencies(jaxpr, inputs):
+    """Forward pass over ``jaxpr``: for each of its outputs, (the input indices it depends
+    on, those it depends on differentiably), from ``inputs``' pairs of sets."""
+    depends = dict(zip(jaxpr.invars, inputs, strict=True))
+    none: set = set()
+
+    def of(atom):
+        return depends.get(atom, (none, none)) if _is_var(atom) else (none, none)
+
+    for eqn in jaxpr.eqns:
+        ins = [of(v) for v in eqn.invars]
+        inner = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
+        if inner is not None:
+            outs = _dependencies(getattr(inner, "jaxpr", inner), ins)
+        else:
+            every = set().union(*(a for a, _ in ins))
+            grad = set().union(*(g for _, g in ins))
+            if eqn.primitive.name in _ZERO_DERIVATIVE:
+                grad = none
+            outs = [(every, grad)] * len(eqn.outvars)
+        for var, (every, grad) in zip(eqn.outvars, outs, strict=True):
+            inexact = jnp.issubdtype(getattr(var.aval, "dtype", jnp.float32), jnp.inexact)
+            depends[var] = (every, grad if inexact else none)
+    return [of(v) for v in jaxpr.outvars]
 
 
 def _is_var(atom) -> bool:
@@ -504,6 +544,17 @@ class _AmortizedQ:
     def normal_noise(self, key, num, num_rows):
         eps = threefry.normal(key, (num, self.noise_dim(num_rows)), self.dtype)
         return self.split_noise(eps, num_rows)
+
+    def row_noise(self, key, rows, draws):
+        """Base draws of the local latents in rows mode, (D, R, k), for row indices
+        ``rows`` (R,) and draw indices ``draws`` (D, R) (uint32): coordinate j of draw s
+        of row n comes from the counter (n, s·k + j) (:func:`threefry.normal_at`), the
+        same number in any chunk of rows and draws."""
+        k = self.local_dim
+        high = jnp.broadcast_to(rows[None, :, None], (*draws.shape, k))
+        low = draws[:, :, None] * np.uint32(k) + jnp.arange(k, dtype=jnp.uint32)
+        local = threefry.normal_at(key, high, low, self.dtype)
+        return {"local": local, "global": jnp.zeros((draws.shape[0], 0), self.dtype)}
 
     def init(self, key, init_position):
         del init_position
@@ -770,61 +821,108 @@ class RowEvidence:
 
 
 @functools.lru_cache(maxsize=64)
-def _row_weights_fn(q: _AmortizedQ, num_samples: int):
-    """Compiled ``(theta, phi, batch, key) -> (S, R)`` per-row log weights."""
+def _row_weights_fn(q: _AmortizedQ, draws: int):
+    """Compiled ``(theta, phi, fixed, key, parts, rows, starts) -> (n, D, R)`` per-row log
+    weights: ``parts`` holds n × R row slots (arrays (n, R, ...)), slot (i, c) reading row
+    ``rows[i, c]`` with draws ``starts[i, c] + 0 … D−1``.  A ``lax.map`` over the n steps,
+    so one call runs n chunks of D × R row-draws with one dispatch and no host sync, and
+    memory stays O(D × R × network width) whatever n."""
 
-    def fn(theta, phi, batch, key):
-        num_rows = batch[q.input_keys[0]].shape[0]
-        eps = q.normal_noise(key, num_samples, num_rows)
-        z = q.draw(phi, eps, batch)
-        return q.log_p(theta, z, batch, 1.0) - q.log_q(phi, z, batch, 1.0)
+    def one(theta, phi, fixed, key, slot):
+        part, rows, starts = slot
+        batch = {**fixed, **part}
+        index = starts[None, :] + jnp.arange(draws, dtype=jnp.uint32)[:, None]  # (D, R)
+        # log q from the base draws (as the training step does): the same number as from
+        # z, without the residual (z − m) / s that cancels to rounding where s is tiny.
+        z, log_q = q.draw_and_log_q(phi, q.row_noise(key, rows, index), batch, 1.0)
+        return q.log_p(theta, z, batch, 1.0) - log_q
+
+    def fn(theta, phi, fixed, key, parts, rows, starts):
+        return jax.lax.map(lambda slot: one(theta, phi, fixed, key, slot), (parts, rows, starts))
 
     # Optimised (not jit_once): these programs run over every row many times.
     return jax.jit(fn)
 
 
+def _row_plan(num_rows: int, num_samples: int, chunk: tuple[int, int] | None = None):
+    """(D, R, n, B): D draws × R row slots per step, n steps per call, B blocks of D
+    draws per row (B·D ≥ S).  A step holds about _ROW_STEP row-draws (its intermediates,
+    e.g. the (D·R, 784) logits of an MNIST decoder, stay a few MiB), a call about
+    _ROW_CALL (n steps, fewer when there is less work).  D = ⌈S / ⌈S / _ROW_STEP⌉⌉, so
+    5,000 draws are two blocks of 2,500 rather than 8,192 draws cut to 5,000.
+    ``chunk``: (R, D) given (the fit's final estimates share one program)."""
+    if chunk is not None:
+        columns, draws = (int(c) for c in chunk)
+    else:
+        draws = -(-num_samples // -(-num_samples // _ROW_STEP))
+        columns = max(1, _ROW_STEP // draws)
+    blocks = -(-num_samples // draws)
+    items = num_rows * blocks
+    columns = min(columns, items)
+    steps = max(1, min(_ROW_CALL // (draws * columns), -(-items // columns)))
+    return draws, columns, steps, blocks
+
+
+def _row_weight_chunks(q, theta, phi, batch, fixed, num_samples, seed, chunk=None):
+    """Yields ``(first_row, weights)``, weights (S, m) the per-row log weights
+    log p_θ(x_n, z) − log q_φ(z | x_n) of m consecutive rows, z ~ q(z | x_n), until every
+    row is done.  Memory O(_ROW_STEP × network width + S × rows of a call), never
+    (S, N): 10⁴ rows × 5,000 draws are 400 MB as one float64 array.
+
+    The work is (row, block of D draws) items in row order, packed R per step and n × R
+    per call (the last call padded by wrapping around).  Row n's draw s has the noise of
+    the counter (n, s) (:meth:`_AmortizedQ.row_noise`), so the numbers do not depend on
+    the plan (tests/infer/test_learn_evidence.py: two plans agree to rounding).  The next
+    call is dispatched before this one's weights are read, so the caller's work on them
+    (PSIS per row) runs beside the compiled program."""
+    keys = q.structure.batch_keys
+    host = {k: np.asarray(batch[k]) for k in keys}
+    num_rows = int(host[keys[0]].shape[0])
+    if num_samples * getattr(q, "local_dim", 1) >= 2**32:
+        raise ValueError(f"num_samples={num_samples} too large for 32-bit draw counters")
+    draws, columns, steps, blocks = _row_plan(num_rows, num_samples, chunk)
+    fn = _row_weights_fn(q, draws)
+    key = jax.random.PRNGKey(seed)
+    items, per_call = num_rows * blocks, steps * columns
+
+    def launch(call):
+        item = np.arange(call * per_call, (call + 1) * per_call) % items
+        row = item // blocks
+        parts = {k: v[row].reshape(steps, columns, *v.shape[1:]) for k, v in host.items()}
+        starts = (item % blocks) * draws
+        shape = (steps, columns)
+        return fn(
+            theta,
+            phi,
+            fixed,
+            key,
+            parts,
+            row.astype(np.uint32).reshape(shape),
+            starts.astype(np.uint32).reshape(shape),
+        )
+
+    calls = -(-items // per_call)
+    pending, done, first_row = launch(0), np.empty((0, draws)), 0
+    for call in range(calls):
+        ahead = launch(call + 1) if call + 1 < calls else None
+        out = np.asarray(pending).transpose(0, 2, 1).reshape(per_call, draws)
+        done = np.concatenate([done, out[: min(per_call, items - call * per_call)]])
+        complete = done.shape[0] // blocks
+        if complete:
+            weights = done[: complete * blocks].reshape(complete, blocks * draws)
+            yield first_row, np.ascontiguousarray(weights[:, :num_samples].T)
+            first_row, done = first_row + complete, done[complete * blocks :]
+        pending = ahead
+
+
 def _row_log_weights(
     q, theta, phi, batch, fixed, num_samples, seed, chunk: tuple[int, int] | None = None
 ) -> np.ndarray:
-    """(num_samples, N) per-row log weights, in chunks of rows and draws so that memory
-    is O(_EVIDENCE_BUDGET × network width).  ``chunk``: (rows, draws) per call, to share
-    one compiled program between calls (the fit's final estimates)."""
-    keys = q.structure.batch_keys
-    num_rows = int(batch[keys[0]].shape[0])
-    rows = int(min(num_rows, _MAX_ROW_CHUNK))
-    # Draws per call: the next power of two above num_samples (so a few programs serve
-    # every call), capped by the memory budget.  Drawing the budget's 256 draws per row
-    # when 16 are asked for made the final ELBO of a 50,000-row VAE cost 16 times its
-    # need (minutes, more than training).
-    draws = int(min(max(1, _EVIDENCE_BUDGET // rows), 1 << max(0, (num_samples - 1).bit_length())))
-    if chunk is not None:
-        rows, draws = chunk
-    fn = _row_weights_fn(q, draws)
-    if rows >= 2 * num_rows:
-        # Fewer rows than the program reads: its columns hold copies of each row, whose
-        # draws are independent (the noise is drawn per draw and column), so one call
-        # gives draws × copies draws per row.  Many rows and few draws per call run
-        # several times faster on a CPU than the reverse (3 against 31 µs per row-draw
-        # for a VAE at 256 × 16 and 64 × 512).
-        copies = rows // num_rows
-        index = np.arange(rows) % num_rows
-        part = {**fixed, **{k: batch[k][index] for k in keys}}
-        calls = jax.random.split(jax.random.PRNGKey(seed), -(-num_samples // (draws * copies)))
-        blocks = [
-            np.asarray(fn(theta, phi, part, k))[:, : copies * num_rows].reshape(-1, num_rows)
-            for k in calls
-        ]
-        return np.concatenate(blocks)[:num_samples]
-    out = np.empty((num_samples, num_rows))
-    chunk_keys = jax.random.split(jax.random.PRNGKey(seed), -(-num_rows // rows))
-    for i, start in enumerate(range(0, num_rows, rows)):
-        index = np.arange(start, start + rows) % num_rows  # the last chunk wraps: one shape
-        part = {**fixed, **{k: batch[k][index] for k in keys}}
-        sample_keys = jax.random.split(chunk_keys[i], -(-num_samples // draws))
-        block = np.concatenate([np.asarray(fn(theta, phi, part, k)) for k in sample_keys])
-        stop = min(start + rows, num_rows)
-        out[:, start:stop] = block[:num_samples, : stop - start]
-    return out
+    """(num_samples, N) per-row log weights (:func:`_row_weight_chunks`, joined).
+    ``chunk``: (rows, draws) per step, to share one compiled program between calls (the
+    fit's final estimates)."""
+    chunks = _row_weight_chunks(q, theta, phi, batch, fixed, num_samples, seed, chunk)
+    return np.concatenate([w for _, w in chunks], axis=1)
 
 
 def _final_elbo(q, theta, phi, batch, fixed, seed, total_rows=None):
@@ -866,14 +964,23 @@ def _final_chunk(num_rows: int) -> tuple[int, int]:
     return rows, draws
 
 
-def _row_evidence(log_weights: np.ndarray) -> RowEvidence:
-    num, num_rows = log_weights.shape
-    elbo_rows = log_weights.mean(axis=0)
-    elbo_var = log_weights.var(axis=0, ddof=1) if num > 1 else np.full(num_rows, np.nan)
-    log_p_rows, se_rows, khat_rows = (np.empty(num_rows) for _ in range(3))
-    for n in range(num_rows):
-        log_p_rows[n], se_rows[n], khat_rows[n], _ = importance_estimate(log_weights[:, n])
-    iwae_rows = np.asarray(jax.scipy.special.logsumexp(log_weights, axis=0)) - np.log(num)
+def _row_evidence(chunks) -> RowEvidence:
+    """Per-row estimates from ``chunks``, (S, m) log weights of consecutive rows (an
+    array, or the pieces of :func:`_row_weight_chunks`): each piece is reduced to its
+    rows' numbers as it comes, so the (S, N) weights are never held at once."""
+    if isinstance(chunks, np.ndarray):
+        chunks = [chunks]
+    parts = []
+    for log_weights in chunks:
+        num, num_rows = log_weights.shape
+        elbo_var = log_weights.var(axis=0, ddof=1) if num > 1 else np.full(num_rows, np.nan)
+        estimates = np.array([importance_estimate(log_weights[:, n])[:3] for n in range(num_rows)])
+        top = log_weights.max(axis=0)
+        iwae_rows = top + np.log(np.mean(np.exp(log_weights - top), axis=0))
+        parts.append((log_weights.mean(axis=0), elbo_var, *estimates.reshape(-1, 3).T, iwae_rows))
+    elbo_rows, elbo_var, log_p_rows, se_rows, khat_rows, iwae_rows = (
+        np.concatenate(column) for column in zip(*parts, strict=True)
+    )
     return RowEvidence(
         log_p=float(log_p_rows.sum()),
         log_p_se=float(np.sqrt(np.sum(se_rows**2))),
@@ -1907,11 +2014,20 @@ def fit_learn(
         )
     if minibatch:
         _refuse_per_row_params(target, arrays, structure)
-    unused = _params_not_in_density(target, arrays, init_position)
+    unused, no_gradient = _params_not_in_density(target, arrays, init_position)
     if unused:
         warnings.warn(
             f"param site(s) {', '.join(unused)} do not enter the log density (their gradient "
             "is identically zero): they keep their initial values",
+            UserWarning,
+            stacklevel=3,
+        )
+    if no_gradient:
+        warnings.warn(
+            f"param site(s) {', '.join(no_gradient)} enter the log density only through "
+            "operations without a derivative (lax.stop_gradient, round/floor/sign, a "
+            "comparison, an integer cast): their gradient is identically zero and they keep "
+            "their initial values",
             UserWarning,
             stacklevel=3,
         )
@@ -2007,6 +2123,7 @@ def fit_learn(
         )
     info["objective"] = objective
     info["params_not_in_density"] = unused  # warned above: they kept their initial values
+    info["params_without_gradient"] = no_gradient  # warned above, likewise
     info["devices"] = num_devices
     info["processes"] = jax.process_count() if minibatch else 1
     if held_rows is not None:
@@ -2140,10 +2257,10 @@ def _amortized_result(
             if shapes != expected:
                 raise ModelError(f"held-out rows have shapes {shapes}, training {expected}")
             extra = {k: v for k, v in prepared.dynamic.items() if k not in keys}
-            weights = _row_log_weights(
+            chunks = _row_weight_chunks(
                 q, theta, phi, new_batch, {**fixed, **extra}, num_samples, seed
             )
-            return _row_evidence(weights)
+            return _row_evidence(w for _, w in chunks)
     else:
         joint = _joint_weights_fn(q, num_rows)
 

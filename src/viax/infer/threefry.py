@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["normal", "split", "uniform"]
+__all__ = ["normal", "normal_at", "split", "uniform"]
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
@@ -111,4 +111,32 @@ def normal(key, shape, dtype):
         return jax.random.normal(key, shape, dtype)
     low = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
     u = uniform(key, shape, dtype, low, np.array(1.0, dtype))
+    return jax.lax.mul(np.array(np.sqrt(2), dtype), jax.lax.erf_inv(u))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def normal_at(key, high, low, dtype):
+    """Standard normals indexed by explicit 64-bit counters ``(high, low)`` (uint32 arrays
+    of one shape): element i is a function of ``(key, high[i], low[i])`` alone, so a
+    number does not depend on which other counters are drawn with it, nor in what shape.
+
+    Counter-based generation (Salmon et al. 2011): the held-out evidence draws the noise
+    of row n's draw s from the counter (n, s·k + j), whatever rows and draws a compiled
+    chunk holds, so its chunk shape cannot change its answer.  The bits become a uniform
+    on (−1, 1) and √2 erf⁻¹(u) as in :func:`normal`; float32 reads one 32-bit word of the
+    hash, float64 both.  Not ``jax.random``'s numbers for any shape: a separate stream."""
+    dtype = jnp.dtype(dtype)
+    finfo = jnp.finfo(dtype)
+    uint = jnp.uint32 if finfo.bits == 32 else jnp.uint64
+    key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    bits1, bits2 = _hash(key.reshape(-1)[:2].astype(jnp.uint32), high, low)
+    if finfo.bits == 32:
+        bits = bits1 ^ bits2
+    else:
+        bits = (bits1.astype(jnp.uint64) << np.uint64(32)) | bits2.astype(jnp.uint64)
+    one = np.array(1.0, dtype).view(uint)
+    float_bits = (bits >> np.array(finfo.bits - finfo.nmant, uint)) | one
+    floats = jax.lax.bitcast_convert_type(float_bits, dtype) - jnp.array(1.0, dtype)  # [0, 1)
+    low_bound = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+    u = jax.lax.max(jnp.asarray(low_bound), floats * np.array(1.0 - low_bound, dtype) + low_bound)
     return jax.lax.mul(np.array(np.sqrt(2), dtype), jax.lax.erf_inv(u))
