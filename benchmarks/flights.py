@@ -167,19 +167,18 @@ def run_viax(kind: str, steps: int | None) -> dict:
     }
 
 
-def run_numpyro(steps: int, indices: str = "epoch") -> dict:
+def run_numpyro(steps: int, indices: str = "epoch", seed: int = 0) -> dict:
     """NumPyro SVI: AutoNormal, ``plate("N", N, subsample_size=B)``, Adam with a rate
     decaying exponentially from 1e-2 to 1e-3 over ``steps``.
 
     ``indices="epoch"`` (default): the batches' rows come from a permutation of the rows
     per epoch (the last partial batch dropped, as viax's batches are), given to the same
-    plate with ``handlers.substitute``, and each epoch runs as one jitted ``fori_loop``
-    of ``svi.update`` (NumPyro's own minibatch example, examples/vae.py, loops this way).
+    plate with ``handlers.substitute``, one jitted ``svi.update`` per batch.
     ``indices="plate"``: ``svi.run``, the plate drawing its own rows each step.  On CPU
     NumPyro draws them with a partial Fisher-Yates shuffle, a ``lax.scan`` of B = 4,096
     sequential iterations (numpyro/primitives.py ``_subsample_fn``), measured at ~25 ms
-    of the ~27 ms step (benchmarks/flights_numpyro_step.py): 40,000 steps take ~20 min
-    where the same steps with given rows take ~2 min."""
+    of the ~27 ms CPU step (benchmarks/flights_numpyro_step.py): 40,000 steps would take
+    ~18 CPU-minutes, where with given rows they took 94 CPU-seconds in all."""
     import jax
     import optax
     from numpyro import handlers
@@ -196,7 +195,7 @@ def run_numpyro(steps: int, indices: str = "epoch") -> dict:
     n = int(data["y"].shape[0])
     if indices == "plate":
         svi = SVI(model, guide, optimizer, Trace_ELBO())
-        result = svi.run(jax.random.PRNGKey(0), steps, **data, progress_bar=False)
+        result = svi.run(jax.random.PRNGKey(seed), steps, **data, progress_bar=False)
         params, losses = result.params, np.asarray(result.losses)[-100:]
     else:
 
@@ -208,26 +207,21 @@ def run_numpyro(steps: int, indices: str = "epoch") -> dict:
             return guide(**kw)
 
         svi = SVI(given_model, given_guide, optimizer, Trace_ELBO())
-
-        @jax.jit
-        def epoch(state, key, num, data):
-            order = jax.random.permutation(key, n)
-
-            def body(i, carry):
-                idx = jax.lax.dynamic_slice_in_dim(order, i * BATCH, BATCH)
-                state, loss = svi.update(carry[0], idx, **data)
-                return state, carry[1] + loss
-
-            return jax.lax.fori_loop(0, num, body, (state, 0.0))
-
-        key = jax.random.PRNGKey(0)
-        state = svi.init(key, jax.numpy.arange(BATCH), **data)
+        # One jitted svi.update per batch from a Python loop: 1.7 ms CPU a step here,
+        # where an epoch's steps in one jitted fori_loop took 4.4 ms a step
+        # (benchmarks/flights_numpyro_step.py, "given" against "given_epoch_fori_loop").
+        update = jax.jit(svi.update)
+        rng = np.random.default_rng(seed)  # the batch order
+        state = svi.init(jax.random.PRNGKey(seed), jax.numpy.arange(BATCH), **data)
         per_epoch, done, losses = n // BATCH, 0, []
         while done < steps:
-            num = min(per_epoch, steps - done)
-            state, total = epoch(state, jax.random.fold_in(key, len(losses)), num, data)
-            losses.append(float(total) / num)
-            done += num
+            order = rng.permutation(n).astype(np.int32)
+            epoch = []
+            for i in range(min(per_epoch, steps - done)):
+                state, loss = update(state, order[i * BATCH : (i + 1) * BATCH], **data)
+                epoch.append(loss)
+            losses.append(float(np.mean(jax.device_get(epoch))))
+            done += len(epoch)
         params = svi.get_params(state)
     # svi.run returns before its loop has run (JAX's asynchronous dispatch): the records
     # before 2026-12-06 16:15 stopped the clock here without waiting, so their NumPyro
@@ -240,15 +234,16 @@ def run_numpyro(steps: int, indices: str = "epoch") -> dict:
         "steps": steps,
         "rows_seen": steps * BATCH,
         "indices": indices,
+        "seed": seed,
         # the mean loss (negative ELBO estimate) over the last epoch (100 steps for "plate")
         "final_loss": float(np.mean(losses[-1:] if indices != "plate" else losses)),
         "summary": _summary({k: draws[k] for k in draws if k in GLOBALS or k.startswith("z_")}),
     }
 
 
-def one(kind: str, steps: int | None, indices: str = "epoch") -> dict:
+def one(kind: str, steps: int | None, indices: str = "epoch", seed: int = 0) -> dict:
     if kind == "numpyro":
-        out = run_numpyro(steps or 40_000, indices)  # viax's default step budget
+        out = run_numpyro(steps or 40_000, indices, seed)  # viax's default step budget
     else:
         out = run_viax(kind, steps)
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -342,6 +337,9 @@ def main():
     parser.add_argument("--one", choices=("viax-memory", "viax-parquet", "numpyro"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument(
+        "--numpyro-seed", type=int, default=0, help="numpyro's initial values and batch order"
+    )
+    parser.add_argument(
         "--numpyro-indices",
         choices=("epoch", "plate"),
         default="epoch",
@@ -377,7 +375,7 @@ def main():
     )
     args = parser.parse_args()
     if args.one:
-        out = one(args.one, args.steps, args.numpyro_indices)
+        out = one(args.one, args.steps, args.numpyro_indices, args.numpyro_seed)
         if args.save:
             record = {"command": command_line(), "date": today(), "machine": machine()}
             write_json(f"{args.save}.json", {**record, "result": out})

@@ -116,6 +116,36 @@ def main():
 
     out["given"] = timed(given_step, args.repeats)
 
+    # the same steps, an epoch's worth in one jitted fori_loop (benchmarks/flights.py's
+    # numpyro loop): per step
+    per_epoch = n // BATCH
+
+    @jax.jit
+    def epoch(state, key, num, data):
+        order = jax.random.permutation(key, n)
+
+        def body(i, carry):
+            idx = jax.lax.dynamic_slice_in_dim(order, i * BATCH, BATCH)
+            state, loss = svi_given.update(carry[0], idx, **data)
+            return state, carry[1] + loss
+
+        return jax.lax.fori_loop(0, num, body, (state, 0.0))
+
+    box["state"] = state_given
+
+    def epoch_run(i):
+        box["state"], total = epoch(box["state"], jax.random.fold_in(key, i), per_epoch, data)
+        total.block_until_ready()
+
+    timing = timed(epoch_run, max(1, args.repeats // 10))
+    out["given_epoch_fori_loop"] = {
+        **timing,
+        "wall_ms": timing["wall_ms"] / per_epoch,
+        "cpu_ms": timing["cpu_ms"] / per_epoch,
+        "sys_ms": timing["sys_ms"] / per_epoch,
+        "per": "step",
+    }
+
     if args.run_steps:
         w0, c0, s0 = _times()
         result = svi.run(jax.random.PRNGKey(0), args.run_steps, **data, progress_bar=False)
