@@ -43,8 +43,9 @@ import viax.infer.learn as learn
 BATCH = 100
 
 
-def viax_step(x_train, steps):
-    """A function running ``steps`` steps of viax's own compiled minibatch step."""
+def viax_chunk(x_train, steps):
+    """viax's own minibatch step, taken from a real ``fit_learn`` call, as a jitted
+    ``lax.scan`` of ``steps`` steps: (chunk, state, key), ``chunk(state, key)``."""
     captured = {}
     original = learn.run
 
@@ -72,9 +73,15 @@ def viax_step(x_train, steps):
     chunk = jax.jit(
         lambda s, k: jax.lax.scan(lambda s, k: step(s, k, data), s, jax.random.split(k, steps))
     )
+    return chunk, captured["state"], captured["key"]
+
+
+def viax_step(x_train, steps):
+    """A function running ``steps`` steps of viax's own compiled minibatch step."""
+    chunk, state0, key = viax_chunk(x_train, steps)
 
     def run():
-        state, _ = chunk(captured["state"], captured["key"])
+        state, _ = chunk(state0, key)
         jax.block_until_ready(state)
 
     return run
