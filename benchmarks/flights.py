@@ -12,16 +12,22 @@ Side by side, each in a fresh process (peak RSS is the process's):
 * ``viax-parquet``: ``viax.fit(model, viax.data.parquet(...), batch_size=B)``, streamed;
 * ``numpyro``: NumPyro SVI, AutoNormal, ``plate(subsample_size=B)``, Adam with an
   exponentially decaying rate (1e-2 → 1e-3), as many steps as viax-memory took (the same
-  number of rows seen).
+  number of rows seen); the plate's rows given per batch from a permutation per epoch
+  (:func:`run_numpyro` says why).
 
 Agreement, as the issue asks (means within 0.1 posterior sd, sds within 10%): against
-viax's full-batch mean-field fit, benchmarks/results/flights_full_batch.json (written by
-benchmarks/flights_full_batch.py), when that file exists; else against NumPyro's SVI
-(a reference only in name: it is itself a stochastic fit with no convergence test).
-Results: benchmarks/results/flights.json + .md.
+viax's full-batch mean-field fit, the average of benchmarks/results/flights_full_batch.json
+and flights_full_batch_seed1.json (benchmarks/flights_full_batch.py with seeds 0 and 1),
+with the reference's own error per coordinate (:func:`averaged_reference`); a method is
+judged strictly and beyond that error (:func:`agreement`).  With no full-batch file,
+against NumPyro's SVI (a reference only in name: a stochastic fit with no convergence
+test).  The full-data ELBO of each fit, when benchmarks/flights_elbo.py has written
+flights_elbo.json, in a column of its own.  Results: benchmarks/results/flights.json + .md.
 
     python benchmarks/flights.py            # all three, ~minutes
     python benchmarks/flights.py --one viax-memory   # one, in this process
+    python benchmarks/flights.py --one numpyro --steps 40000 --save flights_numpyro_40000
+    python benchmarks/flights.py --stored numpyro-40k=flights_numpyro_40000.json ...
 """
 
 from __future__ import annotations
