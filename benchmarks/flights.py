@@ -390,7 +390,8 @@ def main():
     if args.compare_only:
         stored = json.loads((RESULTS_DIR / "flights.json").read_text())
         results = stored["results"]
-        finish(results, stored["command"], stored["date"], stored["machine"])
+        notes = tuple(note.lstrip("\n") for note in stored.get("notes", []))
+        finish(results, stored["command"], stored["date"], stored["machine"], notes)
         return
     results = {}
     for item in args.stored:
@@ -482,7 +483,7 @@ def finish(results: dict, command: str, date: str, machine_info: dict, notes: tu
                 f"Seed 0's ELBO there: {base['elbo']:,.1f} ± {base['mc_se']:.1f} (its own "
                 f"fit reported {base['stored_elbo']:,.1f}). Higher is better: it is log p(x) "
                 "minus KL(q ‖ posterior).",
-                *notes,
+                *(n for n in notes if not n.startswith("Full-data ELBO column:")),
             )
     payload = {
         "command": command,
