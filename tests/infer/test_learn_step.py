@@ -104,3 +104,35 @@ def test_one_encoder_pass_matches_draw_then_log_q_in_value_and_gradient(covarian
         jax.tree_util.tree_leaves(grads_fused), jax.tree_util.tree_leaves(grads), strict=True
     ):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_one_draw_is_mapped_without_vmap_and_gives_vmaps_numbers():
+    """``_over_draws`` (the model's log density over a step's draws) calls the function
+    on the draw directly when there is one, the same values, gradients and shapes as
+    ``jax.vmap``; with more draws it is ``jax.vmap``."""
+    from viax.infer.learn import _over_draws
+
+    weights = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+
+    def fn(z):
+        rows = jnp.tanh(z["local"] @ weights)  # (B, 3)
+        return {"rows": rows.sum(axis=1), "rest": jnp.sum(z["global"] ** 2)}
+
+    for draws in (1, 3):
+        z = {
+            "local": jnp.linspace(0.0, 2.0, draws * 5 * 4).reshape(draws, 5, 4),
+            "global": jnp.linspace(-1.0, 1.0, draws * 2).reshape(draws, 2),
+        }
+        out, expected = _over_draws(fn, z), jax.vmap(fn)(z)
+        for key in expected:
+            assert out[key].shape == expected[key].shape
+            np.testing.assert_allclose(out[key], expected[key], rtol=1e-14)
+
+        def total(w, z=z, mapper=_over_draws):
+            return jnp.sum(mapper(lambda u: fn({**u, "local": u["local"] * w}), z)["rows"])
+
+        np.testing.assert_allclose(
+            jax.grad(total)(1.5),
+            jax.grad(lambda w: total(w, mapper=lambda f, draws_z: jax.vmap(f)(draws_z)))(1.5),
+            rtol=1e-13,
+        )
