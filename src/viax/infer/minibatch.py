@@ -259,6 +259,7 @@ def build_minibatch(
     num_particles: int = 1,
     learning_rate: float = 0.02,
     local_learning_rate: float = 0.05,
+    optimizer_name: str = "adam",
     objective: Callable | None = None,
     sharding=None,
 ) -> Minibatch:
@@ -266,7 +267,7 @@ def build_minibatch(
     driver's key (step t draws from ``fold_in(state.rng_key, t)``, so the numbers do not
     depend on how the steps are cut into chunks) and ``data`` holds the constant arrays
     and ``"_setup"``: ``(Whitening, Anchor)``.  Cached: refits reuse the compiled chunk."""
-    optimizer = optax.adam(learning_rate)
+    optimizer = optax.sgd(learning_rate) if optimizer_name == "sgd" else optax.adam(learning_rate)
     objective = objective or elbo_objective(bm, family, num_particles)
     b1, b2, eps_adam = 0.9, 0.999, 1e-8
 
@@ -427,7 +428,13 @@ def _rows_of(source, batch_size, count, seed, pc) -> dict:
 
 
 def _whitening(
-    bm, batch, num_sample_rows, init_u, symmetric=False, dadvi_draws=_DADVI_DRAWS
+    bm,
+    batch,
+    num_sample_rows,
+    init_u,
+    symmetric=False,
+    dadvi_draws=_DADVI_DRAWS,
+    full=None,
 ) -> tuple[Whitening, dict]:
     """MAP and curvature of the global latents on ``batch`` (local terms scaled to N).
 
@@ -435,7 +442,9 @@ def _whitening(
     Cholesky factor of H^(-1); both whiten, but a Cholesky factor depends on the order
     of the sites (measured: the same 8-group model stopped in 5,740 steps with its
     effects sorting last and not in 20,000 with them first).  Only for families whose
-    push does not need a triangular factor (not FullRank)."""
+    push does not need a triangular factor (not FullRank).  ``full``: a :class:`FullData`,
+    passes over every row for the set-up of a large hierarchical model
+    (:func:`_dense_dadvi`)."""
     dim = bm.global_dim
     identity = Whitening(jnp.asarray(init_u), None, jnp.ones(dim))
     if bm.local_sites or dim == 0:
@@ -507,7 +516,7 @@ def _whitening(
     if dadvi:
         # A hierarchical model (scale sites and group effects): the joint MAP is no
         # place to whiten at (see _dadvi_whitening); the search's point starts it.
-        return _dadvi_whitening(bm, batch, factor, center, dadvi_draws, info)
+        return _dadvi_whitening(bm, batch, factor, center, dadvi_draws, info, full)
     center_j = jnp.asarray(center)
     if dim <= _MAX_DENSE_DIM:
         hessian = np.asarray(hessian_fn(center_j, factor, batch))
@@ -553,7 +562,9 @@ def _whitening(
 _BLOCK_SITE_SIZE = 8  # global sites this small join the dense block of a large model
 
 
-def _dadvi_whitening(bm, batch, factor, start, num_draws, info) -> tuple[Whitening, dict]:
+def _dadvi_whitening(
+    bm, batch, factor, start, num_draws, info, full=None
+) -> tuple[Whitening, dict]:
     """Whitening at a mean-field DADVI fit on the subsample (likelihood scaled to N).
 
     The joint MAP of a hierarchical model is degenerate: the density rises without
@@ -589,9 +600,15 @@ def _dadvi_whitening(bm, batch, factor, start, num_draws, info) -> tuple[Whiteni
         value, grad = dadvi_fn(jnp.asarray(x0 + units * w), factor, batch, draws_j)
         return value, np.asarray(grad) * units
 
+    t0 = time.perf_counter()
     w, value, grad, steps = minimize_on_host(scaled, np.zeros(2 * dim), _DADVI_STEPS, _DADVI_TOL)
     x = x0 + units * w
-    info = {**info, "dadvi_steps": int(steps), "dadvi_draws": int(num_draws)}
+    info = {
+        **info,
+        "dadvi_steps": int(steps),
+        "dadvi_draws": int(num_draws),
+        "dadvi_seconds": time.perf_counter() - t0,
+    }
     if not (np.isfinite(value) and np.all(np.isfinite(x))):
         return Whitening(jnp.asarray(start), None, jnp.asarray(unit)), {
             **info,
@@ -600,7 +617,7 @@ def _dadvi_whitening(bm, batch, factor, start, num_draws, info) -> tuple[Whiteni
     center, scale = x[:dim], np.minimum(np.exp(x[dim:]), _MAX_SCALE)
     where = "" if steps < _DADVI_STEPS else f" (not converged in {steps} steps)"
     if dim > _MAX_DENSE_DIM:
-        dense = _dense_dadvi(bm, batch, factor, center, scale, draws_j, info)
+        dense = _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full)
         if dense is not None:
             return dense
     center_j = jnp.asarray(center)
@@ -654,11 +671,10 @@ def _dadvi_whitening(bm, batch, factor, start, num_draws, info) -> tuple[Whiteni
     }
 
 
-def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info):
+def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full=None):
     """``(Whitening, info)`` whitened by the dense Hessian at the subsample DADVI fit's
-    means, or None where :func:`viax.infer.chunked.dense_curvature_plan` refuses its
-    memory or time (the Hessian then reads a random part of the subsample's rows if
-    all would not fit, the rows' sum scaled to N).
+    means, or None where neither the exact structured Hessian nor
+    :func:`viax.infer.chunked.dense_curvature_plan`'s memory and time allow one.
 
     A model with thousands of groups (flights: 4,000 planes nested in 16 carriers) has
     ridges no diagonal or small dense block undoes: the intercept against every
@@ -667,24 +683,60 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info):
     so it is taken at q, not at a MAP), the DADVI fit is resumed in coordinates
     m = c + S F w (:func:`viax.infer.dadvi.host_whitening`) to a tighter tolerance,
     as the full-batch path does, and the stochastic phase is whitened by the symmetric
-    H^(−1/2) on every coordinate (q's sds as the scales)."""
-    from viax.infer.chunked import dense_curvature_plan, hvp_group
+    H^(−1/2) on every coordinate (q's sds as the scales).
+
+    H is, where the model has the arrowhead structure of
+    :func:`viax.infer.chunked.hessian_structure` (checked on the subsample) and
+    ``full`` is given, the exact Hessian over **every row**, from K columns
+    and the diagonal of the uncoupled sites (flights: 128 products in one pass over the
+    data).  A Hessian of a subsample is not only noisy on a non-centred model: its
+    scale–effect entries hold each group's residual sum over the sampled rows, which
+    balances the prior only over all rows, so it can be indefinite where the full
+    one is not.  Otherwise the dense Hessian of the subsample from D products (a random
+    part of its rows if all would not fit the plan's time, the sum scaled to N)."""
+    from viax.infer.chunked import (
+        dense_curvature_plan,
+        dense_memory_fits,
+        hessian_structure,
+        hvp_group,
+        structured_hessian,
+    )
     from viax.infer.dadvi import host_whitening
 
     dim = bm.global_dim
     row_keys = set(bm.row_names) | {ROWS}
-    plan, reason, rows = dense_curvature_plan(
-        dim, {k: v for k, v in batch.items() if k in row_keys}
-    )
-    if not plan:
-        return None
-    num = batch[ROWS].shape[0]
-    part, part_factor = batch, factor
-    if rows is not None and rows < num:  # the subsample's rows are in random order
-        part = {k: (v[:rows] if k in row_keys else v) for k, v in batch.items()}
-        part_factor = factor * (num / rows)
-    group = hvp_group(None, {k: v for k, v in part.items() if k in row_keys}, dim)
-    hess = np.asarray(_dense_hessian_fn(bm, group)(jnp.asarray(center), part_factor, part))
+    hess, structure_reason = None, ""
+    if full is not None and dense_memory_fits(dim):
+        t0 = time.perf_counter()
+        negative = _negative_log_joint(bm)
+        structure, structure_reason = hessian_structure(
+            lambda u, b: negative(u, factor, b), batch, center, bm.global_sites
+        )
+        if structure is not None:
+            probes = structure.probes(dim, np.float64)
+            products = np.asarray(full.products(jnp.asarray(center), jnp.asarray(probes)))
+            hess = np.asarray(structured_hessian(jnp.asarray(products), structure, dim))
+            hess = 0.5 * (hess + hess.T)
+            reason = f"{structure_reason}, over every row"
+            info = {**info, "hessian_seconds": time.perf_counter() - t0}
+            if np.all(np.isfinite(hess)):
+                return _full_whitening(full, hess, center, scale, info, reason)
+            hess = None
+    if hess is None:
+        plan, reason, rows = dense_curvature_plan(
+            dim, {k: v for k, v in batch.items() if k in row_keys}
+        )
+        if structure_reason:
+            reason = f"{structure_reason}; {reason}"
+        if not plan:
+            return None
+        num = batch[ROWS].shape[0]
+        part, part_factor = batch, factor
+        if rows is not None and rows < num:  # the subsample's rows are in random order
+            part = {k: (v[:rows] if k in row_keys else v) for k, v in batch.items()}
+            part_factor = factor * (num / rows)
+        group = hvp_group(None, {k: v for k, v in part.items() if k in row_keys}, dim)
+        hess = np.asarray(_dense_hessian_fn(bm, group)(jnp.asarray(center), part_factor, part))
     hess = 0.5 * (hess + hess.T)
     if not np.all(np.isfinite(hess)):
         return None
@@ -714,6 +766,7 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info):
     eigval, eigvec = np.linalg.eigh(hess)
     if not np.all(np.isfinite(eigvec)):
         return None
+    negative_eigenvalues = int(np.sum(eigval <= 0))
     eigval = np.abs(eigval)
     eigval = np.maximum(eigval, 1e-13 * max(float(eigval.max(initial=0.0)), 1e-300))
     tril = (eigvec * eigval**-0.5) @ eigvec.T
@@ -722,10 +775,69 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info):
         **info,
         "dadvi_dense_steps": int(steps),
         "curvature_reason": reason,
+        "hessian_negative_eigenvalues": negative_eigenvalues,
         "preconditioner": (
             f"mean-field DADVI on the subsample ({info['dadvi_draws']} fixed draws, resumed "
             f"whitened by the dense Hessian at its means{where}), dense H^(-1/2) on every "
             "coordinate"
+        ),
+    }
+
+
+_FULL_DRAWS = 16  # antithetic pairs of draws of q for the full-data E_q[·] (32 draws)
+
+
+def _full_whitening(full: FullData, hess, center, scale, info, reason):
+    """``(Whitening, info)``: the stochastic phase whitened by the ELBO's Hessian in the
+    means over **every row**, at the subsample DADVI fit's q.
+
+    For a mean-field Gaussian q = N(m, diag s²) the ELBO's Hessian in m is
+    H̃ = E_q[−∇² log p̃], and at its optimum s_j⁻² = H̃_jj (Opper & Archambeau 2009;
+    Price's theorem).  H̃ is taken as the exact Hessian at q's means (``hess``: the
+    arrowhead structure over every row) with its diagonal replaced by E_q[diag] over
+    every row, estimated from 16 antithetic pairs of draws of q (one pass); s_j =
+    H̃_jj^(−1/2); the means are whitened by the symmetric |H̃|^(−1/2) (see
+    :func:`_whitening`).  The replacement matters.  At q's means a non-centred model's
+    Hessian misses the curvature that q's spread gives each scale (E_q[z²] = m² + s²
+    for its effects) and is indefinite, and |H(m)|^(−1/2) stretches those directions
+    without bound: on flights (σ_carrier against its effects and the intercept) the
+    stochastic phase whitened so drifted 25-40 sd away from the full-batch fit in 4,000
+    steps; whitened by H̃ it moved towards it (the intercept from 115 to 12 sd, σ_carrier
+    from 15 to 0.5; ``python benchmarks/flights_minibatch.py --steps 4000``).  The
+    subsample's own sds are replaced too: they are off by what its rows do not see.
+    ``info["setup_decrement"]``: gᵀ|H̃|⁻¹g / D for g = E_q[∇ log p̃] over every row, how
+    far (in posterior sd², per coordinate) the set-up's means are from the full-data
+    mean-field fixed point."""
+    t0 = time.perf_counter()
+    dim = center.size
+    eps = np.random.default_rng(2).standard_normal((_FULL_DRAWS, dim))
+    draws = jnp.asarray(center + scale * np.concatenate([eps, -eps]))
+    grad = np.asarray(full.gradient(draws))
+    diag = np.asarray(full.diagonal(draws))
+    if not (np.all(np.isfinite(grad)) and np.all(np.isfinite(diag))):
+        return None
+    matrix = hess.copy()
+    index = np.arange(dim)
+    matrix[index, index] = np.where(diag > 0, diag, np.abs(np.diagonal(hess)))
+    eigval, eigvec = np.linalg.eigh(matrix)
+    if not np.all(np.isfinite(eigvec)):
+        return None
+    negative_eigenvalues = int(np.sum(eigval <= 0))
+    absval = np.abs(eigval)
+    absval = np.maximum(absval, 1e-13 * max(float(absval.max(initial=0.0)), 1e-300))
+    tril = (eigvec * absval**-0.5) @ eigvec.T
+    decrement = float(np.sum((eigvec.T @ grad) ** 2 / absval)) / dim
+    scale = np.minimum(np.where(diag > 0, np.abs(diag) ** -0.5, scale), _MAX_SCALE)
+    return Whitening(jnp.asarray(center), jnp.asarray(tril), jnp.asarray(scale)), {
+        **info,
+        "curvature_reason": reason,
+        "hessian_negative_eigenvalues": negative_eigenvalues,
+        "setup_decrement": decrement,
+        "whitening_seconds": time.perf_counter() - t0,
+        "preconditioner": (
+            f"mean-field DADVI on the subsample ({info['dadvi_draws']} fixed draws), "
+            "whitened by E_q[Hessian] over every row (exact structured Hessian, "
+            "E_q[diagonal] from 32 draws)"
         ),
     }
 
@@ -745,6 +857,130 @@ def _dense_hessian_fn(bm: BatchedModel, group: int):
         )
 
     return jit_once(hessian)
+
+
+class FullData(NamedTuple):
+    """Passes over every row for the set-up (:func:`_full_data`)."""
+
+    products: Callable  # (u, probes (K, D_g)) -> H p (K, D_g), H = −∇² log p̃(u)
+    gradient: Callable  # (draws (M, D_g)) -> (1/M) Σ_m ∇ log p̃(z_m) (D_g,)
+    diagonal: Callable  # (draws (M, D_g)) -> (1/M) Σ_m diag H(z_m) (D_g,)
+
+
+def _full_data(bm, source, batch_size, seed, pc, put_batch, constants, batch) -> FullData:
+    """:class:`FullData` of log p̃ = G(u) + Σ_{i≤N} ℓ_i(u): one pass over the data each
+    (padded batches masked), the global terms once (on ``batch``, any batch of rows)."""
+
+    def full_pass(fn, init):
+        return _full_pass(fn, source, batch_size, seed, pc, put_batch, constants, init)
+
+    def products(u, probes):
+        local = full_pass(lambda b: _local_products_fn(bm)(u, probes, b), jnp.zeros(probes.shape))
+        return local + _global_products_fn(bm)(u, probes, batch)
+
+    def gradient(draws):
+        local = full_pass(
+            lambda b: _local_gradient_fn(bm)(draws, b), jnp.zeros(draws.shape[1:])
+        )
+        return local + _global_gradient_fn(bm)(draws, batch)
+
+    sites = tuple((site.start, site.size) for site in bm.global_sites)
+
+    def diagonal(draws):
+        local = full_pass(
+            lambda b: _local_diagonal_fn(bm, sites)(draws, b), jnp.zeros(draws.shape[1:])
+        )
+        return local + _global_diagonal_fn(bm, sites)(draws, batch)
+
+    return FullData(products, gradient, diagonal)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_diagonal_fn(bm: BatchedModel, sites: tuple):
+    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m diag ∇²(−Σ_B ℓ_i)(z_m)`` (masked):
+    :func:`viax.infer.chunked.hessian_diagonal`, two products per uncoupled site."""
+    from viax.infer.chunked import hessian_diagonal
+
+    def diagonal(draws, batch):
+        def one(z):
+            return hessian_diagonal(
+                lambda u: -bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1], z, sites
+            )
+
+        # lax.map, not vmap: the per-coordinate fallback of a coupled site is a cond,
+        # which vmap would turn into a select that always pays it.
+        return jnp.mean(jax.lax.map(one, draws), axis=0)
+
+    return jax.jit(diagonal)
+
+
+@functools.lru_cache(maxsize=64)
+def _global_diagonal_fn(bm: BatchedModel, sites: tuple):
+    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m diag ∇²(−G)(z_m)``."""
+    from viax.infer.chunked import hessian_diagonal
+
+    def diagonal(draws, batch):
+        def one(z):
+            return hessian_diagonal(lambda u: -bm.log_joint_parts(u, {}, batch)[0], z, sites)
+
+        return jnp.mean(jax.lax.map(one, draws), axis=0)
+
+    return jax.jit(diagonal)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_gradient_fn(bm: BatchedModel):
+    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m ∇_u Σ_B ℓ_i(z_m)`` (masked)."""
+
+    def gradient(draws, batch):
+        def one(z):
+            return jax.grad(lambda u: bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1])(
+                z
+            )
+
+        return jnp.mean(jax.vmap(one)(draws), axis=0)
+
+    return jax.jit(gradient)
+
+
+@functools.lru_cache(maxsize=64)
+def _global_gradient_fn(bm: BatchedModel):
+    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m ∇ G(z_m)``."""
+
+    def gradient(draws, batch):
+        def one(z):
+            return jax.grad(lambda u: bm.log_joint_parts(u, {}, batch)[0])(z)
+
+        return jnp.mean(jax.vmap(one)(draws), axis=0)
+
+    return jax.jit(gradient)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_products_fn(bm: BatchedModel):
+    """Compiled ``(u, probes, batch) -> H p`` (K, D_g) for the Hessian H of the batch's
+    masked row terms −Σ_B ℓ_i(u) (unscaled: a pass sums them over every row)."""
+
+    def negative(u, factor, batch):
+        return -factor * bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1]
+
+    def products(u, probes, batch):
+        return _hessian_rows(negative, u, 1.0, batch, probes)
+
+    return jax.jit(products)
+
+
+@functools.lru_cache(maxsize=64)
+def _global_products_fn(bm: BatchedModel):
+    """Compiled ``(u, probes, batch) -> H p`` (K, D_g) for the global terms −G(u)."""
+
+    def negative(u, factor, batch):
+        return -bm.log_joint_parts(u, {}, batch)[0]
+
+    def products(u, probes, batch):
+        return _hessian_rows(negative, u, 0.0, batch, probes)
+
+    return jax.jit(products)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1010,6 +1246,7 @@ def fit_minibatch(
     num_particles: int = 8,
     learning_rate: float = 0.03,
     local_learning_rate: float = 0.05,
+    optimizer_name: str = "adam",
     stop_rule: MCSEStop | str | None = None,
     precondition: bool = True,
     control_variate: bool = True,
@@ -1155,8 +1392,14 @@ def fit_minibatch(
             num_sample_rows = sample[ROWS].shape[0] * pc[1]  # over every process
             timings["whitening_read"] = time.perf_counter() - t0
             t0 = time.perf_counter()
+            full = _full_data(bm, source, batch_size, seed, pc, put_batch, constants_dev, batch)
             whitening, pre_info = _whitening(
-                bm, batch, num_sample_rows, init_u, symmetric=not isinstance(fam, FullRank)
+                bm,
+                batch,
+                num_sample_rows,
+                init_u,
+                symmetric=not isinstance(fam, FullRank),
+                full=full,
             )
             timings["whitening_map"] = time.perf_counter() - t0
             del sample, batch
@@ -1187,6 +1430,7 @@ def fit_minibatch(
         num_particles=num_particles,
         learning_rate=learning_rate,
         local_learning_rate=local_learning_rate,
+        optimizer_name=optimizer_name,
         sharding=rep,
     )
     state = algo.init(fam.init(), rng_key)
