@@ -3,7 +3,6 @@ the rows, and the final estimates' one program (rows filled with copies of fewer
 
 from types import SimpleNamespace
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro

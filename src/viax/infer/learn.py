@@ -900,6 +900,8 @@ def _row_weight_chunks(q, theta, phi, batch, fixed, num_samples, seed, chunk=Non
     keys = q.structure.batch_keys
     host = {k: np.asarray(batch[k]) for k in keys}
     num_rows = int(host[keys[0]].shape[0])
+    if num_rows == 0:
+        raise ValueError(f"no rows to evaluate: {keys[0]!r} has 0 rows")
     if num_samples * getattr(q, "local_dim", 1) >= 2**32:
         raise ValueError(f"num_samples={num_samples} too large for 32-bit draw counters")
     draws, columns, steps, blocks = _row_plan(num_rows, num_samples, chunk)
@@ -980,7 +982,7 @@ def _final_elbo(q, theta, phi, batch, fixed, seed, total_rows=None):
 def _final_chunk(num_rows: int) -> tuple[int, int]:
     """(rows, draws) per call of the program that the final ELBO and the k̂ check share
     (one compile, not two): min(N, 256) rows × _FINAL_CALL / rows draws (a power of
-    two), 16 draws on 256 rows; the k̂ check's 64 rows fill it with copies."""
+    two), 16 draws on 256 rows; the k̂ check's 64 rows fill it with blocks of their draws."""
     rows = int(min(num_rows, 256))
     draws = 1 << max(0, (max(1, _FINAL_CALL // rows) - 1).bit_length())
     return rows, draws
