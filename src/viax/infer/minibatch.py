@@ -879,9 +879,7 @@ def _full_data(bm, source, batch_size, seed, pc, put_batch, constants, batch) ->
         return local + _global_products_fn(bm)(u, probes, batch)
 
     def gradient(draws):
-        local = full_pass(
-            lambda b: _local_gradient_fn(bm)(draws, b), jnp.zeros(draws.shape[1:])
-        )
+        local = full_pass(lambda b: _local_gradient_fn(bm)(draws, b), jnp.zeros(draws.shape[1:]))
         return local + _global_gradient_fn(bm)(draws, batch)
 
     sites = tuple((site.start, site.size) for site in bm.global_sites)
@@ -934,9 +932,7 @@ def _local_gradient_fn(bm: BatchedModel):
 
     def gradient(draws, batch):
         def one(z):
-            return jax.grad(lambda u: bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1])(
-                z
-            )
+            return jax.grad(lambda u: bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1])(z)
 
         return jnp.mean(jax.vmap(one)(draws), axis=0)
 
