@@ -842,12 +842,13 @@ class RowEvidence:
 
 
 @functools.lru_cache(maxsize=64)
-def _row_weights_fn(q: _AmortizedQ, draws: int):
+def _row_weights_fn(q: _AmortizedQ, draws: int, fold: bool = False):
     """Compiled ``(theta, phi, fixed, key, parts, rows, starts) -> (n, D, R)`` per-row log
     weights: ``parts`` holds n × R row slots (arrays (n, R, ...)), slot (i, c) reading row
     ``rows[i, c]`` with draws ``starts[i, c] + 0 … D−1``.  A ``lax.map`` over the n steps,
     so one call runs n chunks of D × R row-draws with one dispatch and no host sync, and
-    memory stays O(D × R × network width) whatever n."""
+    memory stays O(D × R × network width) whatever n.  ``fold``: the model evaluated once
+    on D·R rows (:meth:`_AmortizedQ.log_p_folded`; where :func:`_evidence_folds` allows)."""
 
     def one(theta, phi, fixed, key, slot):
         part, rows, starts = slot
@@ -856,6 +857,8 @@ def _row_weights_fn(q: _AmortizedQ, draws: int):
         # log q from the base draws (as the training step does): the same number as from
         # z, without the residual (z − m) / s that cancels to rounding where s is tiny.
         z, log_q = q.draw_and_log_q(phi, q.row_noise(key, rows, index), batch, 1.0)
+        if fold:
+            return q.log_p_folded(theta, z, batch) - log_q
         return q.log_p(theta, z, batch, 1.0) - log_q
 
     def fn(theta, phi, fixed, key, parts, rows, starts):
@@ -885,7 +888,36 @@ def _row_plan(num_rows: int, num_samples: int, chunk: tuple[int, int] | None = N
     return draws, columns, steps, blocks
 
 
-def _row_weight_chunks(q, theta, phi, batch, fixed, num_samples, seed, chunk=None):
+def _evidence_folds(q, theta, phi, batch, fixed) -> bool:
+    """Whether the held-out evidence may fold the draws into the rows, checked as
+    :func:`_folds` does (the folded per-row log densities equal the per-draw ones), on
+    the first 4 rows × 2 draws at the fitted θ, φ.  Folded, the MNIST VAE's evidence
+    costs 9.7 µs of CPU per row-draw against 11.9 (one product over D·R rows per layer).
+    Tolerance 1e-9 relative, or 10³ ε of a float32 q: rounding, not a coupling of rows."""
+    if not getattr(q, "rows_mode", False):
+        return False
+    keys = q.structure.batch_keys
+    part = {**fixed, **{k: np.asarray(batch[k])[:4] for k in keys}}
+    rows = int(part[keys[0]].shape[0])
+
+    def both():
+        index = jnp.broadcast_to(jnp.arange(2, dtype=jnp.uint32)[:, None], (2, rows))
+        eps = q.row_noise(jax.random.PRNGKey(0), jnp.arange(rows, dtype=jnp.uint32), index)
+        z = q.draw(phi, eps, part)
+        return q.log_p_folded(theta, z, part), q.log_p(theta, z, part, 1.0)
+
+    try:
+        folded, per_draw = (np.asarray(v) for v in jit_once(both)())
+    except Exception:  # noqa: BLE001  the model does not trace on D·R rows: per draw
+        return False
+    tolerance = max(1e-9, 1e3 * float(jnp.finfo(q.dtype).eps))
+    scale = 1.0 + np.abs(per_draw)
+    return folded.shape == per_draw.shape and bool(
+        np.all(np.abs(folded - per_draw) <= tolerance * scale)
+    )
+
+
+def _row_weight_chunks(q, theta, phi, batch, fixed, num_samples, seed, chunk=None, fold=False):
     """Yields ``(first_row, weights)``, weights (S, m) the per-row log weights
     log p_θ(x_n, z) − log q_φ(z | x_n) of m consecutive rows, z ~ q(z | x_n), until every
     row is done.  Memory O(_ROW_STEP × network width + S × rows of a call), never
@@ -905,7 +937,7 @@ def _row_weight_chunks(q, theta, phi, batch, fixed, num_samples, seed, chunk=Non
     if num_samples * getattr(q, "local_dim", 1) >= 2**32:
         raise ValueError(f"num_samples={num_samples} too large for 32-bit draw counters")
     draws, columns, steps, blocks = _row_plan(num_rows, num_samples, chunk)
-    fn = _row_weights_fn(q, draws)
+    fn = _row_weights_fn(q, draws, fold)
     key = jax.random.PRNGKey(seed)
     items, per_call = num_rows * blocks, steps * columns
 
@@ -2302,8 +2334,10 @@ def _amortized_result(
             if shapes != expected:
                 raise ModelError(f"held-out rows have shapes {shapes}, training {expected}")
             extra = {k: v for k, v in prepared.dynamic.items() if k not in keys}
+            fixed_all = {**fixed, **extra}
+            fold = _evidence_folds(q, theta, phi, new_batch, fixed_all)
             chunks = _row_weight_chunks(
-                q, theta, phi, new_batch, {**fixed, **extra}, num_samples, seed
+                q, theta, phi, new_batch, fixed_all, num_samples, seed, fold=fold
             )
             return _row_evidence(w for _, w in chunks)
     else:
