@@ -713,6 +713,19 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full=None):
             lambda u, b: negative(u, factor, b), batch, center, bm.global_sites
         )
         if structure is not None:
+            # The passes over every row within the dense curvature's time budget (its
+            # three Hessians of K + 1 products stand for this one and the E_q pass);
+            # zero-stride arrays give the plan the rows' shapes without the rows.
+            every_row = {
+                k: np.broadcast_to(np.zeros((), v.dtype), (bm.num_rows, *v.shape[1:]))
+                for k, v in batch.items()
+                if k in row_keys
+            }
+            fits, plan_reason, plan_rows = dense_curvature_plan(dim, every_row, structure.products)
+            if not fits or plan_rows is not None:
+                structure_reason = f"{structure_reason}, not over every row ({plan_reason})"
+                structure = None
+        if structure is not None:
             probes = structure.probes(dim, np.float64)
             products = np.asarray(full.products(jnp.asarray(center), jnp.asarray(probes)))
             hess = np.asarray(structured_hessian(jnp.asarray(products), structure, dim))
