@@ -24,7 +24,15 @@ from viax.conjugate.checkpoint import (
     write_npz_atomic,
 )
 
-__all__ = ["load", "restore_state", "restore_tracker", "resume_path", "save"]
+__all__ = [
+    "format_reader",
+    "load",
+    "restore_state",
+    "restore_tracker",
+    "resume_path",
+    "save",
+    "state_arrays",
+]
 
 FORMAT = "viax-minibatch-1"
 
@@ -93,13 +101,8 @@ def save(path, state, tracker, elbo_trace, whitening, anchor, info: dict) -> Pat
         return None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "format": np.asarray(FORMAT),
-        "step": np.asarray(state.step),
-        "elbo_trace": np.asarray(elbo_trace, np.float64),
-    }
-    for i, leaf in enumerate(jax.tree_util.tree_leaves(state)):
-        arrays[f"state/{i}"] = np.asarray(leaf)
+    leaves = [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(state)]
+    arrays = state_arrays(FORMAT, state.step, np.asarray(elbo_trace, np.float64), leaves)
     arrays.update(_tracker_arrays(tracker))
     for field in whitening._fields:
         if getattr(whitening, field) is not None:
@@ -111,23 +114,44 @@ def save(path, state, tracker, elbo_trace, whitening, anchor, info: dict) -> Pat
     return write_npz_atomic(path, arrays)
 
 
+def state_arrays(format_name: str, step, trace, leaves) -> dict:
+    """The arrays every checkpoint of a run holds: its format, the step counter, the
+    objective trace and the state's leaves (``state/i``, restored by
+    :func:`restore_state`); learning (:mod:`viax.infer.learn`) adds its fingerprint,
+    minibatch fitting its stopping rule, whitening and anchor."""
+    arrays = {
+        "format": np.asarray(format_name),
+        "step": np.asarray(step),
+        "elbo_trace": np.asarray(trace),
+    }
+    arrays.update({f"state/{i}": leaf for i, leaf in enumerate(leaves)})
+    return arrays
+
+
+def format_reader(format_name: str, kind: str):
+    """A reader for :func:`~viax.conjugate.checkpoint.read_npz_checkpoint`: every array
+    of a file of ``format_name``, else a CheckpointError saying it is not a ``kind``
+    checkpoint."""
+
+    def read(path: Path, f) -> dict:
+        if "format" not in f.files or str(f["format"]) != format_name:
+            raise CheckpointError(f"checkpoint {path}: not a {kind} checkpoint")
+        return {key: np.asarray(f[key]) for key in f.files}
+
+    return read
+
+
 def load(path) -> dict:
     """The saved arrays by name, with ``"info"`` gathered into a dict; a missing, empty,
     truncated or foreign file is a :class:`~viax.conjugate.checkpoint.CheckpointError`
     naming it."""
-    saved = read_npz_checkpoint(path, _read)
+    saved = read_npz_checkpoint(path, format_reader(FORMAT, "viax minibatch"))
     saved["info"] = {
         key.removeprefix("info/"): _scalar(value)
         for key, value in list(saved.items())
         if key.startswith("info/")
     }
     return saved
-
-
-def _read(path: Path, f) -> dict:
-    if "format" not in f.files or str(f["format"]) != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not a viax minibatch checkpoint")
-    return {key: np.asarray(f[key]) for key in f.files}
 
 
 def restore_state(state, saved: dict):

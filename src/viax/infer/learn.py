@@ -1773,17 +1773,15 @@ def _save_checkpoint(path, state: LearnState, trace: list, fingerprint: dict) ->
     from pathlib import Path
 
     from viax.conjugate.checkpoint import write_npz_atomic
+    from viax.infer.checkpoint import state_arrays
 
     leaves = [_host(leaf) for leaf in jax.tree_util.tree_leaves(state)]
     if jax.process_index() != 0:
         return
-    arrays = {
-        "format": np.asarray(_CHECKPOINT_FORMAT),
-        "step": np.asarray(int(_host(state.guard.step))),
-        "elbo_trace": np.concatenate(trace) if trace else np.zeros(0),
-    }
+    step = int(_host(state.guard.step))
+    trace = np.concatenate(trace) if trace else np.zeros(0)
+    arrays = state_arrays(_CHECKPOINT_FORMAT, step, trace, leaves)
     arrays.update({f"fingerprint/{k}": np.asarray(v) for k, v in fingerprint.items()})
-    arrays.update({f"state/{i}": leaf for i, leaf in enumerate(leaves)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_npz_atomic(path, arrays)
@@ -1792,14 +1790,10 @@ def _save_checkpoint(path, state: LearnState, trace: list, fingerprint: dict) ->
 def _load_checkpoint(path, fingerprint: dict) -> dict:
     """The arrays of a learning checkpoint; a file of another kind, or of a run with
     other data rows, batch size or seed, is refused naming what differs."""
-    from viax.conjugate.checkpoint import CheckpointError, read_npz_checkpoint
+    from viax.conjugate.checkpoint import read_npz_checkpoint
+    from viax.infer.checkpoint import format_reader
 
-    def read(p, f):
-        if "format" not in f.files or str(f["format"]) != _CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint {p}: not a viax learning checkpoint")
-        return {key: np.asarray(f[key]) for key in f.files}
-
-    saved = read_npz_checkpoint(path, read)
+    saved = read_npz_checkpoint(path, format_reader(_CHECKPOINT_FORMAT, "viax learning"))
     for name, value in fingerprint.items():
         was = saved.get(f"fingerprint/{name}")
         if was is None or was.item() != value:
