@@ -10,7 +10,11 @@ NumPyro SVI with the arrays in memory.
 * ``viax-parquet-2proc``: viax-parquet in 2 processes on localhost
   (``jax.distributed``, gloo CPU collectives), each reading its share of the row groups;
 * ``numpyro``: SVI, AutoNormal, ``plate(subsample_size=1000)``, 10,000 Adam steps
-  (rate 1e-2 decaying to 1e-3), the same float32 arrays in memory.
+  (rate 1e-2 decaying to 1e-3), the same float32 arrays in memory, the plate drawing
+  its own rows (``svi.run``);
+* ``numpyro-given``: the same SVI with each batch's rows given to the plate
+  (``handlers.substitute``, a permutation per epoch, one jitted ``svi.update`` per
+  batch): NumPyro's plate draws its rows on CPU in O(N) a step, which this avoids.
 
 Error: the means of q against the full-data Laplace answer (Newton's method on all rows,
 float64, cached beside the data file), in units of the Laplace sd, and the ratio of sds
@@ -42,7 +46,14 @@ import numpy as np
 from _common import RESULTS_DIR, command_line, machine, peak_rss_mb, today, write_json
 
 BATCH = 4096
-METHODS = ("viax-parquet", "viax-memory", "viax-memory-4dev", "viax-parquet-2proc", "numpyro")
+METHODS = (
+    "viax-parquet",
+    "viax-memory",
+    "viax-memory-4dev",
+    "viax-parquet-2proc",
+    "numpyro",
+    "numpyro-given",
+)
 
 
 def model(X, y):
@@ -157,7 +168,9 @@ def run_viax(kind: str, path, process: tuple[int, int, str] | None = None) -> di
     }
 
 
-def run_numpyro(path, steps: int = 10_000) -> dict:
+def run_numpyro(path, steps: int = 10_000, indices: str = "plate") -> dict:
+    """NumPyro SVI, AutoNormal, Adam decaying 1e-2 -> 1e-3: ``indices="plate"`` lets
+    ``plate(subsample_size=1000)`` draw the rows (``svi.run``); ``"epoch"`` gives them."""
     start = time.perf_counter()
     cpu_start = time.process_time()
     import jax
@@ -173,11 +186,43 @@ def run_numpyro(path, steps: int = 10_000) -> dict:
         subsampled_model, guide, optax.adam(optax.exponential_decay(1e-2, steps, 0.1)), Trace_ELBO()
     )
     X, y = jax.numpy.asarray(X), jax.numpy.asarray(y)
-    result = svi.run(jax.random.PRNGKey(0), steps, X, y, progress_bar=False)
+    if indices == "plate":
+        result = svi.run(jax.random.PRNGKey(0), steps, X, y, progress_bar=False)
+        params = result.params
+    else:
+        # The plate's rows given (handlers.substitute) from a permutation per epoch, one
+        # jitted svi.update per batch: on CPU the plate's own draw is a B-step Fisher-Yates
+        # lax.scan over arange(N) (benchmarks/numpyro_plate_cost.py: a step's CPU 5.8 ms
+        # with that draw, 0.40 ms with the rows given); this is what a user avoiding it writes.
+        from numpyro import handlers
+
+        def given_model(idx, X, y):
+            with handlers.substitute(data={"N": idx}):
+                subsampled_model(X, y)
+
+        def given_guide(idx, X, y):
+            return guide(X, y)
+
+        svi = SVI(
+            given_model,
+            given_guide,
+            optax.adam(optax.exponential_decay(1e-2, steps, 0.1)),
+            Trace_ELBO(),
+        )
+        update = jax.jit(svi.update)
+        rng = np.random.default_rng(0)
+        n = int(X.shape[0])
+        state = svi.init(jax.random.PRNGKey(0), jax.numpy.arange(1000), X, y)
+        done = 0
+        while done < steps:
+            order = rng.permutation(n).astype(np.int32)
+            for i in range(min(n // 1000, steps - done)):
+                state, _ = update(state, order[i * 1000 : (i + 1) * 1000], X, y)
+                done += 1
+        params = svi.get_params(state)
     # svi.run returns before its loop has run (JAX's asynchronous dispatch): wait for it.
-    jax.block_until_ready(result.params)
+    jax.block_until_ready(params)
     wall = time.perf_counter() - start
-    params = result.params
     mean = np.concatenate([np.atleast_1d(params["a_auto_loc"]), params["beta_auto_loc"]])
     sd = np.concatenate([np.atleast_1d(params["a_auto_scale"]), params["beta_auto_scale"]])
     return {
@@ -192,7 +237,10 @@ def run_numpyro(path, steps: int = 10_000) -> dict:
 
 
 def one(kind: str, path, process=None) -> dict:
-    out = run_numpyro(path) if kind == "numpyro" else run_viax(kind, path, process)
+    if kind.startswith("numpyro"):
+        out = run_numpyro(path, indices="epoch" if kind == "numpyro-given" else "plate")
+    else:
+        out = run_viax(kind, path, process)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
