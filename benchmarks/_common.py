@@ -9,7 +9,8 @@ import platform
 import resource
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,21 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def interleaved(
+    runs: dict[str, Callable[[], Any]], rounds: int, steps: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]], float, float]:
+    """Time ``runs`` (each call runs ``steps`` steps and blocks until done) in turn,
+    ``rounds`` times, so that the load's drift falls on every contender alike: wall and
+    CPU milliseconds per step by run, and the 1-minute load average before and after."""
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    load_start = os.getloadavg()[0]
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            run()
+            wall[name].append(1e3 * (time.perf_counter() - t0) / steps)
+            cpu[name].append(1e3 * (time.process_time() - c0) / steps)
+    return wall, cpu, load_start, os.getloadavg()[0]

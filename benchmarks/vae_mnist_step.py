@@ -27,8 +27,6 @@ Writes benchmarks/results/vae_mnist_step.json and .md.
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import _common
 import jax
@@ -211,16 +209,7 @@ def main():
     }
     for run in contenders.values():
         run()  # compile
-    load_start = os.getloadavg()[0]
-    wall = {name: [] for name in contenders}
-    cpu = {name: [] for name in contenders}
-    for _ in range(args.rounds):
-        for name, run in contenders.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            run()
-            wall[name].append(1e3 * (time.perf_counter() - t0) / args.steps)
-            cpu[name].append(1e3 * (time.process_time() - c0) / args.steps)
-    load_end = os.getloadavg()[0]
+    wall, cpu, load_start, load_end = _common.interleaved(contenders, args.rounds, args.steps)
     reference = "NumPyro svi.update per batch"
     rows = []
     for name in contenders:

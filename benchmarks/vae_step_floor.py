@@ -33,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import _common
 import numpy as np
@@ -178,15 +177,7 @@ def child(args):
     }
     for run in contenders.values():
         run()  # compile
-    wall = {name: [] for name in contenders}
-    cpu = {name: [] for name in contenders}
-    load_start = os.getloadavg()[0]
-    for _ in range(args.rounds):
-        for name, run in contenders.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            run()
-            wall[name].append(1e3 * (time.perf_counter() - t0) / args.steps)
-            cpu[name].append(1e3 * (time.process_time() - c0) / args.steps)
+    wall, cpu, load_start, _ = _common.interleaved(contenders, args.rounds, args.steps)
     print(
         json.dumps(
             {

@@ -18,8 +18,8 @@ Writes benchmarks/results/vae_step_one_draw.json and .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import time
 
 import _common
 import jax
@@ -62,16 +62,14 @@ def main():
         traces[label] = np.asarray(info.objective, dtype=np.float64)
     before, now = traces.values()
     max_rel = float(np.max(np.abs(now - before) / np.abs(before)))
-    wall = {label: [] for label in runs}
-    cpu = {label: [] for label in runs}
-    load_start = os.getloadavg()[0]
-    for _ in range(args.rounds):
-        for label, (program, state, key) in runs.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(program(state, key))
-            wall[label].append(1e3 * (time.perf_counter() - t0) / args.steps)
-            cpu[label].append(1e3 * (time.process_time() - c0) / args.steps)
-    load_end = os.getloadavg()[0]
+    wall, cpu, load_start, load_end = _common.interleaved(
+        {
+            label: functools.partial(lambda p, s, k: jax.block_until_ready(p(s, k)), *run)
+            for label, run in runs.items()
+        },
+        args.rounds,
+        args.steps,
+    )
     first = next(iter(runs))
     rows = [
         {

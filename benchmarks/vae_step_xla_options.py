@@ -18,8 +18,8 @@ disturbed by other jobs.  Writes benchmarks/results/<name>.json and .md.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import time
 
 import _common
 import jax
@@ -61,16 +61,14 @@ def main():
     compiled = {label: lowered.compile(compiler_options=opts) for label, opts in OPTIONS.items()}
     for program in compiled.values():
         jax.block_until_ready(program(state, key))
-    wall = {label: [] for label in compiled}
-    cpu = {label: [] for label in compiled}
-    load_start = os.getloadavg()[0]
-    for _ in range(args.rounds):
-        for label, program in compiled.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(program(state, key))
-            wall[label].append(1e3 * (time.perf_counter() - t0) / args.steps)
-            cpu[label].append(1e3 * (time.process_time() - c0) / args.steps)
-    load_end = os.getloadavg()[0]
+    wall, cpu, load_start, load_end = _common.interleaved(
+        {
+            label: functools.partial(lambda p: jax.block_until_ready(p(state, key)), program)
+            for label, program in compiled.items()
+        },
+        args.rounds,
+        args.steps,
+    )
     reference = np.asarray(cpu["default"])
     rows = []
     for label in compiled:

@@ -773,16 +773,12 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full=None):
     if not (np.isfinite(value) and np.all(np.isfinite(x))):
         return None
     center, scale = x[:dim], np.minimum(np.exp(x[dim:]), _MAX_SCALE)
-    # |H|^(-1/2), symmetric (see _whitening), eigenvalues floored as in
-    # viax.infer.dadvi.laplace_factor: at q's means a non-centred model's H can be
-    # indefinite along a scale and its effects (a saddle of the joint density).
-    eigval, eigvec = np.linalg.eigh(hess)
-    if not np.all(np.isfinite(eigvec)):
+    # At q's means a non-centred model's H can be indefinite along a scale and its
+    # effects (a saddle of the joint density): |H|^(-1/2).
+    root = _abs_inverse_sqrt(hess)
+    if root is None:
         return None
-    negative_eigenvalues = int(np.sum(eigval <= 0))
-    eigval = np.abs(eigval)
-    eigval = np.maximum(eigval, 1e-13 * max(float(eigval.max(initial=0.0)), 1e-300))
-    tril = (eigvec * eigval**-0.5) @ eigvec.T
+    tril, negative_eigenvalues, _, _ = root
     where = "" if steps < _DADVI_STEPS else f", not converged in {steps} steps"
     return Whitening(jnp.asarray(center), jnp.asarray(tril), jnp.asarray(scale)), {
         **info,
@@ -798,6 +794,20 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full=None):
 
 
 _FULL_DRAWS = 16  # antithetic pairs of draws of q for the full-data E_q[·] (32 draws)
+
+
+def _abs_inverse_sqrt(matrix: np.ndarray):
+    """``|M|^(-1/2)`` of a symmetric (D, D) ``M``, symmetric (see _whitening), its
+    eigenvalues' magnitudes floored at 1e-13 of the largest as in
+    viax.infer.dadvi.laplace_factor; with the number of eigenvalues ≤ 0, the floored
+    magnitudes (D,) and the eigenvectors (D, D).  None where the eigenvectors are not
+    finite."""
+    eigval, eigvec = np.linalg.eigh(matrix)
+    if not np.all(np.isfinite(eigvec)):
+        return None
+    absval = np.abs(eigval)
+    absval = np.maximum(absval, 1e-13 * max(float(absval.max(initial=0.0)), 1e-300))
+    return (eigvec * absval**-0.5) @ eigvec.T, int(np.sum(eigval <= 0)), absval, eigvec
 
 
 def _full_whitening(full: FullData, hess, center, scale, info, reason):
@@ -832,13 +842,10 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason):
     matrix = hess.copy()
     index = np.arange(dim)
     matrix[index, index] = np.where(diag > 0, diag, np.abs(np.diagonal(hess)))
-    eigval, eigvec = np.linalg.eigh(matrix)
-    if not np.all(np.isfinite(eigvec)):
+    root = _abs_inverse_sqrt(matrix)
+    if root is None:
         return None
-    negative_eigenvalues = int(np.sum(eigval <= 0))
-    absval = np.abs(eigval)
-    absval = np.maximum(absval, 1e-13 * max(float(absval.max(initial=0.0)), 1e-300))
-    tril = (eigvec * absval**-0.5) @ eigvec.T
+    tril, negative_eigenvalues, absval, eigvec = root
     decrement = float(np.sum((eigvec.T @ grad) ** 2 / absval)) / dim
     scale = np.minimum(np.where(diag > 0, np.abs(diag) ** -0.5, scale), _MAX_SCALE)
     return Whitening(jnp.asarray(center), jnp.asarray(tril), jnp.asarray(scale)), {
