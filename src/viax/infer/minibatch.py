@@ -825,8 +825,10 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason):
     for its effects) and is indefinite, and |H(m)|^(−1/2) stretches those directions
     without bound: on flights (σ_carrier against its effects and the intercept) the
     stochastic phase whitened so drifted 25-40 sd away from the full-batch fit in 4,000
-    steps; whitened by H̃ it moved towards it (the intercept from 115 to 12 sd, σ_carrier
-    from 15 to 0.5; ``python benchmarks/flights_minibatch.py --steps 4000``).  The
+    steps (``python benchmarks/flights_minibatch.py --steps 4000``); whitened by H̃,
+    after 40,000 steps the intercept is 0.98 sd off (13.6 with the subsample's set-up)
+    and σ_carrier 8.3 (17.6), not yet converged (``python benchmarks/flights_minibatch.py
+    --every 2000 --store``, benchmarks/results/flights.md).  The
     subsample's own sds are replaced too: they are off by what its rows do not see.
     ``info["setup_decrement"]``: gᵀ|H̃|⁻¹g / D for g = E_q[∇ log p̃] over every row, how
     far (in posterior sd², per coordinate) the set-up's means are from the full-data
@@ -895,35 +897,47 @@ def _full_data(bm, source, batch_size, seed, pc, put_batch, constants, batch) ->
         return _full_pass(fn, source, batch_size, seed, pc, put_batch, constants, init)
 
     def products(u, probes):
-        local = full_pass(lambda b: _local_products_fn(bm)(u, probes, b), jnp.zeros(probes.shape))
-        return local + _global_products_fn(bm)(u, probes, batch)
+        local = full_pass(lambda b: _products_fn(bm, _ROWS)(u, probes, b), jnp.zeros(probes.shape))
+        return local + _products_fn(bm, _GLOBAL)(u, probes, batch)
 
     def gradient(draws):
-        local = full_pass(lambda b: _local_gradient_fn(bm)(draws, b), jnp.zeros(draws.shape[1:]))
-        return local + _global_gradient_fn(bm)(draws, batch)
+        zero = jnp.zeros(draws.shape[1:])
+        local = full_pass(lambda b: _gradient_fn(bm, _ROWS)(draws, b), zero)
+        return local + _gradient_fn(bm, _GLOBAL)(draws, batch)
 
     sites = tuple((site.start, site.size) for site in bm.global_sites)
 
     def diagonal(draws):
-        local = full_pass(
-            lambda b: _local_diagonal_fn(bm, sites)(draws, b), jnp.zeros(draws.shape[1:])
-        )
-        return local + _global_diagonal_fn(bm, sites)(draws, batch)
+        zero = jnp.zeros(draws.shape[1:])
+        local = full_pass(lambda b: _diagonal_fn(bm, sites, _ROWS)(draws, b), zero)
+        return local + _diagonal_fn(bm, sites, _GLOBAL)(draws, batch)
 
     return FullData(products, gradient, diagonal)
 
 
+_GLOBAL, _ROWS = 0, 1  # the parts of BatchedModel.log_joint_parts
+
+
+def _part(bm: BatchedModel, part: int) -> Callable:
+    """``(u, batch) -> G(u)`` (``_GLOBAL``) or the batch's masked, unscaled row terms
+    ``Σ_B ℓ_i(u)`` (``_ROWS``; a pass over the data sums them over every row)."""
+    if part == _GLOBAL:
+        return lambda u, batch: bm.log_joint_parts(u, {}, batch)[0]
+    return lambda u, batch: bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1]
+
+
 @functools.lru_cache(maxsize=64)
-def _local_diagonal_fn(bm: BatchedModel, sites: tuple):
-    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m diag ∇²(−Σ_B ℓ_i)(z_m)`` (masked):
-    :func:`viax.infer.chunked.hessian_diagonal`, two products per uncoupled site."""
+def _diagonal_fn(bm: BatchedModel, sites: tuple, part: int):
+    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m diag ∇²(−f)(z_m)`` for the part f
+    of :func:`_part`: :func:`viax.infer.chunked.hessian_diagonal`, two products per
+    uncoupled site."""
     from viax.infer.chunked import hessian_diagonal
+
+    term = _part(bm, part)
 
     def diagonal(draws, batch):
         def one(z):
-            return hessian_diagonal(
-                lambda u: -bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1], z, sites
-            )
+            return hessian_diagonal(lambda u: -term(u, batch), z, sites)
 
         # lax.map, not vmap: the per-coordinate fallback of a coupled site is a cond,
         # which vmap would turn into a select that always pays it.
@@ -933,68 +947,28 @@ def _local_diagonal_fn(bm: BatchedModel, sites: tuple):
 
 
 @functools.lru_cache(maxsize=64)
-def _global_diagonal_fn(bm: BatchedModel, sites: tuple):
-    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m diag ∇²(−G)(z_m)``."""
-    from viax.infer.chunked import hessian_diagonal
-
-    def diagonal(draws, batch):
-        def one(z):
-            return hessian_diagonal(lambda u: -bm.log_joint_parts(u, {}, batch)[0], z, sites)
-
-        return jnp.mean(jax.lax.map(one, draws), axis=0)
-
-    return jax.jit(diagonal)
-
-
-@functools.lru_cache(maxsize=64)
-def _local_gradient_fn(bm: BatchedModel):
-    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m ∇_u Σ_B ℓ_i(z_m)`` (masked)."""
+def _gradient_fn(bm: BatchedModel, part: int):
+    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m ∇_u f(z_m)`` for the part f of
+    :func:`_part`."""
+    term = _part(bm, part)
 
     def gradient(draws, batch):
-        def one(z):
-            return jax.grad(lambda u: bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1])(z)
-
-        return jnp.mean(jax.vmap(one)(draws), axis=0)
+        return jnp.mean(jax.vmap(lambda z: jax.grad(term)(z, batch))(draws), axis=0)
 
     return jax.jit(gradient)
 
 
 @functools.lru_cache(maxsize=64)
-def _global_gradient_fn(bm: BatchedModel):
-    """Compiled ``(draws (M, D_g), batch) -> (1/M) Σ_m ∇ G(z_m)``."""
-
-    def gradient(draws, batch):
-        def one(z):
-            return jax.grad(lambda u: bm.log_joint_parts(u, {}, batch)[0])(z)
-
-        return jnp.mean(jax.vmap(one)(draws), axis=0)
-
-    return jax.jit(gradient)
-
-
-@functools.lru_cache(maxsize=64)
-def _local_products_fn(bm: BatchedModel):
-    """Compiled ``(u, probes, batch) -> H p`` (K, D_g) for the Hessian H of the batch's
-    masked row terms −Σ_B ℓ_i(u) (unscaled: a pass sums them over every row)."""
+def _products_fn(bm: BatchedModel, part: int):
+    """Compiled ``(u, probes (K, D_g), batch) -> H p`` (K, D_g) for the Hessian H of −f,
+    the part f of :func:`_part`."""
+    term = _part(bm, part)
 
     def negative(u, factor, batch):
-        return -factor * bm.log_joint_parts(u, {}, batch, mask=batch.get(_MASK))[1]
+        return -term(u, batch)
 
     def products(u, probes, batch):
         return _hessian_rows(negative, u, 1.0, batch, probes)
-
-    return jax.jit(products)
-
-
-@functools.lru_cache(maxsize=64)
-def _global_products_fn(bm: BatchedModel):
-    """Compiled ``(u, probes, batch) -> H p`` (K, D_g) for the global terms −G(u)."""
-
-    def negative(u, factor, batch):
-        return -bm.log_joint_parts(u, {}, batch)[0]
-
-    def products(u, probes, batch):
-        return _hessian_rows(negative, u, 0.0, batch, probes)
 
     return jax.jit(products)
 
@@ -1418,7 +1392,7 @@ def fit_minibatch(
                 full=full,
             )
             timings["whitening_map"] = time.perf_counter() - t0
-            del sample, batch
+            del sample, batch, full  # full holds the subsample's batch
         else:
             reason = "identity (per-row latents)" if bm.local_sites else "identity (off)"
             whitening, pre_info = (
