@@ -76,10 +76,24 @@ def split(key, num: int = 2):
 
 
 def _bits(key, shape, width: int):
-    bits1, bits2 = _hash(key, *_counters(shape))
+    return _combine(*_hash(key, *_counters(shape)), width)
+
+
+def _combine(bits1, bits2, width: int):
+    """The hash's two 32-bit words as ``width``-bit random words."""
     if width == 32:
         return bits1 ^ bits2
     return (bits1.astype(jnp.uint64) << np.uint64(32)) | bits2.astype(jnp.uint64)
+
+
+def _unit_floats(bits, dtype):
+    """Floats uniform on [0, 1) from random words of ``dtype``'s width: the mantissa's
+    bits under the exponent of 1.0, minus 1 (as ``jax.random.uniform``)."""
+    finfo = jnp.finfo(dtype)
+    uint = jnp.uint32 if finfo.bits == 32 else jnp.uint64
+    one = np.array(1.0, dtype).view(uint)
+    float_bits = (bits >> np.array(finfo.bits - finfo.nmant, uint)) | one
+    return jax.lax.bitcast_convert_type(float_bits, dtype) - jnp.array(1.0, dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -91,12 +105,7 @@ def uniform(key, shape, dtype, minval=0.0, maxval=1.0):
         key, math.prod(shape)
     ):
         return jax.random.uniform(key, shape, dtype, minval, maxval)
-    finfo = jnp.finfo(dtype)
-    uint = jnp.uint32 if finfo.bits == 32 else jnp.uint64
-    bits = _bits(key, shape, finfo.bits)
-    one = np.array(1.0, dtype).view(uint)
-    float_bits = (bits >> np.array(finfo.bits - finfo.nmant, uint)) | one
-    floats = jax.lax.bitcast_convert_type(float_bits, dtype) - jnp.array(1.0, dtype)
+    floats = _unit_floats(_bits(key, shape, jnp.finfo(dtype).bits), dtype)
     minval = jnp.asarray(minval, dtype)
     maxval = jnp.asarray(maxval, dtype)
     return jax.lax.max(minval, floats * (maxval - minval) + minval)
@@ -126,17 +135,9 @@ def normal_at(key, high, low, dtype):
     on (−1, 1) and √2 erf⁻¹(u) as in :func:`normal`; float32 reads one 32-bit word of the
     hash, float64 both.  Not ``jax.random``'s numbers for any shape: a separate stream."""
     dtype = jnp.dtype(dtype)
-    finfo = jnp.finfo(dtype)
-    uint = jnp.uint32 if finfo.bits == 32 else jnp.uint64
     key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    bits1, bits2 = _hash(key.reshape(-1)[:2].astype(jnp.uint32), high, low)
-    if finfo.bits == 32:
-        bits = bits1 ^ bits2
-    else:
-        bits = (bits1.astype(jnp.uint64) << np.uint64(32)) | bits2.astype(jnp.uint64)
-    one = np.array(1.0, dtype).view(uint)
-    float_bits = (bits >> np.array(finfo.bits - finfo.nmant, uint)) | one
-    floats = jax.lax.bitcast_convert_type(float_bits, dtype) - jnp.array(1.0, dtype)  # [0, 1)
+    words = _hash(key.reshape(-1)[:2].astype(jnp.uint32), high, low)
+    floats = _unit_floats(_combine(*words, jnp.finfo(dtype).bits), dtype)  # [0, 1)
     low_bound = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
     u = jax.lax.max(jnp.asarray(low_bound), floats * np.array(1.0 - low_bound, dtype) + low_bound)
     return jax.lax.mul(np.array(np.sqrt(2), dtype), jax.lax.erf_inv(u))
