@@ -317,10 +317,9 @@ def mixture():
     )
 
 
-def poisson_glmm(num_draws=None):
-    groups, per = 8, 5
-    g = np.repeat(np.arange(groups), per)
-    y = RNG.poisson(np.exp(0.5 + RNG.normal(0, 0.8, groups)[g]))
+def _glmm(likelihood):
+    """A GLMM with θ = (b0, τ) learned: u_j ~ N(0, τ) for each group, y_i ~
+    likelihood(b0 + u_g(i))."""
 
     def model(g, y, J):
         b0 = numpyro.param("b0", 0.0)
@@ -328,7 +327,17 @@ def poisson_glmm(num_draws=None):
         with numpyro.plate("groups", J):
             u = numpyro.sample("u", dist.Normal(0, tau))
         with numpyro.plate("N", y.shape[0]):
-            numpyro.sample("y", dist.Poisson(jnp.exp(b0 + u[g])), obs=y)
+            numpyro.sample("y", likelihood(b0 + u[g]), obs=y)
+
+    return model
+
+
+def poisson_glmm(num_draws=None):
+    groups, per = 8, 5
+    g = np.repeat(np.arange(groups), per)
+    y = RNG.poisson(np.exp(0.5 + RNG.normal(0, 0.8, groups)[g]))
+
+    model = _glmm(lambda eta: dist.Poisson(jnp.exp(eta)))
 
     def negative_elbo(t):  # mean-field Gaussian q(u_j) = N(m_j, s_j²): E exp(u) = exp(m + s²/2)
         b0, tau2, m, s2 = t[0], np.exp(2 * t[1]), t[2 : 2 + groups], np.exp(2 * t[2 + groups :])
@@ -382,13 +391,7 @@ def bernoulli_glmm():
     logits = 0.3 + rng.normal(0, 1.2, groups)[g]
     y = (rng.uniform(size=groups * per) < special.expit(logits)).astype(float)
 
-    def model(g, y, J):
-        b0 = numpyro.param("b0", 0.0)
-        tau = numpyro.param("tau", 1.0, constraint=constraints.positive)
-        with numpyro.plate("groups", J):
-            u = numpyro.sample("u", dist.Normal(0, tau))
-        with numpyro.plate("N", y.shape[0]):
-            numpyro.sample("y", dist.Bernoulli(logits=b0 + u[g]), obs=y)
+    model = _glmm(lambda eta: dist.Bernoulli(logits=eta))
 
     reference, best_elbo = _bernoulli_vi_optimum(g, y, groups)
     # NumPyro's SVI, same model and mean-field Gaussian q, run long: 30,000 Adam steps of
