@@ -65,7 +65,6 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--particles", type=int, default=None)
-    parser.add_argument("--optimizer", default=None, choices=("adam", "sgd"))
     parser.add_argument("--save-setup", default=None, help="write the whitening to this .npz")
     parser.add_argument("--load-setup", default=None, help="use this saved whitening")
     args = parser.parse_args()
@@ -131,8 +130,6 @@ def main():
         options["learning_rate"] = args.lr
     if args.particles is not None:
         options["num_particles"] = args.particles
-    if args.optimizer is not None:
-        options["optimizer_name"] = args.optimizer
     if options:  # the minibatch path's own options (viax.fit does not pass them)
         result = minibatch.fit_minibatch(
             model,

@@ -259,7 +259,6 @@ def build_minibatch(
     num_particles: int = 1,
     learning_rate: float = 0.02,
     local_learning_rate: float = 0.05,
-    optimizer_name: str = "adam",
     objective: Callable | None = None,
     sharding=None,
 ) -> Minibatch:
@@ -267,7 +266,7 @@ def build_minibatch(
     driver's key (step t draws from ``fold_in(state.rng_key, t)``, so the numbers do not
     depend on how the steps are cut into chunks) and ``data`` holds the constant arrays
     and ``"_setup"``: ``(Whitening, Anchor)``.  Cached: refits reuse the compiled chunk."""
-    optimizer = optax.sgd(learning_rate) if optimizer_name == "sgd" else optax.adam(learning_rate)
+    optimizer = optax.adam(learning_rate)
     objective = objective or elbo_objective(bm, family, num_particles)
     b1, b2, eps_adam = 0.9, 0.999, 1e-8
 
@@ -1236,7 +1235,6 @@ def fit_minibatch(
     num_particles: int = 8,
     learning_rate: float = 0.03,
     local_learning_rate: float = 0.05,
-    optimizer_name: str = "adam",
     stop_rule: MCSEStop | str | None = None,
     precondition: bool = True,
     control_variate: bool = True,
@@ -1420,7 +1418,6 @@ def fit_minibatch(
         num_particles=num_particles,
         learning_rate=learning_rate,
         local_learning_rate=local_learning_rate,
-        optimizer_name=optimizer_name,
         sharding=rep,
     )
     state = algo.init(fam.init(), rng_key)
