@@ -110,7 +110,8 @@ def test_large_hierarchical_set_up_uses_every_row(reference, monkeypatch):
 
 def test_full_data_passes_are_exact():
     """The set-up's passes over every row of a large hierarchical model (products, the
-    gradient and the Hessian's diagonal averaged over draws), summed over padded, masked
+    gradient and the Hessian's diagonal averaged over draws, the fixed-draw ELBO and its
+    gradient in (m, log s)), summed over padded, masked
     batches, and the arrowhead structure (:func:`viax.infer.chunked.hessian_structure`)
     that gives the whole Hessian from K + 1 products: against ``jax.hessian`` and
     ``jax.grad`` of the whole data's log density."""
@@ -151,3 +152,13 @@ def test_full_data_passes_are_exact():
     np.testing.assert_allclose(full.gradient(draws), grad, rtol=1e-10, atol=1e-10 * scale)
     diag = np.mean([jnp.diagonal(hessian(z, 1.0, whole)) for z in draws], axis=0)
     np.testing.assert_allclose(full.diagonal(draws), diag, rtol=1e-10, atol=1e-12 * scale)
+
+    x = jnp.concatenate([u, jnp.log(jnp.full(dim, 0.2))])
+
+    def negative_elbo(x):
+        z = x[:dim] + jnp.exp(x[dim:]) * draws
+        return jnp.mean(jax.vmap(lambda v: negative(v, 1.0, whole))(z)) - jnp.sum(x[dim:])
+
+    value, grad = full.dadvi(x, draws)
+    np.testing.assert_allclose(value, negative_elbo(x), rtol=1e-12)
+    np.testing.assert_allclose(grad, jax.grad(negative_elbo)(x), rtol=1e-10, atol=1e-10 * scale)
