@@ -5,14 +5,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-import pandas as pd
 
 from viax.families.gaussian import Family
 from viax.infer.driver import jit_once
 from viax.model import Target
+
+if TYPE_CHECKING:  # pandas costs a quarter of a second to import: only for tables
+    import pandas as pd
 
 __all__ = ["Result", "element_names"]
 
@@ -272,12 +275,16 @@ class Result:
             for k, (value, se) in ev.iwae.items():
                 if k > 1:
                     rows.append((f"IWAE L_{k}", f"{value:.4f} ± {se:.2g}", "lower bound"))
+        import pandas as pd
+
         frame = pd.DataFrame(rows, columns=["quantity", "value", "note"]).set_index("quantity")
         return frame
 
     # -- tables and objects --------------------------------------------------
     def summary(self, num_samples: int = 4000, seed: int = 0) -> pd.DataFrame:
         """mean, sd and 5%/50%/95% quantiles of every element of every site."""
+        import pandas as pd
+
         draws = self.sample(num_samples, seed)
         rows = {}
         for name, value in draws.items():
