@@ -94,16 +94,30 @@ def test_hierarchical_minibatch_agrees_with_the_full_batch_fit(reference):
 
 @pytest.mark.filterwarnings("ignore:viax.fit. PSIS k-hat")
 def test_large_hierarchical_set_up_uses_every_row(reference, monkeypatch):
-    """Above 256 global latents (flights: 4,170) the set-up whitens by the ELBO's
-    Hessian in the means over every row: the exact Hessian from its arrowhead structure
-    with the diagonal E_q[diag] (:func:`viax.infer.minibatch._full_whitening`); here
-    the threshold is lowered to 32 so that this 58-latent model takes that path.  Same
-    tolerances as above."""
+    """Above 256 global latents (flights: 4,170) the set-up resumes the subsample's
+    mean-field fit on every row and whitens by the ELBO's Hessian in the means over
+    every row: the exact Hessian from its arrowhead structure with the diagonal
+    E_q[diag] (:func:`viax.infer.minibatch._full_whitening`, :func:`_full_dadvi`); here
+    the threshold is lowered to 32 so that this 58-latent model takes that path, and
+    the subsample is 256 of the 1,000 rows, so that its fit (each row counted 4 times)
+    is not the full data's.  Same tolerances as above."""
     model, data, ref = reference
     monkeypatch.setattr(minibatch, "_MAX_DENSE_DIM", 32)
-    mini = fit_minibatch(model, data, batch_size=256, evaluate=False, seed=0, progress=False)
+    mini = fit_minibatch(
+        model,
+        data,
+        batch_size=256,
+        num_precondition_rows=256,
+        evaluate=False,
+        seed=0,
+        progress=False,
+    )
     assert mini.info["curvature_reason"].startswith("exact Hessian from 8 columns"), mini.info
     assert "E_q[Hessian] over every row" in mini.info["preconditioner"]
+    assert "resumed on every row" in mini.info["preconditioner"]
+    assert mini.info["full_dadvi_converged"], mini.info
+    # The set-up ends at the full data's mean-field fixed point (up to its 16 draws).
+    assert mini.info["setup_decrement"] < 0.01, mini.info
     assert mini.converged, mini.message
     agree(ref, mini)
 
