@@ -27,6 +27,7 @@ def test_difference_estimator_agrees_with_the_exact_pass_within_its_own_error(mo
     reads only the sampled batches.  Where the error is above a tenth of the log
     weights' spread, the evaluation is exact, and says why."""
     monkeypatch.setattr(mb, "_EVAL_BATCHES", 16)
+    monkeypatch.setattr(mb, "_EVAL_BATCHES_FIRST", 16)
     rng = np.random.default_rng(0)
     n = 4096
     X = rng.normal(size=(n, 3)) * np.array([1.0, 10.0, 0.1])
