@@ -141,3 +141,30 @@ def test_bad_num_particles_is_refused_by_name(bad):
     X, y = _regression_data(64)
     with pytest.raises(ValueError, match="num_particles must be a positive integer"):
         mb.fit_minibatch(regression, {"X": X, "y": y}, batch_size=32, num_particles=bad)
+
+
+def test_newton_step_that_does_not_raise_the_log_joint_is_not_taken():
+    """The Newton start is a trust region's ratio test: where the second pass finds the
+    log joint risen by less than a quarter of the quadratic model's prediction, the
+    whitening and the anchor stay at the subsample's MAP, and ``info`` says so."""
+    X, y = _regression_data(256)
+    source = vdata.as_source({"X": X, "y": y})
+    bm, constants = mb._analyse_cached(regression, source, 64)
+    batch = {**constants, "X": X[:64], "y": y[:64], "_rows": np.arange(64)}
+    dim = bm.global_dim
+    whitening = mb.Whitening(np.zeros(dim), np.eye(dim), np.ones(dim))
+    anchor = mb.Anchor(np.zeros(dim), np.asarray(-100.0), np.full(dim, 2.0), np.asarray(1.0))
+    seen = []
+
+    def anchor_at(center, value):
+        seen.append(np.asarray(center))
+        return mb.Anchor(center, np.asarray(value), np.zeros(dim), np.asarray(1.0))
+
+    # Predicted gain ½|Aᵀg|² = 6 nats (the prior's gradient at 0 is 0); found: 1 nat.
+    kept = mb._newton_start(bm, whitening, anchor, batch, lambda c: anchor_at(c, -99.0))
+    assert kept[0] is whitening and kept[1] is anchor
+    assert kept[2].startswith("not taken") and "predicted +6" in kept[2], kept[2]
+    np.testing.assert_allclose(seen[0], np.full(dim, 2.0))  # ẑ + H⁻¹ g
+    taken = mb._newton_start(bm, whitening, anchor, batch, lambda c: anchor_at(c, -95.0))
+    assert taken[2].startswith("taken") and taken[1].value == -95.0
+    np.testing.assert_allclose(taken[0].center, np.full(dim, 2.0))
