@@ -113,6 +113,9 @@ _MAP_RESTARTS = 2  # MAP searches restarted after a scale collapsed
 _COLLAPSE = 8.0  # a scale this far (in log) below its start has collapsed
 _DADVI_DRAWS = 16  # fixed draws of the hierarchical set-up's mean-field fit (0: off)
 _DADVI_STEPS = 400  # its L-BFGS steps at most
+# ... where the fit is resumed on every row afterwards (a large model with passes over
+# the data, :func:`_full_dadvi`): the subsample's fit only places the whitening.
+_DADVI_STEPS_BEFORE_FULL = 400
 # Its gradient tolerance (max |∂L/∂w|, w in posterior sds): a preconditioner needs the
 # centre to a few hundredths of an sd, and the stochastic phase corrects the rest (at
 # 1e-3 the flights set-up took 977 steps of 16 draws × 65,536 rows, 12 minutes).
@@ -650,7 +653,9 @@ def _dadvi_whitening(
         return value, np.asarray(grad) * units
 
     t0 = time.perf_counter()
-    w, value, grad, steps = minimize_on_host(scaled, np.zeros(2 * dim), _DADVI_STEPS, _DADVI_TOL)
+    resumed = full is not None and dim > _MAX_DENSE_DIM
+    max_steps = _DADVI_STEPS_BEFORE_FULL if resumed else _DADVI_STEPS
+    w, value, grad, steps = minimize_on_host(scaled, np.zeros(2 * dim), max_steps, _DADVI_TOL)
     x = x0 + units * w
     info = {
         **info,
@@ -664,7 +669,7 @@ def _dadvi_whitening(
             "preconditioner": "diagonal curvature at the MAP search's point (DADVI failed)",
         }
     center, scale = x[:dim], np.minimum(np.exp(x[dim:]), _MAX_SCALE)
-    where = "" if steps < _DADVI_STEPS else f" (not converged in {steps} steps)"
+    where = "" if steps < max_steps else f" (not converged in {steps} steps)"
     if dim > _MAX_DENSE_DIM:
         dense = _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full)
         if dense is not None:
@@ -782,7 +787,8 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full=None):
             reason = f"{structure_reason}, over every row"
             info = {**info, "hessian_seconds": time.perf_counter() - t0}
             if np.all(np.isfinite(hess)):
-                return _full_whitening(full, hess, center, scale, info, reason)
+                passes = _full_passes_allowed(every_row, _FULL_DADVI_DRAWS)
+                return _full_whitening(full, hess, center, scale, info, reason, passes)
             hess = None
     if hess is None:
         plan, reason, rows = dense_curvature_plan(
@@ -859,7 +865,7 @@ def _abs_inverse_sqrt(matrix: np.ndarray):
     return (eigvec * absval**-0.5) @ eigvec.T, int(np.sum(eigval <= 0)), absval, eigvec
 
 
-def _full_whitening(full: FullData, hess, center, scale, info, reason):
+def _full_whitening(full: FullData, hess, center, scale, info, reason, passes=_DADVI_STEPS):
     """``(Whitening, info)``: the mean-field fit resumed on **every row** and the
     stochastic phase whitened by the ELBO's Hessian in the means there.
 
@@ -906,8 +912,11 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason):
         "hessian_negative_eigenvalues": negative_eigenvalues,
         "whitening_seconds": time.perf_counter() - t0,
     }
-    resumed = _full_dadvi(full, tril, center, scale)
-    if resumed is None:
+    resumed = _full_dadvi(full, tril, center, scale, passes) if passes >= _MIN_PASSES else None
+    if passes < _MIN_PASSES:
+        where = f" (not resumed on every row: {passes} passes fit the time budget)"
+        info["full_dadvi_steps"] = 0
+    elif resumed is None:
         where = " (its resumption on every row failed: the subsample's fit kept)"
     else:
         center, scale, full_info = resumed
@@ -935,23 +944,41 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason):
 
 
 _FULL_DADVI_DRAWS = 16  # fixed draws of the mean-field fit resumed on every row
+_MIN_PASSES = 20  # fewer passes in the budget: the subsample's fit is kept
 
 
-def _full_dadvi(full: FullData, tril, center, scale):
+def _full_passes_allowed(every_row: dict, num_draws: int) -> int:
+    """Passes over every row (value and gradient of the fixed-draw ELBO, ``num_draws``
+    draws) that fit :data:`viax.infer.chunked.FULL_BATCH_SECONDS`, at most
+    ``_DADVI_STEPS``: estimated from the rows' numbers as the full-batch path's budget
+    is (:func:`viax.infer.chunked.full_batch_estimate`), not timed, so that the fit does
+    not depend on the machine's load (flights: 327,346 rows x 16 draws x 14 numbers,
+    0.37 s a pass, 400 passes; 10^7 rows x 21 numbers: 25)."""
+    from viax.infer.chunked import (
+        _ROW_OVERHEAD,
+        _SECONDS_PER_NUMBER,
+        FULL_BATCH_SECONDS,
+        row_layout,
+    )
+
+    num_rows, _, width = row_layout(every_row)
+    seconds = num_rows * num_draws * (width + _ROW_OVERHEAD) * _SECONDS_PER_NUMBER
+    return int(min(_DADVI_STEPS, FULL_BATCH_SECONDS // max(seconds, 1e-9)))
+
+
+def _full_dadvi(full: FullData, tril, center, scale, max_steps: int):
     """``(center, scale, info)`` of the mean-field DADVI fit resumed on every row from
     q = N(center, diag scale²), or None where it failed.
 
     The fixed-draw ELBO of :func:`_dadvi_whitening` over all N rows (one pass over
     the data per value and gradient), by L-BFGS in the coordinates m = c + W w, log s =
     log s₀ + v with W = |H̃|^(−1/2) (:func:`_full_whitening`), to max |∂L/∂(w, v)| ≤
-    ``_DADVI_DENSE_TOL``, within :data:`viax.infer.chunked.FULL_BATCH_SECONDS` (the
-    steps allowed are set from the first pass's time).  The M draws are antithetic
+    ``_DADVI_DENSE_TOL``, in at most ``max_steps`` passes (:func:`_full_passes_allowed`).
+    The M draws are antithetic
     pairs scaled so that each coordinate's mean square is 1: the fixed-draw entropy and
     quadratic terms are then exact, where unscaled draws put each coordinate's sd off
     by about 1/√(2M) (35% at M = 16; measured on flights: 69% of the plane sds more
     than 10% off the full-batch fit after 150 passes, none with the scaled draws)."""
-    from viax.infer.chunked import FULL_BATCH_SECONDS
-
     dim = center.size
     eps = np.random.default_rng(3).standard_normal((_FULL_DADVI_DRAWS // 2, dim))
     eps = np.concatenate([eps, -eps])
@@ -968,11 +995,6 @@ def _full_dadvi(full: FullData, tril, center, scale):
         return float(value), np.concatenate([tril.T @ grad[:dim], grad[dim:]])
 
     t0 = time.perf_counter()
-    value, _ = whitened(np.zeros(2 * dim))
-    pass_seconds = time.perf_counter() - t0
-    if not np.isfinite(value):
-        return None
-    max_steps = int(min(_DADVI_STEPS, max(FULL_BATCH_SECONDS / max(pass_seconds, 1e-9), 1)))
     w, value, grad, steps = minimize_on_host(
         whitened, np.zeros(2 * dim), max_steps, _DADVI_DENSE_TOL
     )
