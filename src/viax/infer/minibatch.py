@@ -1649,8 +1649,14 @@ def fit_minibatch(
     setup = (whitening, anchor) if curvature is None else (whitening, anchor, curvature)
     # Host arrays (never weakly typed): the compiled chunk's signature is fixed.
     setup = jax.tree_util.tree_map(np.asarray, setup)
+    guessed = algo
     algo = build(particles_for(curvature is not None))
     info["num_particles"] = particles_for(curvature is not None)
+    if background is not None and (
+        algo is not guessed
+        or jax.tree_util.tree_structure(setup) != jax.tree_util.tree_structure(template)
+    ):
+        background = None  # compiling a program this run will not use: not waited for
 
     state = algo.init(fam.init(), rng_key)
     flat0, unravel_w = ravel_pytree(state.params["global"])
