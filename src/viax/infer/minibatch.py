@@ -112,10 +112,11 @@ _MAX_SCALE = 100.0  # whitened unit at most this (a flat direction is not a huge
 _MAP_RESTARTS = 2  # MAP searches restarted after a scale collapsed
 _COLLAPSE = 8.0  # a scale this far (in log) below its start has collapsed
 _DADVI_DRAWS = 16  # fixed draws of the hierarchical set-up's mean-field fit (0: off)
-_DADVI_STEPS = 400  # its L-BFGS steps at most
-# ... where the fit is resumed on every row afterwards (a large model with passes over
-# the data, :func:`_full_dadvi`): the subsample's fit only places the whitening.
-_DADVI_STEPS_BEFORE_FULL = 400
+# Its L-BFGS steps at most; also where the fit is resumed on every row afterwards
+# (:func:`_full_dadvi`): the whitening is placed at the subsample's fit, and capped at
+# 100 steps on flights that fit was so far off (σ_carrier 124 sd) that 400 passes over
+# every row did not converge from it (a session script, 19:21-19:26).
+_DADVI_STEPS = 400
 # Its gradient tolerance (max |∂L/∂w|, w in posterior sds): a preconditioner needs the
 # centre to a few hundredths of an sd, and the stochastic phase corrects the rest (at
 # 1e-3 the flights set-up took 977 steps of 16 draws × 65,536 rows, 12 minutes).
@@ -653,9 +654,7 @@ def _dadvi_whitening(
         return value, np.asarray(grad) * units
 
     t0 = time.perf_counter()
-    resumed = full is not None and dim > _MAX_DENSE_DIM
-    max_steps = _DADVI_STEPS_BEFORE_FULL if resumed else _DADVI_STEPS
-    w, value, grad, steps = minimize_on_host(scaled, np.zeros(2 * dim), max_steps, _DADVI_TOL)
+    w, value, grad, steps = minimize_on_host(scaled, np.zeros(2 * dim), _DADVI_STEPS, _DADVI_TOL)
     x = x0 + units * w
     info = {
         **info,
@@ -669,7 +668,7 @@ def _dadvi_whitening(
             "preconditioner": "diagonal curvature at the MAP search's point (DADVI failed)",
         }
     center, scale = x[:dim], np.minimum(np.exp(x[dim:]), _MAX_SCALE)
-    where = "" if steps < max_steps else f" (not converged in {steps} steps)"
+    where = "" if steps < _DADVI_STEPS else f" (not converged in {steps} steps)"
     if dim > _MAX_DENSE_DIM:
         dense = _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full)
         if dense is not None:
