@@ -779,15 +779,19 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full=None):
                 structure_reason = f"{structure_reason}, not over every row ({plan_reason})"
                 structure = None
         if structure is not None:
-            probes = structure.probes(dim, np.float64)
-            products = np.asarray(full.products(jnp.asarray(center), jnp.asarray(probes)))
-            hess = np.asarray(structured_hessian(jnp.asarray(products), structure, dim))
-            hess = 0.5 * (hess + hess.T)
+            probes = jnp.asarray(structure.probes(dim, np.float64))
+
+            def hessian_at(u, structure=structure, probes=probes):
+                products = full.products(jnp.asarray(u), probes)
+                hess = np.asarray(structured_hessian(products, structure, dim))
+                return 0.5 * (hess + hess.T)
+
+            hess = hessian_at(center)
             reason = f"{structure_reason}, over every row"
             info = {**info, "hessian_seconds": time.perf_counter() - t0}
             if np.all(np.isfinite(hess)):
                 passes = _full_passes_allowed(every_row, _FULL_DADVI_DRAWS)
-                return _full_whitening(full, hess, center, scale, info, reason, passes)
+                return _full_whitening(full, hess, center, scale, info, reason, passes, hessian_at)
             hess = None
     if hess is None:
         plan, reason, rows = dense_curvature_plan(
@@ -864,7 +868,9 @@ def _abs_inverse_sqrt(matrix: np.ndarray):
     return (eigvec * absval**-0.5) @ eigvec.T, int(np.sum(eigval <= 0)), absval, eigvec
 
 
-def _full_whitening(full: FullData, hess, center, scale, info, reason, passes=_DADVI_STEPS):
+def _full_whitening(
+    full: FullData, hess, center, scale, info, reason, passes=_DADVI_STEPS, hessian_at=None
+):
     """``(Whitening, info)``: the mean-field fit resumed on **every row** and the
     stochastic phase whitened by the ELBO's Hessian in the means there.
 
@@ -887,24 +893,16 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason, passes=_D
     did not bring them back in 40,000 steps (σ_tail 6 sd and the plane sds 57% off,
     R̂ 2.1).  So the fit is resumed on every row first (:func:`_full_dadvi`), in the
     coordinates whitened by |H̃|^(−1/2), where L-BFGS converges in a few hundred passes
-    (flights: 319 passes of 0.3 s).  ``info["setup_decrement"]``: gᵀ|H̃|⁻¹g / D for g =
-    E_q[∇ log p̃] over every row at the set-up's end, how far (in posterior sd², per
-    coordinate) its means are from the full-data mean-field fixed point."""
+    (flights: 209 passes), and H̃ is taken again at the resumed fit (``hessian_at``, one
+    pass for the structured Hessian and one for E_q[diag]).  ``info["setup_decrement"]``:
+    gᵀ|H̃|⁻¹g / D for g = E_q[∇ log p̃] over every row at the set-up's end, how far (in
+    posterior sd², per coordinate) its means are from the full-data mean-field fixed
+    point."""
     t0 = time.perf_counter()
-    dim = center.size
-    eps = np.random.default_rng(2).standard_normal((_FULL_DRAWS, dim))
-    draws = jnp.asarray(center + scale * np.concatenate([eps, -eps]))
-    diag = np.asarray(full.diagonal(draws))
-    if not np.all(np.isfinite(diag)):
+    whitened = _elbo_hessian_root(full, hess, center, scale)
+    if whitened is None:
         return None
-    matrix = hess.copy()
-    index = np.arange(dim)
-    matrix[index, index] = np.where(diag > 0, diag, np.abs(np.diagonal(hess)))
-    root = _abs_inverse_sqrt(matrix)
-    if root is None:
-        return None
-    tril, negative_eigenvalues, absval, eigvec = root
-    scale = np.minimum(np.where(diag > 0, np.abs(diag) ** -0.5, scale), _MAX_SCALE)
+    scale, (tril, negative_eigenvalues, absval, eigvec) = whitened
     info = {
         **info,
         "curvature_reason": reason,
@@ -926,6 +924,22 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason, passes=_D
             + ("" if full_info["full_dadvi_converged"] else ", not converged")
             + ")"
         )
+        if hessian_at is not None:
+            # Whitened again where the stochastic phase starts: the curvature of a
+            # ridge (the intercept against the carrier effects, 1/σ_c² from their
+            # prior) moves with the group scales, which the resumption moved by tens
+            # of sds.
+            t0 = time.perf_counter()
+            hess = hessian_at(center)
+            again = (
+                _elbo_hessian_root(full, hess, center, scale) if np.all(np.isfinite(hess)) else None
+            )
+            if again is not None:
+                scale, (tril, negative_eigenvalues, absval, eigvec) = again
+                info["hessian_negative_eigenvalues"] = negative_eigenvalues
+                info["rewhitening_seconds"] = time.perf_counter() - t0
+                where += ", whitened again there"
+    dim = center.size
     eps = np.random.default_rng(2).standard_normal((_FULL_DRAWS, dim))
     grad = np.asarray(full.gradient(jnp.asarray(center + scale * np.concatenate([eps, -eps]))))
     if not np.all(np.isfinite(grad)):
@@ -940,6 +954,26 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason, passes=_D
             "E_q[diagonal] from 32 draws)"
         ),
     }
+
+
+def _elbo_hessian_root(full: FullData, hess, center, scale):
+    """``(scale, root)`` at q = N(center, diag scale²): H̃ = ``hess`` with its diagonal
+    replaced by E_q[diag H] over every row (32 antithetic draws, one pass), q's sds at
+    the mean-field fixed point H̃_jj^(−1/2), and :func:`_abs_inverse_sqrt` of H̃; None
+    where either is not finite (see :func:`_full_whitening`)."""
+    dim = center.size
+    eps = np.random.default_rng(2).standard_normal((_FULL_DRAWS, dim))
+    draws = jnp.asarray(center + scale * np.concatenate([eps, -eps]))
+    diag = np.asarray(full.diagonal(draws))
+    if not np.all(np.isfinite(diag)):
+        return None
+    matrix = hess.copy()
+    index = np.arange(dim)
+    matrix[index, index] = np.where(diag > 0, diag, np.abs(np.diagonal(hess)))
+    root = _abs_inverse_sqrt(matrix)
+    if root is None:
+        return None
+    return np.minimum(np.where(diag > 0, np.abs(diag) ** -0.5, scale), _MAX_SCALE), root
 
 
 _FULL_DADVI_DRAWS = 16  # fixed draws of the mean-field fit resumed on every row
