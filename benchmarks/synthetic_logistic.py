@@ -119,6 +119,16 @@ def run_viax(kind: str, path, process: tuple[int, int, str] | None = None) -> di
     cpu_start = time.process_time()
     import jax
 
+    # Compiled programs and their seconds (XLA's compile, jaxpr tracing), every thread's.
+    compiles: dict[str, list[float]] = {"compile": [], "trace": []}
+
+    def on_event(name, seconds, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles["compile"].append(seconds)
+        elif name == "/jax/core/compile/jaxpr_trace_duration":
+            compiles["trace"].append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
     if process is not None:
         pid, count, port = process
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -174,6 +184,9 @@ def run_viax(kind: str, path, process: tuple[int, int, str] | None = None) -> di
         "num_particles": result.info.get("num_particles"),
         "phases": phases,
         "timings": timings,
+        "programs_compiled": len(compiles["compile"]),
+        "compile_seconds": float(sum(compiles["compile"])),
+        "trace_seconds": float(sum(compiles["trace"])),
         "rss_after_import_mb": rss_import,
         "mean": mean.tolist(),
         "sd": sd.tolist(),
@@ -383,16 +396,25 @@ def _table(payload: dict) -> list[str]:
             "",
             "| method | import | read | "
             + " | ".join(names)
-            + " | 1000 draws | RSS after import MB |",
-            "|---|---|---|" + "---|" * len(names) + "---|---|",
+            + " | 1000 draws | RSS after import MB | programs | XLA compile s | tracing s |",
+            "|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
         ]
         for kind, r in timed.items():
             t = r["timings"]
             lines.append(
                 f"| {kind} | {r['phases']['import']:.1f} | {r['phases']['read']:.1f} | "
                 + " | ".join(f"{t.get(n, float('nan')):.1f}" for n in names)
-                + f" | {r['phases']['draws_1000']:.1f} | {r['rss_after_import_mb']:.0f} |"
+                + f" | {r['phases']['draws_1000']:.1f} | {r['rss_after_import_mb']:.0f} | "
+                f"{r.get('programs_compiled', '')} | "
+                f"{r.get('compile_seconds', float('nan')):.2f} | "
+                f"{r.get('trace_seconds', float('nan')):.2f} |"
             )
+        lines += [
+            "",
+            "Programs: XLA programs compiled by the process (every thread's, the background "
+            "compiles included; a cached run loads them instead); XLA compile s and "
+            "tracing s: their seconds summed over threads (overlapping in wall time).",
+        ]
     evaluated = {k: r for k, r in payload["results"].items() if r.get("evaluation")}
     if evaluated:
         lines += ["", "Final evaluation (`result.info['evaluation']`; 200 draws of q):", ""]

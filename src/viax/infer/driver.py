@@ -46,10 +46,17 @@ def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     return jax.jit(fn, compiler_options=_FAST_COMPILE, **jit_kwargs)
 
 
-def precompile(*jobs: tuple[Callable, tuple]) -> threading.Thread:
+def precompile(
+    *jobs: tuple[Callable, tuple],
+    after: threading.Thread | None = None,
+    sequential: bool = False,
+) -> threading.Thread:
     """Compile each ``(jitted, args)`` of ``jobs`` (args: arrays or
     ``jax.ShapeDtypeStruct``s; static arguments as values) in the background; return
-    the thread to join before the first call.
+    the thread to join before the first call.  ``after``: a thread (another
+    precompile's) whose end the compiles wait for; ``sequential``: the jobs compiled
+    one after another in the one thread (programs needed later, kept off the cores
+    that the caller and the first programs use).
 
     XLA compiles with the GIL released, so these compiles overlap with the caller's own;
     the later calls find the programs in JAX's cache.  Tracing runs the model through
@@ -71,6 +78,12 @@ def precompile(*jobs: tuple[Callable, tuple]) -> threading.Thread:
                 lowered.append(jitted.lower(*args))
             except Exception:  # noqa: BLE001
                 pass
+        if after is not None:
+            after.join()
+        if sequential:
+            for low in lowered:
+                compile_quietly(low)
+            return
         others = [threading.Thread(target=compile_quietly, args=(low,)) for low in lowered[1:]]
         for thread in others:
             thread.start()
@@ -209,6 +222,7 @@ def run(
     fast_compile: bool = False,
     batches: Iterator | None = None,
     postfix_fn: Callable[[Any, Any, int], str] | None = None,
+    chunk_data_fn: Callable[[Any, int], dict] | None = None,
 ) -> RunOutput:
     """Run ``step_fn`` for up to ``num_steps`` steps in chunks of ``chunk_size``.
 
@@ -221,7 +235,10 @@ def run(
     this one runs); each chunk is one compiled scan of K steps of
     ``step_fn(state, rng_key, data, batch)`` (``chunk_size`` is then unused), and the run
     also ends when the iterator does.  ``postfix_fn(state, chunk_info, steps_done)``
-    gives the progress bar's text after each chunk.
+    gives the progress bar's text after each chunk.  ``chunk_data_fn(state, K)``, with
+    ``batches``: arrays added to ``data`` for the chunk about to run from ``state`` (e.g.
+    noise drawn on the host for its K steps); the same shapes for every full chunk, so
+    the compiled chunk is reused.
     """
     run_chunk = chunk_fn(step_fn, fast_compile) if batches is None else batched_chunk_fn(step_fn)
     pending = None  # the next chunk of batches
@@ -243,7 +260,10 @@ def run(
                     message = f"reached the end of the data after {steps_done} steps"
                     break
                 n = jax.tree_util.tree_leaves(pending)[0].shape[0]
-                new_state, info = run_chunk(state, rng_key, np.int32(chunk_index), data, pending)
+                chunk_data = data if chunk_data_fn is None else {**data, **chunk_data_fn(state, n)}
+                new_state, info = run_chunk(
+                    state, rng_key, np.int32(chunk_index), chunk_data, pending
+                )
             chunk_index += 1
             objective = np.asarray(info.objective)
             if batches is not None and int(new_state.guard.num_nonfinite) > num_nonfinite:

@@ -12,8 +12,9 @@ al. 2013; Titsias & Lázaro-Gredilla 2014: reparameterised draws and a random ba
 "doubly stochastic").  The default needs no tuning on raw-scale data:
 
 1. **Whitening** (Laplace on a subsample): the MAP ẑ of the global latents on up to
-   ``num_precondition_rows`` rows (local terms scaled to N) by L-BFGS, the Hessian H
-   there (dense for D_g ≤ 256, else its diagonal by Hessian-vector products), and the
+   ``num_precondition_rows`` rows (local terms scaled to N) by Newton's method on the
+   dense Hessian (D_g ≤ 64) or L-BFGS, the Hessian H there (dense for D_g ≤ 256, else
+   its diagonal by Hessian-vector products), and the
    global parameters optimised in coordinates where the posterior is about N(0, I):
    ``m = ẑ + A a`` with A = chol(H⁻¹) (or diag(H)^(−1/2)), scales relative to
    diag(H)^(−1/2).  Skipped (A = I) for models with per-row latents.  Hierarchical
@@ -80,7 +81,7 @@ from viax.infer.driver import (
     precompile,
     run,
 )
-from viax.infer.optimize import minimize_on_host
+from viax.infer.optimize import NewtonResult, minimize_on_host, newton_on_host
 from viax.infer.stopping import MCSEStop, parse_stop_rule, robust_max
 from viax.model import Model, ModelError
 from viax.result import Result, mean_and_se
@@ -108,6 +109,15 @@ _EVAL_BATCHES_FIRST = 8
 _SALT_EVALUATION = 0x5EED_0E7A
 _MAP_STEPS = 500  # L-BFGS steps of the whitening's MAP search
 _MAP_STEPS_DADVI = 100  # the same, where it only starts the DADVI set-up
+# Up to this many global latents (and no hierarchical set-up) the MAP search is Newton's
+# method on the dense Hessian, which the Laplace whitening needs at the MAP anyway: one
+# compiled program (value, gradient, Hessian) instead of three (value and gradient, a
+# diagonal curvature to scale L-BFGS, the Hessian), and 7 Hessians instead of 43 L-BFGS
+# steps on the 10^6-row logistic regression's 65,536 rows (21 latents: a Hessian costs
+# about 4 gradients there, 7 at 256 latents, where L-BFGS is kept).
+_NEWTON_MAX_DIM = 64
+_NEWTON_STEPS = 50  # Hessians at most; not converged: L-BFGS goes on from its point
+_NEWTON_TOL = 1e-8  # Newton decrement gᵀH⁻¹g: the step's squared length in posterior sds
 _MAX_SCALE = 100.0  # whitened unit at most this (a flat direction is not a huge one)
 _MAP_RESTARTS = 2  # MAP searches restarted after a scale collapsed
 _COLLAPSE = 8.0  # a scale this far (in log) below its start has collapsed
@@ -224,6 +234,30 @@ def _local_gather(local: dict, rows) -> dict:
 
 
 SETUP = "_setup"  # the batch key of the run's (Whitening, Anchor)
+# Models without per-row latents: the standard normals of each step's draws of q are made
+# on the host (:func:`_step_noise`) and handed to each chunk as data, (K, draws, D) from
+# its first step on; a step reads its row into the batch under _EPS.
+_NOISE, _NOISE_START, _EPS = "_noise", "_noise_start", "_eps"
+_SALT_NOISE = 0x5EED_D4A3
+
+
+def _step_noise(seed: int, start: int, num: int, shape: tuple) -> np.ndarray:
+    """Standard normals ``(num, *shape)`` for the global steps ``start, …, start + num − 1``:
+    step t's from its own stream (NumPy's generator seeded by (seed, t)), so a step's
+    draws depend on neither the chunking, nor the devices or processes, nor a resumption.
+
+    A compiled Threefry hash and its float64 inverse error function were 0.9 s of the
+    step's chunk's 2.2 s of compilation (the 10^6-row logistic regression, 2-core
+    machine), for a few numbers a step; NumPy makes a chunk's in well under a millisecond.
+    """
+    dtype = jax.dtypes.canonicalize_dtype(np.float64)
+    entropy = int(seed) % 2**64
+    return np.stack(
+        [
+            np.random.default_rng([entropy, _SALT_NOISE, start + i]).standard_normal(shape)
+            for i in range(num)
+        ]
+    ).astype(dtype)
 
 
 @functools.lru_cache(maxsize=64)
@@ -255,8 +289,11 @@ def elbo_objective(bm: BatchedModel, family: Family, num_particles: int) -> Call
         rows = batch[ROWS]
         factor = n / rows.shape[0]
         fam_params = whitening.push(family, params["global"])
-        key_g, key_l = jax.random.split(key)
-        eps = jax.random.normal(key_g, (num_particles, family.noise_dim))
+        if _EPS in batch:  # the step's draws made on the host (see _step_noise)
+            eps, key_l = batch[_EPS], key
+        else:
+            key_g, key_l = jax.random.split(key)
+            eps = jax.random.normal(key_g, (num_particles, family.noise_dim))
         zg = jax.vmap(lambda e: family.transform(fam_params, e))(eps)
         zl, local_entropy = {}, 0.0
         for index, site in enumerate(bm.local_sites):
@@ -359,7 +396,12 @@ def build_minibatch(
         batch = {**data, **batch}
         rows = batch[ROWS]
         factor = bm.num_rows / rows.shape[0]
-        key = jax.random.fold_in(state.rng_key, state.step)
+        if _NOISE in batch:
+            # This step's row of the chunk's host-drawn noise (:func:`_step_noise`).
+            batch[_EPS] = batch[_NOISE][state.step - batch[_NOISE_START]]
+            key = state.rng_key  # unused: no per-row latents
+        else:
+            key = jax.random.fold_in(state.rng_key, state.step)
         gathered = _local_gather(state.params["local"], rows)
         params = {"global": state.params["global"], "local": gathered}
         (loss, elbo), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, key)
@@ -503,10 +545,11 @@ def _whitening(
     if bm.local_sites or dim == 0:
         return identity, {"preconditioner": "identity (per-row latents)" if dim else "none"}
     factor = jnp.asarray(bm.num_rows / num_sample_rows)
-    value_and_grad, hessian_fn, diagonal_fn, _ = _map_fns(bm)
-    # L-BFGS in coordinates scaled by the curvature at the start: on raw scales (a
-    # slope per km next to an intercept) its first steps would otherwise overshoot by
-    # orders of magnitude and its step-size search give up.
+    value_and_grad, value_grad_hessian, diagonal_fn, _ = _map_fns(bm)
+    # Newton's method on the dense Hessian for a few latents (affine invariant: raw
+    # scales cost it nothing); otherwise L-BFGS in coordinates scaled by the curvature
+    # at the start: on raw scales (a slope per km next to an intercept) its first steps
+    # would otherwise overshoot by orders of magnitude and its step-size search give up.
     # Off the exact start u = 0 (a fixed nudge, the same in every process): there a
     # logistic likelihood's logits are exactly 0, where the gradient of NumPyro's
     # softplus (max(x, 0) + log1p(exp(-|x|))) takes the wrong subgradient.
@@ -525,21 +568,32 @@ def _whitening(
     # For a hierarchical model the search only starts the DADVI fit (fixed effects on
     # raw scales found; the scales' mode is no target): a short one.
     map_steps = _MAP_STEPS_DADVI if dadvi else _MAP_STEPS
+    newton = not dadvi and dim <= _NEWTON_MAX_DIM
     point, collapsed_ever = np.asarray(start), np.zeros(0, int)
-    total_steps, collapsed = 0, np.zeros(0, int)
+    total_steps, collapsed, newton_steps = 0, np.zeros(0, int), 0
+    found: NewtonResult | None = None
     for _ in range(_MAP_RESTARTS + 1):
-        point_j = jnp.asarray(point)
-        curvature = np.asarray(diagonal_fn(point_j, factor, batch))
-        good = np.isfinite(curvature) & (curvature > 0)
-        unit = np.where(good, np.abs(curvature) ** -0.5, 1.0) if good.any() else np.ones(dim)
+        found = _newton_map(value_grad_hessian, point, factor, batch) if newton else None
+        if found is not None:
+            newton_steps += found.num_steps
+            total_steps += found.num_steps
+            center, value, steps = found.position, found.value, 0
+        if found is None or not (found.converged and np.isfinite(found.value)):
+            found = None  # L-BFGS (from Newton's point where it is finite)
+            if newton and np.isfinite(value) and np.all(np.isfinite(center)):
+                point = center
+            curvature = np.asarray(diagonal_fn(jnp.asarray(point), factor, batch))
+            good = np.isfinite(curvature) & (curvature > 0)
+            unit = np.where(good, np.abs(curvature) ** -0.5, 1.0) if good.any() else np.ones(dim)
 
-        def scaled(w, point_j=point_j, unit=unit):
-            value, grad = value_and_grad(point_j + unit * jnp.asarray(w), factor, batch)
-            return value, np.asarray(grad) * unit
+            def scaled(w, point=point, unit=unit):
+                # NumPy on the host: an eager jnp operation is a compiled program
+                value, grad = value_and_grad(jnp.asarray(point + unit * w), factor, batch)
+                return value, np.asarray(grad) * unit
 
-        w, value, grad, steps = minimize_on_host(scaled, np.zeros(dim), map_steps, 1e-3)
-        total_steps += int(steps)
-        center = point + unit * w
+            w, value, grad, steps = minimize_on_host(scaled, np.zeros(dim), map_steps, 1e-3)
+            total_steps += int(steps)
+            center = point + unit * w
         if not (np.isfinite(value) and np.all(np.isfinite(center))):
             break
         collapsed = positive[center[positive] < np.asarray(start)[positive] - _COLLAPSE]
@@ -549,6 +603,8 @@ def _whitening(
         point = center.copy()
         point[collapsed] = np.asarray(start)[collapsed]
     info = {"map_steps": total_steps, "precondition_rows": int(num_sample_rows)}
+    if newton:
+        info["map_newton_steps"] = newton_steps  # Hessians evaluated
     if collapsed_ever.size:
         info["collapsed_scales"] = sorted({bm.site_of_index(int(i)) for i in collapsed_ever})
     if not (np.isfinite(value) and np.all(np.isfinite(center))):
@@ -572,7 +628,10 @@ def _whitening(
         return _dadvi_whitening(bm, batch, factor, center, dadvi_draws, info, full)
     center_j = jnp.asarray(center)
     if dim <= _MAX_DENSE_DIM:
-        hessian = np.asarray(hessian_fn(center_j, factor, batch))
+        if found is not None and not collapsed.size:
+            hessian = found.hessian  # Newton's, at its point: the centre
+        else:
+            hessian = np.asarray(value_grad_hessian(center_j, factor, batch)[2])
         hessian = 0.5 * (hessian + hessian.T)
         diag = np.diagonal(hessian)
         try:
@@ -1225,13 +1284,49 @@ def _block(bm, center, factor, batch, diag):
     return jnp.asarray(index), jnp.asarray(tril)
 
 
+def _newton_map(value_grad_hessian, start, factor, batch) -> NewtonResult:
+    """The subsample MAP by :func:`viax.infer.optimize.newton_on_host` from ``start``
+    (modified Newton steps, Armijo backtracking), with one compiled program
+    ``value_grad_hessian(u, factor, batch) -> (f, ∇f, ∇²f)`` for its values, gradients
+    and Hessians: a point's Hessian is asked for right after its value, so the last
+    evaluation is kept rather than repeated."""
+    last: dict[bytes, list[np.ndarray]] = {}
+
+    def evaluate(u):
+        u = np.asarray(u, dtype=np.float64)
+        if u.tobytes() not in last:
+            last.clear()
+            out = value_grad_hessian(u, factor, batch)
+            last[u.tobytes()] = [np.asarray(a, dtype=np.float64) for a in out]
+        return last[u.tobytes()]
+
+    return newton_on_host(
+        lambda u: evaluate(u)[:2],
+        lambda u: evaluate(u)[2],
+        np.asarray(start, dtype=np.float64),
+        _NEWTON_STEPS,
+        _NEWTON_TOL,
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def _map_fns(bm: BatchedModel, block: int = 32):
-    """Compiled ``value_and_grad``, dense Hessian and a diagonal curvature of
-    ``−(G(u) + factor · Σ_B ℓ_i(u))`` at ``(u, factor, batch)``."""
+    """Compiled ``value_and_grad``, ``(value, gradient, dense Hessian)`` and a diagonal
+    curvature of ``−(G(u) + factor · Σ_B ℓ_i(u))`` at ``(u, factor, batch)``, and
+    Hessian-vector products ``(u, factor, batch, basis)``."""
     dim = bm.global_dim
     negative = _negative_log_joint(bm)
     row_keys = set(bm.row_names) | {ROWS}
+
+    def value_grad_hessian(u, factor, batch):
+        # Forward over reverse with the value and gradient as the primal's by-products
+        # (one program; measured twice as fast as jax.hessian's jacfwd(jacrev) here).
+        def grad_and_value(x):
+            value, grad = jax.value_and_grad(negative)(x, factor, batch)
+            return grad, (value, grad)
+
+        hessian, (value, grad) = jax.jacfwd(grad_and_value, has_aux=True)(u)
+        return value, grad, hessian
 
     def diagonal(u, factor, batch):
         # The global terms' exact diagonal (Hessian-vector products, no data), plus the
@@ -1269,7 +1364,9 @@ def _map_fns(bm: BatchedModel, block: int = 32):
 
     return (
         jit_once(jax.value_and_grad(negative)),
-        jit_once(jax.hessian(negative)),
+        # Evaluated up to _NEWTON_STEPS times: compiled for speed (at 65,536 rows and 21
+        # latents 14 ms a call, 37 ms compiled for compile time)
+        jax.jit(value_grad_hessian),
         jit_once(diagonal),
         jit_once(functools.partial(_hessian_rows, negative)),
     )
@@ -1300,14 +1397,22 @@ def _full_pass(fn, source, batch_size, seed, pc, put, constants, init):
     k − 1 awaited, so the next batch is read while batch k computes.  Unbounded
     asynchronous dispatch queued hundreds of programs, and with several CPU devices on
     few cores XLA's all-reduce waited past its 40 s limit for a starved device thread
-    and aborted the process (measured: 4 host devices, 2 busy cores, 10^6 rows)."""
-    total = previous = init
+    and aborted the process (measured: 4 host devices, 2 busy cores, 10^6 rows).
+    ``init``: the sum of no batches.  The sum starts at the first batch's value and adds
+    in one compiled program (eager additions compiled one program per leaf and per
+    placement of its operands: four for a value and a gradient)."""
+    total = previous = None
     for batch in _first_epoch(source, batch_size, seed, pc, remainder="pad"):
         value = fn({**constants, **put(batch)})
-        total = jax.tree_util.tree_map(lambda a, b: a + b, total, value)
+        total = value if total is None else _add_trees(total, value)
         jax.block_until_ready(previous)
         previous = total
-    return total
+    return init if total is None else total
+
+
+@jax.jit
+def _add_trees(a, b):
+    return jax.tree_util.tree_map(jnp.add, a, b)
 
 
 # -- the fit ------------------------------------------------------------------------------
@@ -1594,7 +1699,27 @@ def fit_minibatch(
             return num_particles
         return _PARTICLES_CURVATURE if with_curvature else _PARTICLES
 
-    algo = build(particles_for(template is not None and len(template) > 2))
+    def noise_data(particles: int):
+        """``(chunk_data_fn, its abstract arrays for a K-step chunk)`` of the host-drawn
+        noise (:func:`_step_noise`), or (None, {}) for per-row latents (drawn in the step)."""
+        if bm.local_sites or not bm.global_dim:
+            return None, {}
+        shape = (particles, fam.noise_dim)
+
+        def chunk_data(state, num: int) -> dict:
+            start = int(state.step)
+            return put_rep(
+                {_NOISE: _step_noise(seed, start, num, shape), _NOISE_START: np.int32(start)}
+            )
+
+        dtype = jax.dtypes.canonicalize_dtype(np.float64)
+        return chunk_data, {
+            _NOISE: jax.ShapeDtypeStruct((chunk, *shape), dtype, sharding=rep),
+            _NOISE_START: jax.ShapeDtypeStruct((), np.int32, sharding=rep),
+        }
+
+    guessed_particles = particles_for(template is not None and len(template) > 2)
+    algo = build(guessed_particles)
     first_batch = next(iter(_epochs(source, batch_size, seed, 0, 1, per_epoch, pc)))
     # One batch for the terms that read no rows (global terms, constants' shapes).
     any_batch = {**constants_dev, **put_batch(first_batch)}
@@ -1606,11 +1731,16 @@ def fit_minibatch(
             algo,
             put_rep(algo.init(fam.init(), rng_key)),
             rng_key,
-            constants_dev,
+            {**constants_dev, **noise_data(guessed_particles)[1]},
             template,
             {k: v for k, v in first_batch.items() if k != "_index"},
             chunk,
             chunk_sharding,
+        )
+    evaluation_background = None
+    if background is not None and evaluate and _Evaluator.sampled(bm, source, batch_size):
+        evaluation_background = _precompile_evaluation(
+            bm, fam, first_batch, constants_dev, one_sharding, background
         )
     if saved is not None:
         whitening = Whitening(
@@ -1693,7 +1823,7 @@ def fit_minibatch(
 
     state = algo.init(fam.init(), rng_key)
     flat0, unravel_w = ravel_pytree(state.params["global"])
-    scale_fn = _scale_fn(fam, unravel_w, flat0.shape[0])
+    scale_fn = _scale_fn(fam, state.params["global"], flat0.shape[0])
     if "dadvi_steps" in info and stop_rule is None:
         # Hierarchical (whitened at DADVI): Adam's step-size bias is not small there
         # (measured on a 10k-row, 678-latent logistic model: a group scale's log ended
@@ -1805,6 +1935,7 @@ def fit_minibatch(
                 description="viax minibatch",
                 batches=chunks,
                 postfix_fn=postfix,
+                chunk_data_fn=noise_data(info["num_particles"])[0],
             )
             segment_outputs.append(output)
             state = output.state
@@ -1898,6 +2029,8 @@ def fit_minibatch(
     khat, elbo, elbo_se = float("nan"), float("nan"), float("nan")
     khat_note = ""
     if evaluate:
+        if evaluation_background is not None:
+            evaluation_background.join()
         log_weights = evaluator(_NUM_EVAL_DRAWS, seed + 1)
         if np.all(np.isfinite(log_weights)):
             khat = float(psis(log_weights)[1])
@@ -1943,14 +2076,20 @@ def fit_minibatch(
     )
 
 
-def _scale_fn(family: Family, unravel_w, size: int):
+def _scale_fn(family: Family, params_w: dict, size: int):
     """Posterior scale of each whitened coordinate for the MCSE tolerance: q's sd for a
     mean-field location (exp of its whitened log-scale), 1 for other locations, 1/√2 for
     scale parameters (their Fisher information)."""
 
-    # Flat positions of each parameter (NumPy only: this runs between chunks).
-    template = unravel_w(jnp.arange(size, dtype=jnp.float64))
-    index = {k: np.asarray(v, dtype=int).ravel() for k, v in template.items()}
+    # Flat positions of each parameter (NumPy only: this runs between chunks), in
+    # ravel_pytree's order (the leaves', concatenated): unravelling an arange would
+    # compile two programs for it.
+    leaves, treedef = jax.tree_util.tree_flatten(params_w)
+    ends = np.cumsum([np.size(leaf) for leaf in leaves])
+    assert ends[-1] == size
+    index = treedef.unflatten(
+        [np.arange(end - np.size(leaf), end) for leaf, end in zip(leaves, ends, strict=True)]
+    )
 
     def scale(average):
         average = np.asarray(average)
@@ -1972,12 +2111,21 @@ def _anchor_fn(bm: BatchedModel):
     return jax.jit(jax.value_and_grad(local_masked))
 
 
+_PASS_ROWS = 65_536  # rows per call of the anchor's pass over the data (about)
+
+
 def _anchor(bm, center, source, batch_size, seed, pc, put_batch, constants) -> Anchor:
+    """S = Σ_i ℓ_i(ẑ) and g = Σ_i ∇ℓ_i(ẑ) over every row, in batches of about
+    ``_PASS_ROWS`` rows (a whole number of the run's batches, at most the data): the
+    sums do not depend on the batching, and per call overheads (reading, placing,
+    dispatching) dominated batches of 4,096 rows (10^6 rows: 0.25 s a pass, 0.15 s in
+    batches of 65,536)."""
     fn = _anchor_fn(bm)
+    per_call = max(1, min(_PASS_ROWS // batch_size, -(-source.num_rows // batch_size)))
     value, grad = _full_pass(
         lambda b: fn(center, b),
         source,
-        batch_size,
+        batch_size * per_call,
         seed,
         pc,
         put_batch,
@@ -2018,7 +2166,8 @@ def _precompile_chunk(
     """Trace and lower the run's chunk here, compile it on another thread
     (:func:`viax.infer.driver.precompile`): XLA compiles with the GIL released while
     the set-up's passes run (measured: the 10^6-row logistic regression's chunk took
-    1.3 s of XLA compile, its set-up 2 s)."""
+    1.3 s of XLA compile, its set-up 2 s).  ``constants``: the chunk's other data (the
+    constant arrays, the host noise's abstract arrays)."""
     if setup is None:
         return None
     stacked = {
@@ -2029,6 +2178,47 @@ def _precompile_chunk(
     fn = batched_chunk_fn(algo.step)
     fn.lower(*args)  # traced in this thread: NumPyro's handler stack is global
     return precompile((fn, args))
+
+
+def _precompile_evaluation(bm, family, batch, constants, sharding, after):
+    """Lower the final evaluation's programs here (the difference estimator's: draws of
+    q, a sampled batch's remainders, the global terms; see :class:`_Evaluator`) and
+    compile them on another thread once ``after`` (the chunk's compile) has ended: they
+    are needed after the run, and their 0.4 s of compilation (the 10^6-row logistic
+    regression) then runs beside the set-up's passes and the steps.  ``batch``: one of
+    the run's batches (shapes only).  A wrong guess of a signature costs a compile on
+    that thread, never a number."""
+    draws, _, global_terms, remainders = _evaluation_fns(bm, family, _NUM_EVAL_DRAWS)
+    f64 = jax.dtypes.canonicalize_dtype(np.float64)
+    rows = {
+        k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=sharding)
+        for k, v in batch.items()
+        if k not in ("_index", _MASK)
+    }
+    mask = jax.ShapeDtypeStruct((batch[ROWS].shape[0],), np.bool_, sharding=sharding)
+    z = jax.ShapeDtypeStruct((_NUM_EVAL_DRAWS, bm.global_dim), f64)
+    jobs = (
+        (
+            draws,
+            (
+                jax.eval_shape(family.init),
+                jax.ShapeDtypeStruct((_NUM_EVAL_DRAWS, family.noise_dim), f64),
+            ),
+        ),
+        (
+            remainders,
+            (
+                z,
+                jax.ShapeDtypeStruct((bm.global_dim,), f64),
+                jax.ShapeDtypeStruct((2,), np.uint32),
+                {**constants, **rows, _MASK: mask},
+            ),
+        ),
+        (global_terms, (z, {**constants, **rows})),
+    )
+    for fn, args in jobs:
+        fn.lower(*args)  # traced in this thread: NumPyro's handler stack is global
+    return precompile(*jobs, after=after, sequential=True)
 
 
 def _padded_batch(source, batch_size, seed, pc, index: int) -> dict:
@@ -2109,10 +2299,22 @@ def _curvature(bm, whitening, anchor, batch) -> Curvature:
     return Curvature(jnp.asarray(grad), jnp.asarray(precision), jnp.asarray(1.0))
 
 
+def _host_normals(seed: int, salt: int, shape: tuple) -> np.ndarray:
+    """Standard normals from NumPy's generator seeded by (seed, salt): the base draws of
+    q for the final evaluation and for ``result.sample``, made on the host because a
+    compiled Threefry hash and float64 inverse error function cost 0.2 s of compilation
+    per program, for a few thousand numbers."""
+    rng = np.random.default_rng([int(seed) % 2**64, salt])
+    return rng.standard_normal(shape).astype(jax.dtypes.canonicalize_dtype(np.float64))
+
+
+_SALT_SAMPLE = 0x5EED_5A3B
+
+
 @functools.lru_cache(maxsize=64)
-def _draw_fn(bm: BatchedModel, family: Family, num: int):
-    def draw(params, key, batch):
-        z = family.sample(params, key, num)
+def _draw_fn(bm: BatchedModel, family: Family):
+    def draw(params, eps, batch):
+        z = jax.vmap(lambda e: family.transform(params, e))(eps)
         return jax.vmap(lambda u: bm.constrain_globals(u, batch))(z)
 
     return jit_once(draw)
@@ -2120,7 +2322,8 @@ def _draw_fn(bm: BatchedModel, family: Family, num: int):
 
 def _sampler(bm, family, params, batch):
     def sampler(num_samples: int, seed: int) -> dict:
-        draws = _draw_fn(bm, family, int(num_samples))(params, jax.random.PRNGKey(seed), batch)
+        eps = _host_normals(seed, _SALT_SAMPLE, (int(num_samples), family.noise_dim))
+        draws = _draw_fn(bm, family)(params, eps, batch)
         return {k: np.asarray(v) for k, v in draws.items()}
 
     return sampler
@@ -2131,8 +2334,10 @@ def _evaluation_fns(bm: BatchedModel, family: Family, num_samples: int):
     """Compiled draws of q, the local terms of one (masked) batch for those draws, and
     their global terms."""
 
-    def draws(params, key):
-        return family.sample_and_log_prob(params, key, num_samples)
+    def draws(params, eps):
+        # Base draws eps (S, noise_dim) from the host (_host_normals).
+        z = jax.vmap(lambda e: family.transform(params, e))(eps)
+        return z, jax.vmap(lambda x: family.log_prob(params, x))(z)
 
     def batch_terms(z, local, key, batch):
         rows = batch[ROWS]
@@ -2247,14 +2452,20 @@ class _Evaluator:
         self._pass_rows_se = []
         return self._one_pass(num_samples, seed)
 
+    @staticmethod
+    def sampled(bm, source, batch_size) -> bool:
+        """Whether the pass samples batches (the difference estimator) or is exact."""
+        if bm.local_sites:
+            return False
+        total = source.num_batches(batch_size, remainder="pad")
+        return total is not None and total > 4 * _EVAL_BATCHES
+
     def _sampled_batches(self) -> tuple[int, np.ndarray] | None:
         """(K, the k sampled batch indices), or None where the pass must be exact."""
         bm, _, _, _, source, batch_size, data_seed, _, _, _ = self.args
-        if bm.local_sites:
+        if not self.sampled(bm, source, batch_size):
             return None
         total = source.num_batches(batch_size, remainder="pad")
-        if total is None or total <= 4 * _EVAL_BATCHES:
-            return None
         rng = np.random.default_rng(np.random.SeedSequence([int(data_seed), _SALT_EVALUATION]))
         # In the order drawn: any prefix is a simple random sample too.
         return total, rng.choice(total, _EVAL_BATCHES, replace=False)
@@ -2305,8 +2516,8 @@ class _Evaluator:
             self.args
         )
         draws, batch_terms, global_terms, _ = _evaluation_fns(bm, family, int(num_samples))
-        key = jax.random.PRNGKey(seed)
-        z, log_q = draws(params, key)
+        key = jax.random.PRNGKey(seed)  # the per-row latents' draws
+        z, log_q = draws(params, _host_normals(seed, _SALT_SAMPLE, (num_samples, family.noise_dim)))
         local_dev = jax.tree_util.tree_map(jnp.asarray, local)
         total = _full_pass(
             lambda b: batch_terms(z, local_dev, key, b),
@@ -2328,7 +2539,7 @@ class _Evaluator:
         )
         draws, _, global_terms, remainder_fn = _evaluation_fns(bm, family, int(num_samples))
         key = jax.random.PRNGKey(seed)
-        z, log_q = draws(params, key)
+        z, log_q = draws(params, _host_normals(seed, _SALT_SAMPLE, (num_samples, family.noise_dim)))
         mu = jnp.asarray(family.mean(params) if self._center is None else self._center)
         anchor = _anchor_fn(bm)
         wanted = set(int(k) for k in sampled)
