@@ -1817,8 +1817,13 @@ def fit_minibatch(
         background = None  # compiling a program this run will not use: not waited for
 
     state = _initial_state(algo, fam)(rng_key)
-    flat0, unravel_w = ravel_pytree(state.params["global"])
-    scale_fn = _scale_fn(fam, state.params["global"], flat0.shape[0])
+    # ravel_pytree's flat layout, unravelled in NumPy (its jnp split and the push's
+    # arithmetic compiled a program per operation)
+    unravel_w = _unravel_fn(state.params["global"])
+    flat_size = sum(
+        int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(state.params["global"])
+    )
+    scale_fn = _scale_fn(fam, state.params["global"], flat_size)
     if "dadvi_steps" in info and stop_rule is None:
         # Hierarchical (whitened at DADVI): Adam's step-size bias is not small there
         # (measured on a 10k-row, 678-latent logistic model: a group scale's log ended
@@ -1829,7 +1834,7 @@ def fit_minibatch(
             max_steps = _HIERARCHICAL_STEPS
             if num_epochs is not None:
                 max_steps = min(max_steps, num_epochs * per_epoch)
-    rule = rule_config.start(flat0.shape[0], scale_fn, max_steps)
+    rule = rule_config.start(flat_size, scale_fn, max_steps)
     trace: list[np.ndarray] = []
     if saved is not None:
         state = ckpt.restore_state(state, saved)
@@ -1980,8 +1985,8 @@ def fit_minibatch(
     t0 = time.perf_counter()
     # The answer: the stopping rule's average of the global iterates; the per-row
     # parameters' running average where it has begun.
-    params_w = unravel_w(jnp.asarray(rule.average))
-    params = whitening.push(fam, params_w)
+    params_w = unravel_w(np.asarray(rule.average))
+    params = _push_fn(fam)(whitening, params_w)
     local = {}
     for site in bm.local_sites:
         avg = state.local_average[site.name]
@@ -2011,7 +2016,7 @@ def fit_minibatch(
         }
     )
     info.update(rule.summary())
-    info["mcse"] = jax.tree_util.tree_map(np.asarray, unravel_w(jnp.asarray(rule.mcse)))
+    info["mcse"] = unravel_w(np.asarray(rule.mcse))
     first_batch = {k: v for k, v in any_batch.items() if k not in constants_dev}
     evaluator = _Evaluator(
         bm,
@@ -2076,6 +2081,29 @@ def fit_minibatch(
         log_weights_fn=evaluator,
         khat=khat if evaluate else float("nan"),
     )
+
+
+def _unravel_fn(params_w: dict) -> Callable:
+    """``flat (n,) -> params_w``: ravel_pytree's unravel (leaves in tree order, each
+    raveled, concatenated) in NumPy."""
+    leaves, treedef = jax.tree_util.tree_flatten(params_w)
+    shapes = [np.shape(leaf) for leaf in leaves]
+    ends = np.cumsum([int(np.prod(shape)) for shape in shapes])
+
+    def unravel(flat):
+        flat = np.asarray(flat)
+        parts = np.split(flat, ends[:-1])
+        return treedef.unflatten(
+            [part.reshape(shape) for part, shape in zip(parts, shapes, strict=True)]
+        )
+
+    return unravel
+
+
+@functools.lru_cache(maxsize=64)
+def _push_fn(family: Family) -> Callable:
+    """``(whitening, params_w) -> whitening.push(family, params_w)``, one compiled program."""
+    return jit_once(lambda whitening, params_w: whitening.push(family, params_w))
 
 
 def _scale_fn(family: Family, params_w: dict, size: int):
