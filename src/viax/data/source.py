@@ -183,17 +183,27 @@ class ArraySource(Source):
         self.static = dict(static)
         self.shuffle = shuffle
         self.check_finite = check_finite
+        self._last_order: tuple = ((), None)  # ((seed, epoch), its permutation), read-only
 
     @property
     def columns(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {k: (tuple(v.shape[1:]), v.dtype) for k, v in self._arrays.items()}
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
-        """The row order of epoch ``epoch``: a permutation of ``range(N)`` (int64)."""
-        rng = epoch_rng(seed, epoch, _SALT_PERMUTATION)
+        """The row order of epoch ``epoch``: a permutation of ``range(N)`` (int64).
+
+        The last one is kept (8 N bytes): batches taken one at a time from the same
+        epoch (``start_batch``, as the minibatch fit's final evaluation takes its sampled
+        batches) would otherwise draw the permutation again each, 0.45 s at 10^7 rows."""
         if not self.shuffle:
             return np.arange(self.num_rows, dtype=np.int64)
-        return rng.permutation(self.num_rows).astype(np.int64)
+        key, perm = self._last_order  # one read: a prefetch thread may replace it
+        if key != (seed, epoch):
+            rng = epoch_rng(seed, epoch, _SALT_PERMUTATION)
+            perm = rng.permutation(self.num_rows).astype(np.int64)
+            perm.setflags(write=False)
+            self._last_order = ((seed, epoch), perm)
+        return perm
 
     def batches(
         self,
