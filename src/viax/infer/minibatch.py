@@ -927,9 +927,7 @@ def _abs_inverse_sqrt(matrix: np.ndarray):
     return (eigvec * absval**-0.5) @ eigvec.T, int(np.sum(eigval <= 0)), absval, eigvec
 
 
-def _full_whitening(
-    full: FullData, hess, center, scale, info, reason, passes=_DADVI_STEPS, hessian_at=None
-):
+def _full_whitening(full: FullData, hess, center, scale, info, reason, passes, hessian_at):
     """``(Whitening, info)``: the mean-field fit resumed on **every row** and the
     stochastic phase whitened by the ELBO's Hessian in the means there.
 
@@ -983,29 +981,26 @@ def _full_whitening(
             + ("" if full_info["full_dadvi_converged"] else ", not converged")
             + ")"
         )
-        if hessian_at is not None:
-            # Whitened again where the stochastic phase starts: the curvature of a
-            # ridge (the intercept against the carrier effects, 1/σ_c² from their
-            # prior) moves with the group scales, which the resumption moved by tens
-            # of sds.
-            # The first whitening's D x D arrays are dropped first (flights: 139 MB each;
-            # kept, the peak RSS was 2,045 MB).
-            t0 = time.perf_counter()
-            del tril, eigvec
-            hess = hessian_at(center)
-            if not np.all(np.isfinite(hess)):
-                return None
-            again = _elbo_hessian_root(full, hess, center, scale)
-            del hess
-            if again is None:
-                return None
-            scale, (tril, negative_eigenvalues, absval, eigvec) = again
-            info["hessian_negative_eigenvalues"] = negative_eigenvalues
-            info["rewhitening_seconds"] = time.perf_counter() - t0
-            where += ", whitened again there"
+        # Whitened again where the stochastic phase starts: the curvature of a ridge
+        # (the intercept against the carrier effects, 1/σ_c² from their prior) moves
+        # with the group scales, which the resumption moved by tens of sds.
+        # The first whitening's D x D arrays are dropped first (flights: 139 MB each;
+        # kept, the peak RSS was 2,045 MB).
+        t0 = time.perf_counter()
+        del tril, eigvec
+        hess = hessian_at(center)
+        if not np.all(np.isfinite(hess)):
+            return None
+        again = _elbo_hessian_root(full, hess, center, scale)
+        del hess
+        if again is None:
+            return None
+        scale, (tril, negative_eigenvalues, absval, eigvec) = again
+        info["hessian_negative_eigenvalues"] = negative_eigenvalues
+        info["rewhitening_seconds"] = time.perf_counter() - t0
+        where += ", whitened again there"
     dim = center.size
-    eps = np.random.default_rng(2).standard_normal((_FULL_DRAWS, dim))
-    grad = np.asarray(full.gradient(jnp.asarray(center + scale * np.concatenate([eps, -eps]))))
+    grad = np.asarray(full.gradient(_q_draws(center, scale)))
     if not np.all(np.isfinite(grad)):
         return None
     decrement = float(np.sum((eigvec.T @ grad) ** 2 / absval)) / dim
@@ -1026,9 +1021,7 @@ def _elbo_hessian_root(full: FullData, hess, center, scale):
     the mean-field fixed point H̃_jj^(−1/2), and :func:`_abs_inverse_sqrt` of H̃; None
     where either is not finite (see :func:`_full_whitening`)."""
     dim = center.size
-    eps = np.random.default_rng(2).standard_normal((_FULL_DRAWS, dim))
-    draws = jnp.asarray(center + scale * np.concatenate([eps, -eps]))
-    diag = np.asarray(full.diagonal(draws))
+    diag = np.asarray(full.diagonal(_q_draws(center, scale)))
     if not np.all(np.isfinite(diag)):
         return None
     matrix = hess.copy()
@@ -1038,6 +1031,14 @@ def _elbo_hessian_root(full: FullData, hess, center, scale):
     if root is None:
         return None
     return np.minimum(np.where(diag > 0, np.abs(diag) ** -0.5, scale), _MAX_SCALE), root
+
+
+def _q_draws(center, scale) -> jax.Array:
+    """The set-up's draws of q = N(center, diag scale²) for its E_q[·] passes over every
+    row: ``_FULL_DRAWS`` antithetic pairs (2 ``_FULL_DRAWS``, D), the same base draws at
+    every q of a run."""
+    eps = np.random.default_rng(2).standard_normal((_FULL_DRAWS, center.size))
+    return jnp.asarray(center + scale * np.concatenate([eps, -eps]))
 
 
 _FULL_DADVI_DRAWS = 16  # fixed draws of the mean-field fit resumed on every row
