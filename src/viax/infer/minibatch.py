@@ -250,14 +250,7 @@ def _step_noise(seed: int, start: int, num: int, shape: tuple) -> np.ndarray:
     step's chunk's 2.2 s of compilation (the 10^6-row logistic regression, 2-core
     machine), for a few numbers a step; NumPy makes a chunk's in well under a millisecond.
     """
-    dtype = jax.dtypes.canonicalize_dtype(np.float64)
-    entropy = int(seed) % 2**64
-    return np.stack(
-        [
-            np.random.default_rng([entropy, _SALT_NOISE, start + i]).standard_normal(shape)
-            for i in range(num)
-        ]
-    ).astype(dtype)
+    return np.stack([_host_normals(seed, shape, _SALT_NOISE, start + i) for i in range(num)])
 
 
 @functools.lru_cache(maxsize=64)
@@ -2341,12 +2334,12 @@ def _curvature(bm, whitening, anchor, batch) -> Curvature:
     return Curvature(jnp.asarray(grad), jnp.asarray(precision), jnp.asarray(1.0))
 
 
-def _host_normals(seed: int, salt: int, shape: tuple) -> np.ndarray:
-    """Standard normals from NumPy's generator seeded by (seed, salt): the base draws of
-    q for the final evaluation and for ``result.sample``, made on the host because a
-    compiled Threefry hash and float64 inverse error function cost 0.2 s of compilation
-    per program, for a few thousand numbers."""
-    rng = np.random.default_rng([int(seed) % 2**64, salt])
+def _host_normals(seed: int, shape: tuple, *salts: int) -> np.ndarray:
+    """Standard normals from NumPy's generator seeded by (seed, *salts): the base draws
+    of q for the steps (:func:`_step_noise`), the final evaluation and ``result.sample``,
+    made on the host because a compiled Threefry hash and float64 inverse error function
+    cost 0.2 s of compilation per program, for a few thousand numbers."""
+    rng = np.random.default_rng([int(seed) % 2**64, *salts])
     return rng.standard_normal(shape).astype(jax.dtypes.canonicalize_dtype(np.float64))
 
 
@@ -2364,7 +2357,7 @@ def _draw_fn(bm: BatchedModel, family: Family):
 
 def _sampler(bm, family, params, batch):
     def sampler(num_samples: int, seed: int) -> dict:
-        eps = _host_normals(seed, _SALT_SAMPLE, (int(num_samples), family.noise_dim))
+        eps = _host_normals(seed, (int(num_samples), family.noise_dim), _SALT_SAMPLE)
         draws = _draw_fn(bm, family)(params, eps, batch)
         return {k: np.asarray(v) for k, v in draws.items()}
 
@@ -2559,7 +2552,7 @@ class _Evaluator:
         )
         draws, batch_terms, global_terms, _ = _evaluation_fns(bm, family, int(num_samples))
         key = jax.random.PRNGKey(seed)  # the per-row latents' draws
-        z, log_q = draws(params, _host_normals(seed, _SALT_SAMPLE, (num_samples, family.noise_dim)))
+        z, log_q = draws(params, _host_normals(seed, (num_samples, family.noise_dim), _SALT_SAMPLE))
         local_dev = jax.tree_util.tree_map(jnp.asarray, local)
         total = _full_pass(
             lambda b: batch_terms(z, local_dev, key, b),
@@ -2581,7 +2574,7 @@ class _Evaluator:
         )
         draws, _, global_terms, remainder_fn = _evaluation_fns(bm, family, int(num_samples))
         key = jax.random.PRNGKey(seed)
-        z, log_q = draws(params, _host_normals(seed, _SALT_SAMPLE, (num_samples, family.noise_dim)))
+        z, log_q = draws(params, _host_normals(seed, (num_samples, family.noise_dim), _SALT_SAMPLE))
         mu = jnp.asarray(family.mean(params) if self._center is None else self._center)
         anchor = _anchor_fn(bm)
         wanted = set(int(k) for k in sampled)
