@@ -46,15 +46,10 @@ def jit_once(fn: Callable, **jit_kwargs) -> Callable:
     return jax.jit(fn, compiler_options=_FAST_COMPILE, **jit_kwargs)
 
 
-def precompile(
-    *jobs: tuple[Callable, tuple],
-    after: threading.Thread | None = None,
-    sequential: bool = False,
-) -> threading.Thread:
+def precompile(*jobs: tuple[Callable, tuple], sequential: bool = False) -> threading.Thread:
     """Compile each ``(jitted, args)`` of ``jobs`` (args: arrays or
     ``jax.ShapeDtypeStruct``s; static arguments as values) in the background; return
-    the thread to join before the first call.  ``after``: a thread (another
-    precompile's) whose end the compiles wait for; ``sequential``: the jobs compiled
+    the thread to join before the first call.  ``sequential``: the jobs compiled
     one after another in the one thread (programs needed later, kept off the cores
     that the caller and the first programs use).
 
@@ -78,8 +73,6 @@ def precompile(
                 lowered.append(jitted.lower(*args))
             except Exception:  # noqa: BLE001
                 pass
-        if after is not None:
-            after.join()
         if sequential:
             for low in lowered:
                 compile_quietly(low)
