@@ -35,10 +35,31 @@ def stack_batches(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]
         if b.keys() != keys:
             raise DataError(f"batch {i} of a chunk has columns {sorted(b)}, not {sorted(keys)}")
     try:
-        return {k: np.stack([b[k] for b in batches]) for k in keys}
+        return {k: _stacked([b[k] for b in batches]) for k in keys}
     except ValueError as error:
         shapes = {k: sorted({b[k].shape for b in batches}) for k in keys}
         raise DataError(f"batches of one chunk differ in shape: {shapes}") from error
+
+
+_ALIGN = 64  # bytes: XLA's CPU client adopts a NumPy buffer so aligned instead of copying
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``np.empty(shape, dtype)`` starting on a 64-byte boundary.  ``jax.device_put`` on
+    CPU then aliases the array instead of copying it (NumPy's own allocations are only
+    16-byte aligned): a 70 MB chunk's copy was 23 ms, a fifth of reading it from Parquet.
+    Only for arrays that nobody writes to once handed to JAX."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(size + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    first = np.asarray(arrays[0])
+    out = aligned_empty((len(arrays), *first.shape), np.result_type(*arrays))
+    return np.stack(arrays, out=out)
 
 
 class Prefetcher(Iterator[Any]):
