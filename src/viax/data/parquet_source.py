@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
@@ -881,6 +882,173 @@ class ParquetSource(Source):
             for stream in streams:
                 stream.close()  # each waits for its decode in progress
             decoder.close()
+
+    # -- batches of the full pass at given indices (a sample of them) -----------------
+    def padded_batches(
+        self,
+        batch_size: int,
+        indices: Sequence[int] | np.ndarray,
+        *,
+        seed: int,
+        epoch: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+    ) -> Iterator[Batch]:
+        """Batches ``indices`` (distinct, in any order; handed out in that order) of the
+        full pass ``batches(batch_size, seed=seed, epoch=epoch, remainder="pad", ...)``,
+        read alone: each is the batch that pass hands out at its index (the same rows in
+        the same order, the same padding and ``"_mask"``), for this process's share.
+
+        Where the rows lie follows from the row counts alone (no reading): sub-batch k
+        of stream s is its rows ``[k b, (k+1) b)`` (b = B/S), the last one padded with
+        the stream's first rows, as in :meth:`batches`.  Each row group holding some of
+        them is decoded once, in the order the batches need them, on up to
+        ``num_threads`` threads (default: every core, at most one per stream), and only
+        those rows are kept, until the last batch needing them is handed out.  Reading
+        is lazy: a batch is handed out as soon as its groups are read, and groups are
+        decoded at most two per thread ahead of the batches taken (stopping early
+        leaves the rest unread).
+
+        Why: the final evaluation of a minibatch fit (its difference estimator) takes
+        8, then 32 of the pass's batches at random.  Read in sequence, a file is decoded
+        through to the last of them (at 10⁷ rows every row group, 2,442 batches
+        assembled for 32); read one at a time with ``start_batch``, each batch opens S
+        new file handles and decodes a row group per stream.
+
+        Raises:
+            DataError: repeated indices or indices outside ``[0, num_batches(batch_size,
+                remainder="pad"))``, a share the streams cannot be split into, a stream
+                without rows.
+        """
+        check_share(batch_size, process_index, process_count)
+        num_shards = self.shards(batch_size)
+        if num_shards % process_count:
+            raise DataError(
+                f"{process_count} processes cannot split the {num_shards} streams of "
+                f"{self.path.name}; pass num_shards= a multiple of {process_count} to "
+                "viax.data.parquet (it fixes the batch order, so keep it for every run)"
+            )
+        wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
+        count = self.num_batches(batch_size, remainder="pad")
+        if len(wanted) and (
+            wanted.min() < 0 or wanted.max() >= count or len(np.unique(wanted)) < len(wanted)
+        ):
+            raise DataError(
+                f"padded_batches takes distinct batch indices in [0, {count}), got "
+                f"{wanted.tolist()[:8]}{'...' if len(wanted) > 8 else ''}"
+            )
+        b = batch_size // num_shards
+        per = num_shards // process_count
+        plan = self._streams(seed, epoch, num_shards, "pad")[
+            process_index * per : (process_index + 1) * per
+        ]
+        base = np.concatenate([[0], np.cumsum(self.counts)])  # first (kept) row of each group
+        positions, masks = self._pass_positions(plan, wanted, b, base)
+        threads = self.num_threads
+        if threads is None:
+            # All cores: the evaluation that reads these computes little meanwhile (the
+            # streamed epochs leave half the cores to the steps).
+            threads = max(1, min(per, os.cpu_count() or 1))
+        return self._read_positions(positions, masks, base, threads)
+
+    def _pass_positions(
+        self, plan: list[list[tuple[int, int, int]]], wanted: np.ndarray, b: int, base: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Row positions (``base[g] +`` kept row of group g) and masks, both
+        (len(wanted), len(plan) b), of the padded pass's batches ``wanted``: what
+        :meth:`_stream` with ``remainder="pad"`` reads for them, worked out from the
+        streams' pieces."""
+        positions = np.empty((len(wanted), len(plan) * b), np.int64)
+        masks = np.empty((len(wanted), len(plan) * b), bool)
+        for s, pieces in enumerate(plan):
+            groups = np.array([g for g, _, _ in pieces], np.int64)
+            starts = np.array([start for _, start, _ in pieces], np.int64)
+            cum = np.concatenate([[0], np.cumsum([stop - start for _, start, stop in pieces])])
+            length = int(cum[-1])
+            cols = slice(s * b, (s + 1) * b)
+            for j, k in enumerate(wanted):
+                n = int(np.clip(length - k * b, 0, b))
+                if n < b and length == 0:
+                    raise DataError(
+                        f"a stream of the epoch has no rows: {self.num_rows} rows "
+                        "cannot fill the streams; pass a smaller num_shards="
+                    )
+                # The stream's rows k b .. k b + n - 1, then its first rows, repeated.
+                rows = np.concatenate(
+                    [np.arange(k * b, k * b + n), np.arange(b - n) % min(b, length)]
+                )
+                piece = np.searchsorted(cum, rows, side="right") - 1
+                positions[j, cols] = base[groups[piece]] + starts[piece] + rows - cum[piece]
+                masks[j, cols] = np.arange(b) < n
+        return positions, masks
+
+    def _read_positions(
+        self, positions: np.ndarray, masks: np.ndarray, base: np.ndarray, threads: int
+    ) -> Iterator[Batch]:
+        """Batches ``{column: rows at positions[j]} + "_mask": masks[j]``, j in order: each
+        row group holding some of the positions decoded once, in the order of first
+        need, up to ``2 threads`` of them ahead; its rows kept until the last batch
+        needing them is out."""
+        batch_groups = np.searchsorted(base, positions, side="right") - 1
+        first_need: dict[int, int] = {}
+        last_need: dict[int, int] = {}
+        for j, groups in enumerate(batch_groups):
+            for g in np.unique(groups).tolist():
+                first_need.setdefault(g, j)
+                last_need[g] = j
+        order = sorted(first_need, key=lambda g: (first_need[g], g))
+        local = threading.local()
+
+        def read(g: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+            """Group g's rows at the positions asked for: (positions, sorted; rows)."""
+            handles = getattr(local, "handles", None)
+            if handles is None:
+                handles = local.handles = {}
+            where = np.unique(positions[batch_groups == g])
+            offsets = where - base[g]
+            lo, hi = int(offsets[0]), int(offsets[-1]) + 1
+            part = _concat(list(self._read_piece(g, lo, hi, handles)))
+            return where, {c: part[c][offsets - lo] for c in [*self._columns, ROWS]}
+
+        threads = max(1, min(threads, len(order)))
+        pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="viax-parquet") if threads > 1 else None
+        )
+        pending: deque = deque()
+        upcoming = iter(order)
+
+        def submit() -> None:
+            g = next(upcoming, None)
+            if g is not None:
+                pending.append((g, pool.submit(read, g) if pool is not None else g))
+
+        parts: dict[int, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        try:
+            for _ in range(2 * threads):
+                submit()
+            for j, groups in enumerate(batch_groups):
+                present = np.unique(groups).tolist()
+                while any(g not in parts for g in present):
+                    g, job = pending.popleft()
+                    parts[g] = job.result() if pool is not None else read(job)
+                    submit()
+                batch: dict[str, np.ndarray] = {}
+                for c in [*self._columns, ROWS]:
+                    shape, dtype = self._columns[c] if c != ROWS else ((), np.dtype(np.int64))
+                    batch[c] = np.empty((len(groups), *shape), dtype)
+                for g in present:
+                    where, rows = parts[g]
+                    sel = np.flatnonzero(groups == g)
+                    at = np.searchsorted(where, positions[j, sel])
+                    for c, v in rows.items():
+                        batch[c][sel] = v[at]
+                    if last_need[g] == j:
+                        del parts[g]
+                batch[MASK] = masks[j].copy()
+                yield batch
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _batch(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -54,6 +54,7 @@ do not depend on the number of devices or processes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -1719,10 +1720,29 @@ def fit_minibatch(
 
     guessed_particles = particles_for(template is not None and len(template) > 2)
     algo = build(guessed_particles)
-    # The full pass's first batch (no shuffle buffers filled for one batch: 0.4 s of a
-    # 10^7-row Parquet fit); the rows do not matter, only the shapes and dtypes.
+    # The full pass's first batch (no shuffle buffers filled for one batch); the rows do
+    # not matter, only the shapes and dtypes.
     first_batch = _padded_batch(source, batch_size, seed, pc, 0)
     first_batch = {k: v for k, v in first_batch.items() if k != _MASK}
+
+    def open_steps(start: int, stop: int):
+        """The steps' batches ``start, ..., stop - 1``: chunks of K stacked batches,
+        prefetched and sharded in a thread.  Returns (batch stream, chunks, stop)."""
+        stream = _epochs(source, batch_size, seed, start, stop - start, per_epoch, pc)
+        chunks = vdata.prefetch(
+            ({k: v for k, v in b.items() if k != "_index"} for b in stream),
+            size=2,
+            sharding=chunk_sharding,
+            stack=chunk,
+        )
+        return stream, chunks, stop
+
+    # A fresh run's first chunks are read during the set-up (the shuffle buffers filled,
+    # two chunks stacked and placed, then the thread waits): at 10^7 rows from Parquet
+    # that reading was the steps' first 0.3 s.  Reopened after the set-up if the step
+    # budget changes there (hierarchical models).  One process only: with several, the
+    # thread would place global arrays beside the set-up's collectives.
+    early = open_steps(0, max_steps) if saved is None and pc[1] == 1 else None
     # One batch for the terms that read no rows (global terms, constants' shapes).
     any_batch = {**constants_dev, **put_batch(first_batch)}
     background = None
@@ -1846,13 +1866,15 @@ def fit_minibatch(
     steps_done = int(state.step)
 
     # The run: chunks of K stacked batches, prefetched and sharded in a thread.
-    stream = _epochs(source, batch_size, seed, steps_done, max_steps - steps_done, per_epoch, pc)
-    chunks = vdata.prefetch(
-        ({k: v for k, v in b.items() if k != "_index"} for b in stream),
-        size=2,
-        sharding=chunk_sharding,
-        stack=chunk,
-    )
+    if early is not None and (steps_done, max_steps) == (0, early[2]):
+        stream, chunks, _ = early
+    else:
+        if early is not None:
+            early[1].close()
+            with contextlib.suppress(ValueError):  # a thread that did not stop runs it
+                early[0].close()
+        stream, chunks, _ = open_steps(steps_done, max_steps)
+    early = None
     evaluation_background = None
     if pc[1] == 1 and evaluate and _Evaluator.sampled(bm, source, batch_size):
         # Compiled on the other core while the steps run (not earlier: beside the
@@ -2279,6 +2301,59 @@ def _padded_batch(source, batch_size, seed, pc, index: int) -> dict:
             close()
 
 
+def _reads_alone(source) -> bool:
+    """Whether batches of the full pass are read alone at little cost (arrays in memory,
+    Parquet files by :meth:`~viax.data.ParquetSource.padded_batches`), not only by
+    reading the pass in sequence."""
+    return isinstance(source, (vdata.ArraySource, vdata.ParquetSource))
+
+
+def _padded_batches(source, batch_size, seed, pc, indices) -> Iterator[tuple[int, dict]]:
+    """``(k, batch k of the full pass)`` for the increasing ``indices``, read alone: a
+    Parquet file's row groups each decoded once for all of them (one stream per batch
+    with ``start_batch`` would open S handles and decode a group per stream, per
+    batch), arrays' batches one at a time."""
+    if isinstance(source, vdata.ParquetSource):
+        batches = source.padded_batches(
+            batch_size, indices, seed=seed, epoch=0, process_index=pc[0], process_count=pc[1]
+        )
+        yield from zip((int(k) for k in indices), batches, strict=True)
+        return
+    for k in indices:
+        yield int(k), _padded_batch(source, batch_size, seed, pc, k)
+
+
+class _SampledReader:
+    """The sampled batches of one evaluation pass, read alone (:func:`_padded_batches`)
+    in the order its tries take them: the first try's batches, then the second's new
+    ones, so that a file's row groups are decoded once for both tries, and only as far
+    as the tries go (lazily)."""
+
+    def __init__(self, source, batch_size, seed, pc, order: list[int]):
+        self.args = (source, batch_size, seed, pc)
+        self.order = [int(k) for k in order]
+        self.batches: Iterator[tuple[int, dict]] | None = None
+
+    def take(self, wanted: set[int], skip: set[int]) -> Iterator[tuple[int, dict]]:
+        """``(k, batch k)`` for k in ``wanted``, in the reading order.  The reading
+        starts at the first call, over the batches of ``order`` not in ``skip`` (those
+        evaluated already, in a pass read through)."""
+        if self.batches is None:
+            rest = [k for k in self.order if k not in skip]
+            self.batches = _padded_batches(*self.args, rest)
+        left = set(wanted)
+        while left:
+            k, batch = next(self.batches)
+            if k in left:
+                left.discard(k)
+                yield k, batch
+
+    def close(self) -> None:
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()  # a file's reading threads end here
+
+
 def _laplace_whitened(whitening: Whitening, info: dict) -> bool:
     """Whitened by a dense Laplace H at a MAP (not at a hierarchical model's DADVI
     point, whose log joint is far from quadratic in its scales)."""
@@ -2439,7 +2514,8 @@ class _Evaluator:
     logistic regression of benchmarks/synthetic_logistic.py: at most 0.2 nats, where
     the log weights spread 7.7 nats; there 200 draws over every row had cost a third
     of the fit, and half of it at 10⁷ rows).  Each log weight's row-sampling sd is
-    computed; for arrays in memory the estimate is first made on ``_EVAL_BATCHES_FIRST``
+    computed; for arrays in memory and Parquet files (whose sampled batches are read
+    alone) the estimate is first made on ``_EVAL_BATCHES_FIRST``
     = 8 of the k batches and kept if the largest is under a twentieth of the spread (sd)
     of the log weights, else made on all k; if the largest then exceeds a tenth of the
     spread the pass is redone exactly:
@@ -2513,24 +2589,35 @@ class _Evaluator:
         if plan is not None:
             total, order = plan
             tries = [(_EVAL_BATCHES, _EVAL_MAX_RELATIVE_SD)]
-            if isinstance(self.args[4], vdata.ArraySource):
-                # Batches of arrays are taken alone at no cost: try a few first.  A file
-                # is read through to its last sampled batch either way.
+            if _reads_alone(self.args[4]):
+                # Batches of arrays or of a file are read alone (a file's sampled row
+                # groups only), and the second try reuses the first's remainders: try a
+                # few first.  Other sources are read through to the last sampled batch.
                 tries.insert(0, (_EVAL_BATCHES_FIRST, _EVAL_MAX_RELATIVE_SD / 2))
-            for k, bound in tries:
-                sampled = np.sort(order[:k])
-                log_weights, sd, mean_se = self._estimate(num_samples, seed, total, sampled)
-                spread = float(np.std(log_weights))
-                if float(np.max(sd)) <= bound * spread:
-                    self._pass_rows_se.append(mean_se)
-                    self.last = {
-                        "method": "difference estimator",
-                        "batches": f"{k} of {total}",
-                        "max_log_weight_rows_sd": float(np.max(sd)),
-                        "log_weights_sd": spread,
-                        "elbo_rows_se": mean_se,
-                    }
-                    return log_weights
+            done: dict[int, Any] = {}  # remainders R_c(z) of the batches evaluated
+            reading: list[int] = []  # the tries' batches, in the order they are taken
+            for k, _ in tries:
+                reading += sorted(set(order[:k].tolist()) - set(reading))
+            reader = _SampledReader(*self.args[4:8], reading)
+            try:
+                for k, bound in tries:
+                    sampled = np.sort(order[:k])
+                    log_weights, sd, mean_se = self._estimate(
+                        num_samples, seed, total, sampled, done, reader
+                    )
+                    spread = float(np.std(log_weights))
+                    if float(np.max(sd)) <= bound * spread:
+                        self._pass_rows_se.append(mean_se)
+                        self.last = {
+                            "method": "difference estimator",
+                            "batches": f"{k} of {total}",
+                            "max_log_weight_rows_sd": float(np.max(sd)),
+                            "log_weights_sd": spread,
+                            "elbo_rows_se": mean_se,
+                        }
+                        return log_weights
+            finally:
+                reader.close()
             reason = (
                 f"the difference estimator's largest row-sampling sd of a log weight, "
                 f"{float(np.max(sd)):.3g} nats, exceeded {_EVAL_MAX_RELATIVE_SD} x their "
@@ -2569,9 +2656,22 @@ class _Evaluator:
         )
         return np.asarray(self._global_terms(global_terms, z) + total - log_q)
 
-    def _estimate(self, num_samples: int, seed: int, total: int, sampled: np.ndarray):
+    def _estimate(
+        self,
+        num_samples: int,
+        seed: int,
+        total: int,
+        sampled: np.ndarray,
+        done: dict[int, Any] | None = None,
+        reader: _SampledReader | None = None,
+    ):
         """The difference estimator of the class docstring: log weights (S,), each one's
-        row-sampling sd (S,), and the row-sampling se of their mean."""
+        row-sampling sd (S,), and the row-sampling se of their mean.  ``sampled``:
+        increasing batch indices; ``done``: remainders R_c(z) already computed for these
+        draws (``num_samples``, ``seed``) and expansion point, by batch, reused once A
+        and G are known (the same compiled function on the same batch: the same
+        numbers) and added to; ``reader``: where the sampled batches are read alone
+        (one for the whole pass, else one for this call)."""
         bm, family, params, local, source, batch_size, data_seed, pc, put_batch, constants = (
             self.args
         )
@@ -2580,35 +2680,45 @@ class _Evaluator:
         z, log_q = draws(params, _host_normals(seed, (num_samples, family.noise_dim), _SALT_SAMPLE))
         mu = jnp.asarray(family.mean(params) if self._center is None else self._center)
         anchor = _anchor_fn(bm)
-        wanted = set(int(k) for k in sampled)
         sums = self._anchor_sums
+        done = {} if done is None else done
+        # Without A and G the whole pass is read (every batch adds to them, each sampled
+        # one through remainder_fn): nothing is skipped.
+        wanted = set(int(k) for k in sampled) - (set(done) if sums is not None else set())
         value, grad = (jnp.asarray(0.0), jnp.zeros_like(mu)) if sums is None else sums
-        remainders, previous = [], None
-        if sums is not None and isinstance(source, vdata.ArraySource):
-            # A and G known, and arrays in memory: only the sampled batches are taken.  (A
-            # file's batch read alone costs a row group per stream, 0.1 s at 10^7 rows,
-            # against 0.7 ms a batch read in sequence: there the pass is read through.)
-            padded = ((k, _padded_batch(source, batch_size, data_seed, pc, k)) for k in sampled)
+        previous, own = None, None
+        if sums is not None and not wanted:
+            padded = iter(())
+        elif sums is not None and _reads_alone(source):
+            # A and G known: only the sampled batches are read (a file's row groups
+            # holding them, each decoded once).
+            if reader is None:
+                reader = own = _SampledReader(source, batch_size, data_seed, pc, sorted(wanted))
+            padded = reader.take(wanted, set(done))
         else:
             padded = enumerate(_first_epoch(source, batch_size, data_seed, pc, remainder="pad"))
+        left = len(wanted)
         for k, batch in padded:
             if sums is not None and k not in wanted:
                 continue  # A and G known: only the sampled batches are needed
             batch = {**constants, **put_batch(batch)}
             if k in wanted:
                 remainder, v, g = remainder_fn(z, mu, key, batch)
-                remainders.append(remainder)
+                done[k] = remainder
+                left -= 1
             else:
                 v, g = anchor(mu, batch)
             if sums is None:
                 value, grad = value + v, grad + g
             # At most two batches in flight (see _full_pass).
             jax.block_until_ready(previous)
-            previous = (value, grad)
-            if sums is not None and len(remainders) == len(wanted):
+            previous = (value, grad) if sums is None else remainder
+            if sums is not None and left == 0:
                 break
+        if own is not None:
+            own.close()
         self._anchor_sums = (value, grad)
-        r = np.stack([np.asarray(x) for x in remainders])  # (k, S)
+        r = np.stack([np.asarray(done[int(k)]) for k in sampled])  # (k, S)
         k = r.shape[0]
         scale = total / k
         finite = 1.0 - k / total
