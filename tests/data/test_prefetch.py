@@ -1,5 +1,6 @@
 """Prefetch: stacking, device placement over a 4-device mesh, errors from the thread."""
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,31 @@ def test_prefetch_close_stops_the_thread():
         next(chunks)
         raise KeyboardInterrupt
     assert threading.active_count() == before
+
+
+def test_prefetch_dropped_without_close_stops_the_thread():
+    # A fit that raises during its set-up drops a prefetcher it started early: the
+    # thread must not keep it (and its queued chunks) alive.
+    def endless():
+        while True:
+            yield {"x": np.zeros(3)}
+
+    chunks = data.prefetch(endless(), size=2, to_device=False)
+    next(chunks)
+    thread = chunks._thread
+    del chunks
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_stacked_chunks_are_adopted_by_the_cpu_device():
+    # 64-byte aligned chunks: device_put on CPU aliases them rather than copying
+    batches = [{"x": np.full((4, 3), i, np.float32), "n": np.arange(4) + i} for i in range(5)]
+    chunk = data.stack_batches(batches)
+    assert chunk["x"].ctypes.data % 64 == 0 and chunk["n"].ctypes.data % 64 == 0
+    np.testing.assert_array_equal(chunk["x"], np.stack([b["x"] for b in batches]))
+    assert chunk["n"].dtype == batches[0]["n"].dtype
 
 
 SCRIPT = textwrap.dedent(

@@ -62,6 +62,67 @@ def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
     return np.stack(arrays, out=out)
 
 
+class _Producer:
+    """The prefetch thread's side: reads, stacks and places chunks into ``out``."""
+
+    def __init__(self, source, stack, remainder, sharding, to_device, out, stop):
+        self.source, self.stack, self.remainder = source, stack, remainder
+        self.sharding, self.to_device = sharding, to_device
+        self.out: queue.Queue = out
+        self.stop: threading.Event = stop
+
+    def chunks(self) -> Iterator[Any]:
+        if self.stack is None:
+            yield from self.source
+            return
+        group: list[dict[str, np.ndarray]] = []
+        for batch in self.source:
+            group.append(batch)
+            if len(group) == self.stack:
+                yield stack_batches(group)
+                group = []
+        if group and self.remainder == "keep":
+            yield stack_batches(group)
+
+    def place(self, chunk: Any) -> Any:
+        if not self.to_device:
+            return chunk
+        try:
+            return put(chunk, self.sharding)
+        except ValueError as error:
+            shapes = jax.tree_util.tree_map(np.shape, chunk)
+            raise DataError(
+                f"a chunk with shapes {shapes} cannot be placed with {self.sharding}: the "
+                "batch axis must split evenly over the devices (make batch_size a multiple "
+                f"of the device count): {error}"
+            ) from error
+
+    def offer(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.out.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            for chunk in self.chunks():
+                if self.stop.is_set() or not self.offer(self.place(chunk)):
+                    return
+            self.offer(_END)
+        except BaseException as error:  # handed to the consumer, raised there
+            self.offer(_Raised(error))
+        finally:
+            close = getattr(self.source, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001  (closing a generator at exit; nothing to report)
+                    pass
+
+
 class Prefetcher(Iterator[Any]):
     """Iterator over prefetched (stacked, device-resident) chunks.  Use
     :func:`prefetch` to make one; close it (or use it as a context manager) to stop the
@@ -90,71 +151,19 @@ class Prefetcher(Iterator[Any]):
             raise ValueError(f"stack must be a positive number of batches, got {stack}")
         if remainder not in ("keep", "drop"):
             raise ValueError(f"remainder must be 'keep' or 'drop', got {remainder!r}")
-        self._source = iter(iterator)
-        self._stack = stack
-        self._remainder = remainder
-        self._sharding = sharding
-        self._to_device = to_device
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
         self._done = False
         self.wait_seconds = 0.0
         self.num_chunks = 0
         self._start: float | None = None
-        self._thread = threading.Thread(target=self._produce, name="viax-prefetch", daemon=True)
+        # The thread holds the producer, not this object: a prefetcher dropped without
+        # close() (an exception on the consumer's side) is collected, and __del__ stops it.
+        producer = _Producer(
+            iter(iterator), stack, remainder, sharding, to_device, self._queue, self._stop
+        )
+        self._thread = threading.Thread(target=producer.run, name="viax-prefetch", daemon=True)
         self._thread.start()
-
-    # -- producer (background thread) -------------------------------------------------
-    def _chunks(self) -> Iterator[Any]:
-        if self._stack is None:
-            yield from self._source
-            return
-        group: list[dict[str, np.ndarray]] = []
-        for batch in self._source:
-            group.append(batch)
-            if len(group) == self._stack:
-                yield stack_batches(group)
-                group = []
-        if group and self._remainder == "keep":
-            yield stack_batches(group)
-
-    def _place(self, chunk: Any) -> Any:
-        if not self._to_device:
-            return chunk
-        try:
-            return put(chunk, self._sharding)
-        except ValueError as error:
-            shapes = jax.tree_util.tree_map(np.shape, chunk)
-            raise DataError(
-                f"a chunk with shapes {shapes} cannot be placed with {self._sharding}: the "
-                "batch axis must split evenly over the devices (make batch_size a multiple "
-                f"of the device count): {error}"
-            ) from error
-
-    def _offer(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for chunk in self._chunks():
-                if self._stop.is_set() or not self._offer(self._place(chunk)):
-                    return
-            self._offer(_END)
-        except BaseException as error:  # handed to the consumer, raised there
-            self._offer(_Raised(error))
-        finally:
-            close = getattr(self._source, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:  # noqa: BLE001  (closing a generator at exit; nothing to report)
-                    pass
 
     # -- consumer ---------------------------------------------------------------------
     def __iter__(self) -> Prefetcher:
