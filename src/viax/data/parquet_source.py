@@ -997,6 +997,8 @@ class ParquetSource(Source):
                 first_need.setdefault(g, j)
                 last_need[g] = j
         order = sorted(first_need, key=lambda g: (first_need[g], g))
+        needed = np.unique(positions)
+        ends = np.searchsorted(needed, base)  # group g's needed rows: needed[ends[g]:ends[g+1]]
         local = threading.local()
 
         def read(g: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -1004,7 +1006,7 @@ class ParquetSource(Source):
             handles = getattr(local, "handles", None)
             if handles is None:
                 handles = local.handles = {}
-            where = np.unique(positions[batch_groups == g])
+            where = needed[ends[g] : ends[g + 1]]
             offsets = where - base[g]
             lo, hi = int(offsets[0]), int(offsets[-1]) + 1
             part = _concat(list(self._read_piece(g, lo, hi, handles)))
