@@ -2315,10 +2315,10 @@ def _reads_alone(source) -> bool:
 
 
 def _padded_batches(source, batch_size, seed, pc, indices) -> Iterator[tuple[int, dict]]:
-    """``(k, batch k of the full pass)`` for the increasing ``indices``, read alone: a
-    Parquet file's row groups each decoded once for all of them (one stream per batch
-    with ``start_batch`` would open S handles and decode a group per stream, per
-    batch), arrays' batches one at a time."""
+    """``(k, batch k of the full pass)`` for the distinct ``indices``, in their order,
+    read alone: a Parquet file's row groups each decoded once for all of them (one
+    stream per batch with ``start_batch`` would open S handles and decode a group per
+    stream, per batch), arrays' batches one at a time."""
     if isinstance(source, vdata.ParquetSource):
         batches = source.padded_batches(
             batch_size, indices, seed=seed, epoch=0, process_index=pc[0], process_count=pc[1]
