@@ -100,9 +100,11 @@ def test_large_hierarchical_set_up_uses_every_row(reference, monkeypatch):
     E_q[diag] (:func:`viax.infer.minibatch._full_whitening`, :func:`_full_dadvi`); here
     the threshold is lowered to 32 so that this 58-latent model takes that path, and
     the subsample is 256 of the 1,000 rows, so that its fit (each row counted 4 times)
-    is not the full data's.  Same tolerances as above."""
+    is not the full data's.  As for flights, the steps apply the dense whitening in
+    float32 (``_F32_WHITENING_DIM`` lowered alike).  Same tolerances as above."""
     model, data, ref = reference
     monkeypatch.setattr(minibatch, "_MAX_DENSE_DIM", 32)
+    monkeypatch.setattr(minibatch, "_F32_WHITENING_DIM", 32)
     mini = fit_minibatch(
         model,
         data,
