@@ -666,6 +666,18 @@ class ParquetSource(Source):
             return self.num_shards
         return next(s for s in (8, 4, 2, 1) if batch_size % s == 0)
 
+    def _shared_shards(self, batch_size: int, process_index: int, process_count: int) -> int:
+        """S for ``batch_size``, checked to split over the processes."""
+        check_share(batch_size, process_index, process_count)
+        num_shards = self.shards(batch_size)
+        if num_shards % process_count:
+            raise DataError(
+                f"{process_count} processes cannot split the {num_shards} streams of "
+                f"{self.path.name}; pass num_shards= a multiple of {process_count} to "
+                "viax.data.parquet (it fixes the batch order, so keep it for every run)"
+            )
+        return num_shards
+
     def num_batches(self, batch_size: int, *, remainder: str = "drop") -> int:
         """Global batches per epoch: ⌊⌊N/S⌋ / (B/S)⌋ = ⌊N/B⌋ (``"drop"``),
         ⌈⌈N/S⌉ / (B/S)⌉ = ⌈N/B⌉ (``"pad"``), with N counted after ``transform``."""
@@ -816,16 +828,9 @@ class ParquetSource(Source):
         data): row groups in the epoch's order, each stream read in order, without the
         shuffle buffer, its last sub-batch padded with its own first rows (``"_mask"``
         False there)."""
-        check_share(batch_size, process_index, process_count)
         if remainder not in ("drop", "pad"):
             raise DataError(f"remainder must be 'drop' or 'pad', got {remainder!r}")
-        num_shards = self.shards(batch_size)
-        if num_shards % process_count:
-            raise DataError(
-                f"{process_count} processes cannot split the {num_shards} streams of "
-                f"{self.path.name}; pass num_shards= a multiple of {process_count} to "
-                "viax.data.parquet (it fixes the batch order, so keep it for every run)"
-            )
+        num_shards = self._shared_shards(batch_size, process_index, process_count)
         b = batch_size // num_shards
         count = self.num_batches(batch_size, remainder=remainder)
         if count == 0:
@@ -920,14 +925,7 @@ class ParquetSource(Source):
                 remainder="pad"))``, a share the streams cannot be split into, a stream
                 without rows.
         """
-        check_share(batch_size, process_index, process_count)
-        num_shards = self.shards(batch_size)
-        if num_shards % process_count:
-            raise DataError(
-                f"{process_count} processes cannot split the {num_shards} streams of "
-                f"{self.path.name}; pass num_shards= a multiple of {process_count} to "
-                "viax.data.parquet (it fixes the batch order, so keep it for every run)"
-            )
+        num_shards = self._shared_shards(batch_size, process_index, process_count)
         wanted = np.asarray(indices, dtype=np.int64).reshape(-1)
         count = self.num_batches(batch_size, remainder="pad")
         if len(wanted) and (
