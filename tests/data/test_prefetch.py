@@ -55,6 +55,18 @@ def test_prefetch_close_stops_the_thread():
     assert threading.active_count() == before
 
 
+def test_prefetch_peek_looks_ahead_without_taking():
+    src = data.as_source({"x": np.arange(12.0)})
+    chunks = data.prefetch(src.batches(2, seed=0, epoch=0, remainder="pad"), stack=3)
+    first = chunks.peek()
+    assert chunks.peek() is first and chunks.wait_seconds == 0.0
+    taken = [next(chunks) for _ in range(2)]
+    assert taken[0] is first and taken[1]["x"].shape == (3, 2)
+    assert chunks.peek() is None  # the end
+    with pytest.raises(StopIteration):
+        next(chunks)
+
+
 def test_prefetch_dropped_without_close_stops_the_thread():
     # A fit that raises during its set-up drops a prefetcher it started early: the
     # thread must not keep it (and its queued chunks) alive.

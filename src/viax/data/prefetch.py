@@ -154,6 +154,7 @@ class Prefetcher(Iterator[Any]):
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
         self._done = False
+        self._peeked: Any = None
         self.wait_seconds = 0.0
         self.num_chunks = 0
         self._start: float | None = None
@@ -169,23 +170,36 @@ class Prefetcher(Iterator[Any]):
     def __iter__(self) -> Prefetcher:
         return self
 
+    def _get(self) -> Any:
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    return _END
+
+    def peek(self) -> Any:
+        """The next chunk without taking it (``None`` at the end, errors raised by the
+        ``next`` that takes it); waits for it, but not on ``wait_fraction``'s clock: a
+        consumer looks ahead before its loop starts."""
+        if self._peeked is None and not self._done:
+            self._peeked = self._get()
+        item = self._peeked
+        return None if item is None or item is _END or isinstance(item, _Raised) else item
+
     def __next__(self) -> Any:
         if self._done:
             raise StopIteration
         now = time.perf_counter()
         if self._start is None:
             self._start = now
-        try:
-            while True:
-                try:
-                    item = self._queue.get(timeout=_POLL_S)
-                    break
-                except queue.Empty:
-                    if not self._thread.is_alive() and self._queue.empty():
-                        self._done = True
-                        raise StopIteration from None
-        finally:
-            self.wait_seconds += time.perf_counter() - now
+        if self._peeked is not None:
+            item, self._peeked = self._peeked, None
+        else:
+            try:
+                item = self._get()
+            finally:
+                self.wait_seconds += time.perf_counter() - now
         if item is _END:
             self._done = True
             self._thread.join()
@@ -209,6 +223,7 @@ class Prefetcher(Iterator[Any]):
     def close(self) -> None:
         """Stop the thread (it finishes the read in progress) and drop queued chunks."""
         self._done = True
+        self._peeked = None
         self._stop.set()
         while True:
             try:

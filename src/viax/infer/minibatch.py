@@ -524,6 +524,19 @@ def _rows_of(source, batch_size, count, seed, pc) -> dict:
     return {k: np.concatenate([b[k] for b in out]) for k in out[0]}
 
 
+def _rows_of_chunk(chunks, batch_size: int, count: int) -> dict | None:
+    """:func:`_rows_of` (one process) taken from the steps' first chunk, which holds
+    the same batches of epoch 0 (read already: no second pass through the shuffle
+    buffers); None where the chunk has fewer batches than needed."""
+    first = chunks.peek()
+    need = -(-count // batch_size)
+    if first is None or jax.tree_util.tree_leaves(first)[0].shape[0] < need:
+        return None
+    # On one CPU device the chunk's arrays are the host's (aliased): views, no copy;
+    # sliced in NumPy, not by a compiled slice.
+    return {k: np.asarray(v)[:need].reshape(-1, *v.shape[2:]) for k, v in first.items()}
+
+
 def _whitening(
     bm,
     batch,
@@ -1801,7 +1814,10 @@ def fit_minibatch(
     else:
         if precondition and not bm.local_sites:
             t0 = time.perf_counter()
-            sample = _rows_of(source, batch_size, min(num_rows, num_precondition_rows), seed, pc)
+            wanted = min(num_rows, num_precondition_rows)
+            sample = None if early is None else _rows_of_chunk(early[1], batch_size, wanted)
+            if sample is None:
+                sample = _rows_of(source, batch_size, wanted, seed, pc)
             sample = {k: v for k, v in sample.items() if k not in ("_index", _MASK)}
             batch = {**constants_dev, **vdata.put(sample, one_sharding)}
             num_sample_rows = sample[ROWS].shape[0] * pc[1]  # over every process
