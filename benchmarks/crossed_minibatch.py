@@ -123,6 +123,20 @@ def run_fit(case: str, path: str, num_steps: int | None = None, seed: int = 0) -
     kind, rows, num_a, num_b = _parse(case)
     data = make_data(kind, rows, num_a, num_b)
     model = make_model(kind, num_a, num_b)
+    captured: dict = {}
+    if path == "minibatch" and os.environ.get("CROSSED_SETUP"):
+        # Record where the set-up ends (the stochastic phase's start).
+        from viax.infer import minibatch
+
+        whitening_fn = minibatch._whitening
+
+        def whitening(*args, **kwargs):
+            out = whitening_fn(*args, **kwargs)
+            captured["setup_mean"] = np.asarray(out[0].center).tolist()
+            captured["setup_sd"] = np.asarray(out[0].scale).tolist()
+            return out
+
+        minibatch._whitening = whitening
     start = time.perf_counter()
     if path == "minibatch":
         result = viax.fit(
@@ -155,6 +169,7 @@ def run_fit(case: str, path: str, num_steps: int | None = None, seed: int = 0) -
         "layout": layout,
         "mean": np.asarray(result.params["loc"]).tolist(),
         "sd": np.exp(np.asarray(result.params["log_scale"])).tolist(),
+        **captured,
     }
 
 
@@ -224,8 +239,10 @@ def main():
             flush=True,
         )
         steps = ["--steps", str(args.steps)] if args.steps else []
+        os.environ["CROSSED_SETUP"] = "1"  # the children record the set-up's end
         fit = _child(["--case", case, "--path", "minibatch", *steps])
         agreement = compare(fit, ref)
+        setup = {"mean": fit.pop("setup_mean", None), "sd": fit.pop("setup_sd", None)}
         row = {
             "case": case,
             "latents": fit["latents"],
@@ -233,6 +250,8 @@ def main():
             "minibatch": {k: v for k, v in fit.items() if k not in ("mean", "sd", "layout")},
             "agreement": agreement,
         }
+        if setup["mean"] is not None:
+            row["setup_agreement"] = compare(setup, ref)
         if args.second_reference:
             row["reference_seed1_agreement"] = compare(reference(case, 1), ref)
         print(json.dumps(row, indent=1, default=str), flush=True)
@@ -278,6 +297,12 @@ def main():
                 f"- {name}: minibatch {v['max_mean_sd']:.3f} ({v['mean_off']:.0%}), "
                 f"{v['sd_ratio'][0]:.3f}-{v['sd_ratio'][1]:.3f}"
             )
+            if "setup_agreement" in r:
+                w = r["setup_agreement"][name]
+                cell += (
+                    f"; set-up's end {w['max_mean_sd']:.3f} ({w['mean_off']:.0%}), "
+                    f"{w['sd_ratio'][0]:.3f}-{w['sd_ratio'][1]:.3f}"
+                )
             if second:
                 w = second[name]
                 cell += (

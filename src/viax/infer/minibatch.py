@@ -826,10 +826,11 @@ def _dense_dadvi(bm, batch, factor, center, scale, draws_j, info, full=None):
     uncoupled inside, so H is taken over every row the same way with the z_a × z_b
     block dropped (``within_sites`` of ``hessian_structure``; the head's columns and
     every diagonal exact).  It only whitens: the resumption on every row converges to
-    the same fixed point.  On 200,000 logistic rows × 1,500 × 1,500 levels the fit then
-    ended within 0.25 sd of the full-batch one (σ_a; every other mean within 0.1 sd),
-    where the subsample's set-up (this function's fallback) had stopped with both
-    scales about 3 sd off (benchmarks/results/crossed_minibatch*.md).
+    the same fixed point.  On 200,000 rows × 1,500 × 1,500 levels the fit then ended
+    0.24 sd (logistic) and 0.79 sd (Gaussian) off the full-batch one on σ_a, where the
+    subsample's set-up (this function's fallback) had stopped 2.96 and 1.28 sd off; the
+    set-up itself now ends within 0.07 sd of it (Gaussian), and the rest is the
+    stochastic phase's drift, not yet explained (benchmarks/results/crossed_minibatch*.md).
 
     Otherwise the dense Hessian of the subsample from D products (a random part of its
     rows if all would not fit the plan's time, the sum scaled to N)."""
