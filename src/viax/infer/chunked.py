@@ -636,9 +636,7 @@ def hessian_structure(
             f"exact Hessian from {len(columns)} columns and the diagonal of "
             f"{len(chosen)} uncoupled site(s) ({names}; checked to {error:.1g} relative)"
         )
-    coupled = (
-        f"no structure: the sites ({names}) are coupled (check error {error:.2g} relative)"
-    )
+    coupled = f"no structure: the sites ({names}) are coupled (check error {error:.2g} relative)"
     if not within_sites:
         return None, coupled
     inside = check_error(slice(1, count), indicators > 0)
