@@ -579,6 +579,9 @@ def _check_memory(name: str, count: int | None, per_draw: int, arrays) -> None:
 
 
 def _warn_untrusted(result: Result) -> None:
+    caveat = (result.info or {}).get("caveat")
+    if caveat:  # a kind of model on which the method is known to go wrong unflagged
+        warnings.warn(f"viax.fit: {caveat}", RuntimeWarning, stacklevel=4)
     if not result.converged:
         warnings.warn(
             f"viax.fit did not converge: {result.message}; its k-hat verdict is 'not "
