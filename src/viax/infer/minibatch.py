@@ -105,6 +105,7 @@ _MAX_DENSE_DIM = 256  # above: diagonal curvature (Hessian-vector products)
 # float64, 7 ms in float32 on 2 cores).  The rounding, ~1e-6 of |A a| (a few posterior
 # sds), is far below the Monte Carlo error; the answer is pushed through in float64.
 _F32_WHITENING_DIM = 512
+_LOOKAHEAD_STEPS = 200  # batches the steps' reader keeps ready (see open_steps)
 _NUM_EVAL_DRAWS = 200  # draws of the final ELBO / k̂ pass over the data
 # The final evaluation's difference estimator (see _Evaluator): batches of the pass
 # evaluated with every draw, and the largest row-sampling sd of a log weight accepted.
@@ -1783,7 +1784,9 @@ def fit_minibatch(
         stream = _epochs(source, batch_size, seed, start, stop - start, per_epoch, pc)
         chunks = vdata.prefetch(
             ({k: v for k, v in b.items() if k != "_index"} for b in stream),
-            size=2,
+            # About 200 steps ready (at least 2 chunks): small chunks (a small data set's
+            # epochs) leave the reader too little slack at each epoch's start.
+            size=max(2, -(-_LOOKAHEAD_STEPS // chunk)),
             sharding=chunk_sharding,
             stack=chunk,
         )
