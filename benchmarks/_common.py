@@ -86,6 +86,21 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def run_child(script: str, argv: list[str]) -> dict[str, Any]:
+    """Run ``script --child *argv`` in a fresh Python and parse the JSON object on the
+    last line of its output (its stderr's end is printed and the run stopped if it
+    fails)."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, script, "--child", *argv], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(out.returncode)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / name

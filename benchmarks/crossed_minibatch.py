@@ -29,13 +29,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS_DIR, command_line, machine, today, write_json
+from _common import RESULTS_DIR, command_line, machine, run_child, today, write_json
 
 CASES = ("logistic,100000,1500,1500", "gaussian,100000,1500,1500")
 BATCH = 4096
@@ -191,13 +189,7 @@ def compare(fit: dict, ref: dict) -> dict:
 
 
 def _child(argv: list[str]) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        print(out.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(out.returncode)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, argv)
 
 
 def main():

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 
 import numpy as np
-from _common import RESULTS_DIR, command_line, machine, today, write_json
+from _common import RESULTS_DIR, command_line, machine, run_child, today, write_json
 
 CASES = ("10000,4,20,150", "30000,8,60,600", "100000,16,105,2000")
 
@@ -134,13 +132,7 @@ def run_nuts(case: str, num_samples: int = 2000) -> dict:
 
 
 def _child(argv: list[str]) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", *argv], capture_output=True, text=True, check=False
-    )
-    if out.returncode != 0:
-        print(out.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(out.returncode)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_child(__file__, argv)
 
 
 def main():
