@@ -1040,7 +1040,9 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason, passes, h
     if not np.all(np.isfinite(grad)):
         return None
     decrement = float(np.sum((eigvec.T @ grad) ** 2 / absval)) / dim
-    if not reason.startswith("exact"):
+    # hessian_structure's reason: "exact Hessian ..." unless blocks between sites dropped
+    exact = reason.startswith("exact")
+    if not exact:
         # Measured, not understood: see docs/guide/scale.md, "Crossed effects".
         info["caveat"] = (
             "crossed effects: the steps are whitened without the blocks between the large "
@@ -1054,9 +1056,9 @@ def _full_whitening(full: FullData, hess, center, scale, info, reason, passes, h
         "preconditioner": (
             f"mean-field DADVI on the subsample ({info['dadvi_draws']} fixed draws){where}, "
             "whitened by E_q[Hessian] over every row ("
-            + ("exact " if reason.startswith("exact") else "")
+            + ("exact " if exact else "")
             + "structured Hessian"
-            + ("" if reason.startswith("exact") else ", blocks between its large sites dropped")
+            + ("" if exact else ", blocks between its large sites dropped")
             + ", E_q[diagonal] from 32 draws)"
         ),
     }
@@ -1793,10 +1795,10 @@ def fit_minibatch(
         return stream, chunks, stop
 
     # A fresh run's first chunks are read during the set-up (the shuffle buffers filled,
-    # two chunks stacked and placed, then the thread waits): at 10^7 rows from Parquet
-    # that reading was the steps' first 0.3 s.  Reopened after the set-up if the step
-    # budget changes there (hierarchical models).  One process only: with several, the
-    # thread would place global arrays beside the set-up's collectives.
+    # about _LOOKAHEAD_STEPS batches stacked and placed, then the thread waits): at 10^7
+    # rows from Parquet that reading was the steps' first 0.3 s.  Reopened after the
+    # set-up if the step budget changes there (hierarchical models).  One process only:
+    # with several, the thread would place global arrays beside the set-up's collectives.
     early = open_steps(0, max_steps) if saved is None and pc[1] == 1 else None
     # One batch for the terms that read no rows (global terms, constants' shapes).
     any_batch = {**constants_dev, **put_batch(first_batch)}
