@@ -188,10 +188,6 @@ def compare(fit: dict, ref: dict) -> dict:
     return out
 
 
-def _child(argv: list[str]) -> dict:
-    return run_child(__file__, argv)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--case", action="append", help="kind,rows,A,B (kind: logistic|gaussian)")
@@ -216,7 +212,7 @@ def main():
         cached = Path(args.cache) / name if args.cache else None
         if cached is not None and cached.exists():
             return json.loads(cached.read_text())
-        ref = _child(["--case", case, "--path", "full-batch", "--seed", str(seed)])
+        ref = run_child(__file__, ["--case", case, "--path", "full-batch", "--seed", str(seed)])
         if cached is not None:
             os.makedirs(cached.parent, exist_ok=True)
             cached.write_text(json.dumps(ref))
@@ -232,7 +228,7 @@ def main():
         )
         steps = ["--steps", str(args.steps)] if args.steps else []
         os.environ["CROSSED_SETUP"] = "1"  # the children record the set-up's end
-        fit = _child(["--case", case, "--path", "minibatch", *steps])
+        fit = run_child(__file__, ["--case", case, "--path", "minibatch", *steps])
         agreement = compare(fit, ref)
         setup = {"mean": fit.pop("setup_mean", None), "sd": fit.pop("setup_sd", None)}
         row = {

@@ -131,10 +131,6 @@ def run_nuts(case: str, num_samples: int = 2000) -> dict:
     return {"mean": flat.mean(0).tolist(), "sd": flat.std(0).tolist(), "wall_seconds": wall}
 
 
-def _child(argv: list[str]) -> dict:
-    return run_child(__file__, argv)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--case", action="append", help="rows,carriers,dests,planes")
@@ -153,13 +149,13 @@ def main():
     rows = []
     for case in args.case or ([] if args.check else CASES):
         draws = ["--num-draws", str(args.num_draws)] if args.num_draws else []
-        result = _child(["--case", case, "--family", args.family, *draws])
+        result = run_child(__file__, ["--case", case, "--family", args.family, *draws])
         print({k: v for k, v in result.items() if k not in ("mean", "sd")}, flush=True)
         rows.append(result)
     check = None
     if args.check:
-        fit = _child(["--case", args.check, "--family", "fullrank"])
-        nuts = _child(["--case", args.check, "--nuts"])
+        fit = run_child(__file__, ["--case", args.check, "--family", "fullrank"])
+        nuts = run_child(__file__, ["--case", args.check, "--nuts"])
         mean, sd = np.asarray(fit["mean"]), np.asarray(fit["sd"])
         ref_mean, ref_sd = np.asarray(nuts["mean"]), np.asarray(nuts["sd"])
         check = {
